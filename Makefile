@@ -1,0 +1,37 @@
+# The two commands: `make run` and `make test` (README). Both set up .venv on a fresh machine first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test protos check-protos bench tokenizer clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+check-protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py --check
+
+run: $(STAMP) protos
+	$(BIN)/qllm up
+
+test: $(STAMP) check-protos
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/qllm bench --scenario mixed --policies fcfs,priority,qllm --out bench-out
+
+tokenizer: $(STAMP)
+	$(BIN)/python scripts/build_tokenizer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

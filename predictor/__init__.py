@@ -1,0 +1,1 @@
+"""qllm predictor service."""

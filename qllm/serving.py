@@ -1,0 +1,84 @@
+"""The part every qllm service shares: a grpc.aio server with health checking, reflection, Prometheus
+metrics over HTTP, and a graceful stop on SIGINT/SIGTERM (health NOT_SERVING first, then drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from qllm.logs import get_logger
+
+log = get_logger(__name__)
+
+# Messages up to 64 MiB: a prompt may be long, and the server rejects oversized prompts itself with a
+# clear INVALID_ARGUMENT rather than a transport error.
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass
+class Service:
+    """What one qllm process serves: its full proto service names and a callback that adds servicers."""
+
+    name: str
+    service_names: Sequence[str]
+    register: Callable[[grpc.aio.Server], None]
+    on_start: Callable[[], Awaitable[None]] | None = None
+    on_stop: Callable[[], Awaitable[None]] | None = None
+    grace_s: float = 5.0
+    health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+
+
+async def start(service: Service, host: str, port: int, metrics_port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Starts the server and returns it with the port it bound (port 0 picks a free one)."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    service.register(server)
+    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
+    names = [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    if service.on_start is not None:
+        await service.on_start()
+    await server.start()
+    for name in ("", *service.service_names):
+        await service.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if metrics_port:
+        start_http_server(metrics_port, addr=host)
+    log.info("listening", service=service.name, address=f"{host}:{bound}", metrics_port=metrics_port or None)
+    return server, bound
+
+
+async def stop(service: Service, server: grpc.aio.Server) -> None:
+    """Stops admitting (health NOT_SERVING), lets in-flight calls finish within the grace period, then stops."""
+    for name in ("", *service.service_names):
+        await service.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(service.grace_s)
+    if service.on_stop is not None:
+        await service.on_stop()
+    log.info("stopped", service=service.name)
+
+
+async def serve_forever(service: Service, host: str, port: int, metrics_port: int = 0) -> None:
+    server, _ = await start(service, host, port, metrics_port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await stop(service, server)

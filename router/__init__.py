@@ -1,0 +1,1 @@
+"""qllm router service."""
