@@ -45,6 +45,11 @@ class KVManagerStub:
                 request_serializer=qllm_dot_v1_dot_kvmanager__pb2.ListPinsRequest.SerializeToString,
                 response_deserializer=qllm_dot_v1_dot_kvmanager__pb2.ListPinsResponse.FromString,
                 _registered_method=True)
+        self.ReleasePin = channel.unary_unary(
+                '/qllm.v1.KVManager/ReleasePin',
+                request_serializer=qllm_dot_v1_dot_kvmanager__pb2.ReleasePinRequest.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_kvmanager__pb2.ReleasePinResponse.FromString,
+                _registered_method=True)
 
 
 class KVManagerServicer:
@@ -65,6 +70,13 @@ class KVManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleasePin(self, request, context):
+        """Drops a program's pin now (program cancelled or failed); the answer says whether one was held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_KVManagerServicer_to_server(servicer, server):
                     servicer.ListPins,
                     request_deserializer=qllm_dot_v1_dot_kvmanager__pb2.ListPinsRequest.FromString,
                     response_serializer=qllm_dot_v1_dot_kvmanager__pb2.ListPinsResponse.SerializeToString,
+            ),
+            'ReleasePin': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePin,
+                    request_deserializer=qllm_dot_v1_dot_kvmanager__pb2.ReleasePinRequest.FromString,
+                    response_serializer=qllm_dot_v1_dot_kvmanager__pb2.ReleasePinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +151,33 @@ class KVManager:
             '/qllm.v1.KVManager/ListPins',
             qllm_dot_v1_dot_kvmanager__pb2.ListPinsRequest.SerializeToString,
             qllm_dot_v1_dot_kvmanager__pb2.ListPinsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.KVManager/ReleasePin',
+            qllm_dot_v1_dot_kvmanager__pb2.ReleasePinRequest.SerializeToString,
+            qllm_dot_v1_dot_kvmanager__pb2.ReleasePinResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,95 @@
+"""Bench policy names -> configuration of the whole stack. The one place that mapping lives.
+
+A bench policy names one configuration of the stack: the worker's scheduling policy now; later issues add
+their own names here (BE orders = router `--be-order`, KV pin policies = a kvmanager flag, KV memory
+policies = a worker flag). Names compose with "+": `qllm+ltr` applies both parts; two parts may not set the
+same thing.
+
+To add a name: one `Part(...)` line in POLICIES with the flags it adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from qllm.up import StackConfig
+
+
+@dataclass(frozen=True)
+class Part:
+    help: str
+    worker_policy: str | None = None  # StackConfig.policy (`qllm worker --policy`)
+    worker_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
+    kvmanager_args: tuple[str, ...] = ()
+
+
+POLICIES: dict[str, Part] = {
+    "fcfs": Part("worker: iteration-level first come first served (vLLM's default)", worker_policy="fcfs"),
+    "priority": Part("worker: iteration-level priority, LS before BE (vLLM --scheduling-policy priority)",
+                     worker_policy="priority"),
+    "qllm": Part("worker: LS preempts a running BE batch at a decoder-layer boundary, BE resumes from the "
+                 "saved layer", worker_policy="qllm"),
+}
+
+
+class UnknownPolicy(ValueError):
+    pass
+
+
+def known() -> list[str]:
+    return sorted(POLICIES)
+
+
+def parts(name: str) -> list[Part]:
+    pieces = [p.strip() for p in name.split("+")]
+    unknown = [p for p in pieces if p not in POLICIES]
+    if not name.strip() or unknown:
+        raise UnknownPolicy(f"unknown bench policy {name!r}"
+                            + (f" (unknown part {', '.join(map(repr, unknown))})" if unknown and '+' in name else "")
+                            + f"; known: {', '.join(known())} (combine with '+')")
+    return [POLICIES[p] for p in pieces]
+
+
+def parse_list(text: str) -> list[str]:
+    """"fcfs,priority" -> ["fcfs", "priority"], every name checked."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UnknownPolicy(f"no policy given; known: {', '.join(known())}")
+    if len(set(names)) != len(names):
+        raise UnknownPolicy(f"--policies {text!r} names a policy twice")
+    for n in names:
+        parts(n)
+    return names
+
+
+def apply(name: str, base: StackConfig) -> StackConfig:
+    """The stack configuration that `name` names, on top of `base` (host, ports, model, logs)."""
+    worker_policy = None
+    worker_args, router_args, kv_args = list(base.worker_args), list(base.router_args), []
+    for part in parts(name):
+        if part.worker_policy is not None:
+            if worker_policy is not None and worker_policy != part.worker_policy:
+                raise UnknownPolicy(f"bench policy {name!r} sets the worker policy twice")
+            worker_policy = part.worker_policy
+        worker_args += part.worker_args
+        router_args += part.router_args
+        kv_args += part.kvmanager_args
+    changes: dict = {"worker_args": worker_args, "router_args": router_args}
+    if worker_policy is not None:
+        changes["policy"] = worker_policy
+    if kv_args:
+        if not any(f.name == "kvmanager_args" for f in dataclasses.fields(StackConfig)):
+            raise UnknownPolicy(f"bench policy {name!r} needs kvmanager flags, which StackConfig cannot pass yet")
+        changes["kvmanager_args"] = [*getattr(base, "kvmanager_args"), *kv_args]
+    return dataclasses.replace(base, **changes)
+
+
+def describe(name: str, base: StackConfig | None = None) -> dict:
+    """What the report records about a policy: the stack settings it changes."""
+    cfg = apply(name, base or StackConfig())
+    out = {"worker_policy": cfg.policy, "worker_args": list(cfg.worker_args), "router_args": list(cfg.router_args)}
+    if hasattr(cfg, "kvmanager_args"):
+        out["kvmanager_args"] = list(cfg.kvmanager_args)
+    return out

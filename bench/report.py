@@ -1,0 +1,323 @@
+"""The result document (JSON), its schema check, the Markdown table and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.stats import PERCENTILES, RequestRecord
+
+CLASSES = ("LS", "BE")
+DIST_KEYS = tuple(f"p{q}" for q in PERCENTILES) + ("mean",)
+
+
+# ----------------------------------------------------------------------------------------------- comparisons
+
+
+def _get(run: dict | None, cls: str, *path: str) -> float | None:
+    node: Any = (run or {}).get("classes", {}).get(cls)
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node if isinstance(node, (int, float)) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def comparisons(runs: Sequence[dict], floor: dict | None) -> dict:
+    """Ratios within this one run: each run against the idle LS floor, and each policy against the first
+    policy (the baseline) at the same sweep point."""
+    if not runs:
+        return {"baseline": None, "rows": []}
+    baseline = runs[0]["policy"]
+    base_by_point = {json.dumps(r.get("sweep"), sort_keys=True): r for r in runs if r["policy"] == baseline}
+    rows = []
+    for run in runs:
+        base = base_by_point.get(json.dumps(run.get("sweep"), sort_keys=True))
+        row = {"policy": run["policy"]}
+        if run.get("sweep"):
+            row["sweep"] = run["sweep"]
+        for q in ("p50", "p99"):
+            row[f"ls_ttft_{q}_vs_floor"] = _ratio(_get(run, "LS", "ttft_ms", q), _get(floor, "LS", "ttft_ms", q))
+        for q in ("p50", "p99"):
+            row[f"ls_ttft_{q}_vs_baseline"] = _ratio(_get(run, "LS", "ttft_ms", q), _get(base, "LS", "ttft_ms", q))
+        row["ls_tpot_p50_vs_baseline"] = _ratio(_get(run, "LS", "tpot_ms", "p50"), _get(base, "LS", "tpot_ms", "p50"))
+        row["be_output_tok_s_vs_baseline"] = _ratio(_get(run, "BE", "output_tok_s"), _get(base, "BE", "output_tok_s"))
+        row["total_output_tok_s_vs_baseline"] = _ratio(run.get("total_output_tok_s"),
+                                                       (base or {}).get("total_output_tok_s"))
+        rows.append(row)
+    return {"baseline": baseline, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------- schema
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def _num(value: Any, where: str, *, allow_none: bool = False, lo: float | None = None, hi: float | None = None):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and
+                                                                          not math.isfinite(value)):
+        raise SchemaError(f"{where}: expected a finite number{' or null' if allow_none else ''}, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SchemaError(f"{where}: {value} outside [{lo}, {hi}]")
+
+
+def _int(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SchemaError(f"{where}: expected a count (int >= 0), got {value!r}")
+
+
+def _dict(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise SchemaError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def validate_class(c: Any, where: str) -> None:
+    c = _dict(c, where)
+    for key in ("count", "errors"):
+        if key not in c:
+            raise SchemaError(f"{where}.{key}: missing")
+        _int(c[key], f"{where}.{key}")
+    for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        d = _dict(c.get(key), f"{where}.{key}")
+        for k in DIST_KEYS:
+            if k not in d:
+                raise SchemaError(f"{where}.{key}.{k}: missing")
+            _num(d[k], f"{where}.{key}.{k}", allow_none=True, lo=0)
+    if "slo_attainment" not in c:
+        raise SchemaError(f"{where}.slo_attainment: missing")
+    _num(c["slo_attainment"], f"{where}.slo_attainment", allow_none=True, lo=0, hi=1)
+    _num(c.get("output_tok_s"), f"{where}.output_tok_s", lo=0)
+
+
+def validate(doc: Any) -> None:
+    """Raises SchemaError naming the first field that breaks the documented shape."""
+    doc = _dict(doc, "$")
+    if not isinstance(doc.get("scenario"), str) or not doc["scenario"]:
+        raise SchemaError("$.scenario: expected a non-empty string")
+    _dict(doc.get("params"), "$.params")
+    runs = doc.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise SchemaError("$.runs: expected a non-empty list")
+    for i, run in enumerate(runs):
+        where = f"$.runs[{i}]"
+        run = _dict(run, where)
+        if not isinstance(run.get("policy"), str) or not run["policy"]:
+            raise SchemaError(f"{where}.policy: expected a non-empty string")
+        classes = _dict(run.get("classes"), f"{where}.classes")
+        for cls, c in classes.items():
+            if cls not in CLASSES:
+                raise SchemaError(f"{where}.classes: unknown class {cls!r}")
+            validate_class(c, f"{where}.classes.{cls}")
+        _num(run.get("total_output_tok_s"), f"{where}.total_output_tok_s", lo=0)
+    floor = doc["params"].get("floor")
+    if floor is not None:
+        for cls, c in _dict(_dict(floor, "$.params.floor").get("classes"), "$.params.floor.classes").items():
+            validate_class(c, f"$.params.floor.classes.{cls}")
+    json.dumps(doc, allow_nan=False)  # no NaN / Infinity anywhere
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _sweep_label(run: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k, v in (run.get("sweep") or {}).items())
+
+
+def markdown(doc: dict) -> str:
+    p = doc["params"]
+    runs = doc["runs"]
+    sweeping = any(r.get("sweep") for r in runs)
+    lines = [f"# Benchmark `{doc['scenario']}`", ""]
+    facts = [f"duration {p.get('duration_s')} s of arrivals, drain cap {p.get('drain_cap_s')} s",
+             f"seed {p.get('seed')}", f"target {p.get('target')}"]
+    for cls, ci in (p.get("workload", {}).get("classes") or {}).items():
+        facts.append(f"{cls}: {ci['count']} req, {ci['realized_rate']:.2f} req/s from {ci['trace']}, prompt "
+                     f"{ci['prompt_range'][0]}–{ci['prompt_range'][1]} tok (mean {_f(ci.get('prompt_tokens_mean'), 0)}), "
+                     f"output {ci['output_range'][0]}–{ci['output_range'][1]} tok (mean {_f(ci.get('max_tokens_mean'), 0)})")
+    slo = p.get("slo", {})
+    if slo.get("LS", {}).get("ttft_ms") is not None:
+        facts.append(f"LS TTFT SLO {slo['LS']['ttft_ms']:.1f} ms ({slo['LS'].get('source', '')})")
+    lines += [f"- {x}" for x in facts] + [""]
+    head = ["policy"] + (["sweep"] if sweeping else []) + [
+        "class", "n", "err", "cancel", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",
+        "E2E p50", "E2E p99", "SLO", "out tok/s"]
+    lines += ["Times in ms.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(label: str, sweep: str, cls: str, c: dict) -> str:
+        cells = [label] + ([sweep] if sweeping else []) + [
+            cls, str(c["count"]), str(c["errors"]), str(c.get("cancelled", 0)),
+            _f(c["ttft_ms"]["p50"]), _f(c["ttft_ms"]["p90"]), _f(c["ttft_ms"]["p99"]),
+            _f(c["tpot_ms"]["p50"]), _f(c["tpot_ms"]["p99"]), _f(c["e2e_ms"]["p50"]), _f(c["e2e_ms"]["p99"]),
+            _pct(c["slo_attainment"]), _f(c["output_tok_s"])]
+        return "| " + " | ".join(cells) + " |"
+
+    floor = p.get("floor")
+    if floor:
+        for cls, c in floor["classes"].items():
+            lines.append(row(f"idle floor ({floor.get('policy')})", "", cls, c))
+    for run in runs:
+        for cls in CLASSES:
+            if cls in run["classes"]:
+                lines.append(row(run["policy"], _sweep_label(run), cls, run["classes"][cls]))
+    lines += ["", "| policy" + (" | sweep" if sweeping else "") + " | total out tok/s |",
+              "|---|" + ("---|" if sweeping else "") + "---|"]
+    for run in runs:
+        lines.append(f"| {run['policy']}" + (f" | {_sweep_label(run)}" if sweeping else "")
+                     + f" | {_f(run['total_output_tok_s'])} |")
+    comp = doc.get("comparisons") or {}
+    if comp.get("rows"):
+        lines += ["", f"Ratios (baseline `{comp['baseline']}`; floor = idle LS):", "",
+                  "| policy" + (" | sweep" if sweeping else "") + " | LS TTFT p50 / floor | LS TTFT p99 / floor "
+                  "| LS TTFT p50 / base | LS TTFT p99 / base | BE tok/s / base | total tok/s / base |",
+                  "|---|" + ("---|" if sweeping else "") + "---|---|---|---|---|---|"]
+        for r in comp["rows"]:
+            lines.append(f"| {r['policy']}" + (f" | {_sweep_label(r)}" if sweeping else "") + " | " + " | ".join(
+                _f(r[k], 2) for k in ("ls_ttft_p50_vs_floor", "ls_ttft_p99_vs_floor", "ls_ttft_p50_vs_baseline",
+                                      "ls_ttft_p99_vs_baseline", "be_output_tok_s_vs_baseline",
+                                      "total_output_tok_s_vs_baseline")) + " |")
+    metric_runs = [r for r in runs if r.get("worker_metrics")]
+    if metric_runs:
+        lines += ["", "Worker metrics (change over the run; counters only):", ""]
+        for run in metric_runs:
+            label = run["policy"] + (f" ({_sweep_label(run)})" if run.get("sweep") else "")
+            shown = {k: v for k, v in run["worker_metrics"].items() if v}
+            lines.append(f"- {label}: " + (", ".join(f"`{k}` {v:g}" for k, v in list(shown.items())[:24])
+                                           or "no counter changed"))
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _cdf(values: Sequence[float]) -> tuple[list[float], list[float]]:
+    xs = sorted(values)
+    n = len(xs)
+    return xs, [(i + 1) / n for i in range(n)]
+
+
+def plot_ttft_cdf(path: str | os.PathLike, doc: dict, records: dict[str, Sequence[RequestRecord]],
+                  floor_records: Sequence[RequestRecord] | None = None) -> None:
+    """One panel per class, one line per run (key = run label). Requests that never got a token are the gap
+    between the line's top and 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = [c for c in CLASSES if any(r.cls == c for recs in records.values() for r in recs)]
+    fig, axes = plt.subplots(1, max(1, len(classes)), figsize=(6 * max(1, len(classes)), 4.2), squeeze=False)
+    for ax, cls in zip(axes[0], classes):
+        series = list(records.items())
+        if cls == "LS" and floor_records:
+            series = [("idle floor", floor_records)] + series
+        for label, recs in series:
+            recs = [r for r in recs if r.cls == cls]
+            ttft = [r.ttft_s * 1000 for r in recs if r.ttft_s is not None]
+            if not ttft:
+                continue
+            xs, ys = _cdf(ttft)
+            ys = [y * len(ttft) / len(recs) for y in ys]
+            ax.step(xs, ys, where="post", label=label, linestyle="--" if label == "idle floor" else "-",
+                    color="black" if label == "idle floor" else None)
+        slo = (doc["params"].get("slo", {}).get(cls) or {}).get("ttft_ms")
+        if slo:
+            ax.axvline(slo, color="red", linewidth=0.8, linestyle=":", label=f"SLO {slo:.0f} ms")
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT (ms, log)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{doc['scenario']}: {cls} TTFT CDF")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(path: str | os.PathLike, doc: dict, key: str) -> None:
+    """LS SLO attainment and BE output throughput against the swept parameter, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    policies = list(dict.fromkeys(r["policy"] for r in doc["runs"]))
+    for policy in policies:
+        runs = sorted((r for r in doc["runs"] if r["policy"] == policy and key in (r.get("sweep") or {})),
+                      key=lambda r: r["sweep"][key])
+        xs = [r["sweep"][key] for r in runs]
+        slo = [_get(r, "LS", "slo_attainment") for r in runs]
+        be = [_get(r, "BE", "output_tok_s") for r in runs]
+        ax1.plot(xs, [math.nan if v is None else v for v in slo], marker="o", label=policy)
+        ax2.plot(xs, [math.nan if v is None else v for v in be], marker="o", label=policy)
+    ax1.set_xlabel(key)
+    ax1.set_ylabel("LS TTFT SLO attainment")
+    ax1.set_ylim(0, 1.02)
+    ax1.set_title("LS SLO attainment")
+    ax2.set_xlabel(key)
+    ax2.set_ylabel("BE output tokens/s")
+    ax2.set_title("BE throughput")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write(out_dir: str | os.PathLike, name: str, doc: dict, records: dict[str, Sequence[RequestRecord]],
+          floor_records: Sequence[RequestRecord] | None = None, sweep_key: str | None = None,
+          save_requests: bool = True) -> list[Path]:
+    """Writes name.json, name.md, the plots and (optionally) name.requests.jsonl; returns the paths."""
+    validate(doc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{name}.json", out / f"{name}.md"]
+    written[0].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    written[1].write_text(markdown(doc))
+    cdf = out / f"{name}-ttft-cdf.png"
+    plot_ttft_cdf(cdf, doc, records, floor_records)
+    written.append(cdf)
+    if sweep_key:
+        sweep = out / f"{name}-sweep.png"
+        plot_sweep(sweep, doc, sweep_key)
+        written.append(sweep)
+    if save_requests:
+        path = out / f"{name}.requests.jsonl"
+        with open(path, "w") as f:
+            for label, recs in ([("idle floor", floor_records)] if floor_records else []) + list(records.items()):
+                for r in recs:
+                    f.write(json.dumps({"run": label, **r.to_dict()}) + "\n")
+        written.append(path)
+    return written

@@ -1,0 +1,76 @@
+"""Clients for the router's advisory dependencies: the predictor and the kvmanager.
+
+Both are optional for correctness: when one is down or slower than its deadline the router carries on
+(arrival order, no pins) and says so once in the log, not once per request.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from qllm.logs import get_logger
+from qllm.v1 import kvmanager_pb2, kvmanager_pb2_grpc, predictor_pb2, predictor_pb2_grpc
+from router import metrics
+
+log = get_logger(__name__)
+
+
+class _Dependency:
+    name = "dependency"
+
+    def __init__(self, address: str | None, deadline_s: float):
+        self.address = address
+        self.deadline_s = deadline_s
+        self.channel = grpc.aio.insecure_channel(address) if address else None
+        self._down = False
+
+    def _mark(self, ok: bool, error: grpc.aio.AioRpcError | None = None) -> None:
+        if ok and self._down:
+            log.info(f"{self.name} reachable again", address=self.address)
+        elif not ok and not self._down:
+            log.warning(f"{self.name} unavailable; continuing without it", address=self.address,
+                        code=error.code().name if error else None)
+        self._down = not ok
+        metrics.DEPENDENCY_DOWN.labels(self.name).set(0 if ok else 1)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+
+class PredictorClient(_Dependency):
+    name = "predictor"
+
+    def __init__(self, address: str | None, deadline_s: float = 0.05):
+        super().__init__(address, deadline_s)
+        self.stub = predictor_pb2_grpc.PredictorStub(self.channel) if self.channel else None
+
+    async def rank(self, prompts: list[str]) -> list[float] | None:
+        if self.stub is None:
+            return None
+        try:
+            reply = await self.stub.RankLengths(predictor_pb2.RankRequest(prompts=prompts), timeout=self.deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            self._mark(False, exc)
+            return None
+        self._mark(True)
+        return list(reply.scores)
+
+
+class KVManagerClient(_Dependency):
+    name = "kvmanager"
+
+    def __init__(self, address: str | None, deadline_s: float = 0.2):
+        super().__init__(address, deadline_s)
+        self.stub = kvmanager_pb2_grpc.KVManagerStub(self.channel) if self.channel else None
+
+    async def report_turn(self, report: kvmanager_pb2.TurnReport) -> kvmanager_pb2.PinDecision | None:
+        if self.stub is None:
+            return None
+        try:
+            decision = await self.stub.ReportTurn(report, timeout=self.deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            self._mark(False, exc)
+            return None
+        self._mark(True)
+        return decision

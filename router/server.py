@@ -1,0 +1,177 @@
+"""`qllm router`: the public qllm.v1.Router service. Validates, queues, forwards, streams back."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+import grpc
+import structlog
+
+from qllm import serving, settings
+from qllm.logs import configure as configure_logging, get_logger
+from qllm.v1 import common_pb2, kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
+from router import metrics
+from router.core import Job, NoWorker, RouterCore, status_code
+from router.deps import KVManagerClient, PredictorClient
+from router.validation import InvalidField, Limits, validate
+from router.worker_client import WorkerClient
+
+log = get_logger(__name__)
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, core: RouterCore, limits: Limits, predictor: PredictorClient, kvmanager: KVManagerClient):
+        self.core = core
+        self.limits = limits
+        self.predictor = predictor
+        self.kvmanager = kvmanager
+        self._background: set[asyncio.Task] = set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        arrival = time.monotonic()
+        try:
+            priority = validate(request, self.limits)
+        except InvalidField as exc:
+            metrics.REJECTED.labels("INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        rid = request.request_id or uuid.uuid4().hex
+        is_ls = priority == common_pb2.PRIORITY_LATENCY_SENSITIVE
+        label = "LS" if is_ls else "BE"
+        structlog.contextvars.bind_contextvars(request_id=rid, priority=label)
+        submit = worker_pb2.SubmitRequest(
+            request_id=rid, prompt=request.prompt, priority=priority, program_id=request.program_id,
+            last_turn=request.last_turn,
+            sampling=worker_pb2.SamplingParams(
+                max_tokens=request.max_tokens, temperature=request.temperature,
+                top_p=request.top_p if request.HasField("top_p") else 1.0,
+                seed=request.seed if request.HasField("seed") else (uuid.UUID(int=hash(rid) & ((1 << 128) - 1)).int
+                                                                    & 0x7FFFFFFF),
+                ignore_eos=request.ignore_eos, num_beams=request.num_beams,
+                patience=request.patience if request.HasField("patience") else 1.0,
+                length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0))
+        job = Job(rid, is_ls, submit, arrival=arrival)
+        # Arrival order needs no prediction before dispatch: ask in the background, never on the LS path.
+        self._spawn(self._record_score(request.prompt))
+        try:
+            self.core.submit(job)
+        except NoWorker as exc:
+            metrics.REJECTED.labels("UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        metrics.REQUESTS.labels(label).inc()
+        finished = False
+        first = True
+        try:
+            while True:
+                event = await job.events.get()
+                if event.WhichOneof("kind") == "rejected":
+                    code = status_code(event.rejected.code)
+                    metrics.REJECTED.labels(code.name).inc()
+                    finished = True
+                    await context.abort(code, event.rejected.message)
+                delta = event.tokens
+                now = time.monotonic()
+                if first and delta.token_ids:
+                    metrics.TTFT.labels(label).observe(now - arrival)
+                    first = False
+                metrics.TOKENS.labels(label).inc(len(delta.token_ids))
+                if delta.finished:
+                    finished = True
+                    metrics.E2E.labels(label).observe(now - arrival)
+                    metrics.FINISHED.labels(label, delta.finish_reason).inc()
+                    if request.program_id:
+                        self._spawn(self._report_turn(request, delta.prompt_tokens + delta.completion_tokens,
+                                                      job))
+                yield router_pb2.GenerateResponse(
+                    text=delta.text, token_ids=delta.token_ids, finished=delta.finished,
+                    finish_reason=delta.finish_reason, request_id=rid, prompt_tokens=delta.prompt_tokens,
+                    completion_tokens=delta.completion_tokens)
+                if delta.finished:
+                    return
+        finally:
+            if not finished:
+                # The client went away (or the call was cancelled): stop the work and free its KV.
+                log.info("client cancelled")
+                metrics.FINISHED.labels(label, "cancelled").inc()
+                self.core.cancel(job)
+
+    async def _record_score(self, prompt: str) -> None:
+        scores = await self.predictor.rank([prompt])
+        if scores:
+            log.debug("predicted length score", score=scores[0])
+
+    async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, job: Job) -> None:
+        decision = await self.kvmanager.report_turn(kvmanager_pb2.TurnReport(
+            program_id=request.program_id, context_tokens=tokens, last_turn=request.last_turn,
+            tool_name=request.tool_name))
+        if decision is not None:
+            log.info("pin decision", program_id=request.program_id, pin=decision.pin, ttl_s=decision.ttl_s)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    settings.add_service_flags(parser, port=50051, metrics_port=9151)
+    settings.add(parser, "--workers", default="127.0.0.1:50061", help="comma-separated worker HOST:PORT list")
+    settings.add(parser, "--predictor", default="127.0.0.1:50071", help="predictor HOST:PORT ('' = none)")
+    settings.add(parser, "--kvmanager", default="127.0.0.1:50081", help="kvmanager HOST:PORT ('' = none)")
+    settings.add(parser, "--queue-mode", default="class", choices=["class", "fifo"],
+                 help="class: LS before BE; fifo: one arrival-ordered queue (FCFS baseline)")
+    settings.add(parser, "--max-inflight-per-worker", type=int, default=64,
+                 help="BE requests released to a worker at most at once")
+    settings.add(parser, "--default-priority", default="BE", choices=["LS", "BE"],
+                 help="class of requests that leave priority unspecified")
+    settings.add(parser, "--max-prompt-bytes", type=int, default=1 << 20, help="largest accepted prompt")
+    settings.add(parser, "--predictor-deadline-ms", type=float, default=50.0, help="predictor call deadline")
+
+
+async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServicer]:
+    workers = [WorkerClient(a.strip()) for a in args.workers.split(",") if a.strip()]
+    if not workers:
+        raise SystemExit("--workers: at least one worker address is needed")
+    core = RouterCore(workers, args.queue_mode, args.max_inflight_per_worker)
+    limits = Limits(max_prompt_bytes=args.max_prompt_bytes,
+                    default_priority=common_pb2.PRIORITY_LATENCY_SENSITIVE if args.default_priority == "LS"
+                    else common_pb2.PRIORITY_BEST_EFFORT)
+    predictor = PredictorClient(args.predictor or None, args.predictor_deadline_ms / 1000)
+    kvmanager = KVManagerClient(args.kvmanager or None)
+    servicer = RouterServicer(core, limits, predictor, kvmanager)
+
+    async def on_start():
+        for w in workers:
+            w.start()
+        # Serve as soon as one worker is up; its Describe answer sets the model limits.
+        done, _ = await asyncio.wait([asyncio.create_task(w.wait_connected(60.0)) for w in workers],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        connected = [w for w in workers if w.info is not None]
+        if connected:
+            limits.max_context = connected[0].info.max_context
+        else:
+            log.warning("no worker reachable yet; serving anyway", workers=args.workers)
+
+    async def on_stop():
+        for w in workers:
+            await w.close()
+        await predictor.close()
+        await kvmanager.close()
+
+    service = serving.Service(
+        name="router", service_names=[router_pb2.DESCRIPTOR.services_by_name["Router"].full_name],
+        register=lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server),
+        on_start=on_start, on_stop=on_stop)
+    return service, servicer
+
+
+def run(args: argparse.Namespace):
+    configure_logging("router", args.log_level)
+
+    async def main():
+        service, _ = await build(args)
+        await serving.serve_forever(service, args.host, args.port, args.metrics_port)
+
+    return main()

@@ -1,0 +1,61 @@
+"""Checks a GenerateRequest field by field before anything is queued (pure; no gRPC calls).
+
+Every failure names the field, so a client sees e.g. `top_p: must be in (0, 1], got 1.5`. Limits that depend
+on the model (context length) come from the workers' Describe answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qllm.v1 import common_pb2, router_pb2
+
+MAX_PROMPT_BYTES = 1 << 20
+VALID_PRIORITIES = {common_pb2.PRIORITY_LATENCY_SENSITIVE, common_pb2.PRIORITY_BEST_EFFORT}
+
+
+class InvalidField(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class Limits:
+    max_context: int = 4096
+    max_prompt_bytes: int = MAX_PROMPT_BYTES
+    max_beams: int = 8
+    default_priority: int = common_pb2.PRIORITY_BEST_EFFORT
+
+
+def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
+    """Raises InvalidField for the first bad field; returns the request's resolved priority."""
+    if not req.prompt.strip():
+        raise InvalidField("prompt", "must not be empty")
+    size = len(req.prompt.encode("utf-8"))
+    if size > limits.max_prompt_bytes:
+        raise InvalidField("prompt", f"is {size} bytes, more than the limit of {limits.max_prompt_bytes}")
+    if req.max_tokens == 0:
+        raise InvalidField("max_tokens", "must be at least 1")
+    if req.max_tokens >= limits.max_context:
+        raise InvalidField("max_tokens", f"{req.max_tokens} leaves no room for the prompt in the model "
+                                         f"context of {limits.max_context} tokens")
+    if math.isnan(req.temperature) or req.temperature < 0:
+        raise InvalidField("temperature", f"must be >= 0, got {req.temperature}")
+    if req.HasField("top_p") and not (0.0 < req.top_p <= 1.0):
+        raise InvalidField("top_p", f"must be in (0, 1], got {req.top_p}")
+    priority = req.priority
+    if priority == common_pb2.PRIORITY_UNSPECIFIED:
+        priority = limits.default_priority
+    elif priority not in VALID_PRIORITIES:
+        raise InvalidField("priority", f"unknown value {priority}")
+    if req.num_beams > limits.max_beams:
+        raise InvalidField("num_beams", f"{req.num_beams} is more than the maximum of {limits.max_beams}")
+    if req.HasField("patience") and not req.patience > 0:
+        raise InvalidField("patience", f"must be > 0, got {req.patience}")
+    if req.last_turn and not req.program_id:
+        raise InvalidField("last_turn", "is set but program_id is empty")
+    if len(req.request_id) > 256:
+        raise InvalidField("request_id", "is longer than 256 characters")
+    return priority

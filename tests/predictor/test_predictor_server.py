@@ -1,0 +1,69 @@
+"""In-process grpc test of qllm.v1.Predictor: real server on a free port, grpc.aio client."""
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from predictor.limits import Limits
+from predictor.ranker import HeuristicRanker, LengthRanker
+from predictor.server import SERVICE_NAME, build_service
+from qllm import serving
+from qllm.v1 import predictor_pb2, predictor_pb2_grpc
+
+
+class LenRanker(LengthRanker):
+    """Stands in for a torch ranker: goes through the executor path."""
+
+    name = "len"
+    uses_torch = True
+
+    def score(self, prompts):
+        return [float(len(p)) for p in prompts]
+
+
+async def _start(ranker, limits=Limits(max_prompts=64, max_prompt_chars=1000)):
+    service = build_service(ranker, limits)
+    server, port = await serving.start(service, "127.0.0.1", 0)
+    return service, server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+@pytest.fixture(params=["heuristic", "executor"])
+async def channel(request):
+    ranker = HeuristicRanker() if request.param == "heuristic" else LenRanker()
+    service, server, channel = await _start(ranker)
+    yield channel
+    await channel.close()
+    await serving.stop(service, server)
+
+
+async def test_rank_lengths_one_score_per_prompt(channel):
+    stub = predictor_pb2_grpc.PredictorStub(channel)
+    prompts = ["hi", "Write a long essay about the history of Rome, in detail.", "What is 2+2?"] * 20
+    reply = await stub.RankLengths(predictor_pb2.RankRequest(prompts=prompts))
+    assert len(reply.scores) == len(prompts)
+    assert reply.scores[1] > reply.scores[0]
+    assert len((await stub.RankLengths(predictor_pb2.RankRequest())).scores) == 0
+
+
+async def test_bad_input_is_invalid_argument(channel):
+    stub = predictor_pb2_grpc.PredictorStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.RankLengths(predictor_pb2.RankRequest(prompts=["x"] * 65))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.RankLengths(predictor_pb2.RankRequest(prompts=["ok", "y" * 1001]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompts[1]" in err.value.details()
+    assert len((await stub.RankLengths(predictor_pb2.RankRequest(prompts=["ok"]))).scores) == 1
+
+
+async def test_health_and_reflection(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    assert SERVICE_NAME == "qllm.v1.Predictor"
+    assert SERVICE_NAME in [s.name for s in reply.list_services_response.service]

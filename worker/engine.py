@@ -1,0 +1,278 @@
+"""The engine: a core thread that owns the scheduler and the model runner, and an asyncio facade.
+
+The core thread loops schedule -> run layers -> sample -> update, as vLLM's EngineCore, so model compute
+never blocks the event loop. New requests and cancels reach it through a thread-safe inbox; outputs go back
+to the event loop with one call_soon_threadsafe per step. Under a policy that yields at layer boundaries
+(qllm) the core checks, between decoder layers, whether LS work has arrived; if so it parks the running
+step (hidden states, positions, layout and all) on a stack, runs LS-only steps, then resumes the parked
+step at its next layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from worker import metrics
+from worker.kv_blocks import BlockAllocator
+from worker.model_runner import ModelRunner, StepState
+from worker.request import FinishReason, Priority, Request, SamplingParams
+from worker.scheduler import SchedulerConfig, make_scheduler
+from qllm.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    policy: str = "fcfs"
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    kv_budget_tokens: int = 32768
+    block_size: int = 16
+    max_be_deferral_steps: int = 1
+
+
+@dataclass
+class EngineOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str = ""
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class RequestRejected(Exception):
+    """A request the engine cannot take; `code` names the gRPC status (e.g. INVALID_ARGUMENT)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, config: EngineConfig, on_outputs):
+        self.runner = runner
+        self.config = config
+        num_blocks = max(1, config.kv_budget_tokens // config.block_size)
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.scheduler = make_scheduler(config.policy, SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_be_deferral_steps=config.max_be_deferral_steps), self.allocator)
+        self._on_outputs = on_outputs
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        # Set by the submitting thread when an LS request arrives; read between layers by the core.
+        self._ls_arrived_at: float | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
+        self.num_steps = 0
+        self.num_layer_preemptions = 0
+        metrics.KV_CAPACITY.set(self.allocator.capacity_tokens)
+
+    # --- called from other threads ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, req: Request) -> None:
+        self._inbox.append(("submit", req))
+        # Flag after queueing: a core that sees the flag always finds the request (a stale flag only costs
+        # one needless look at the queues).
+        if req.is_ls and self._ls_arrived_at is None:
+            self._ls_arrived_at = time.monotonic()
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.append(("cancel", request_id))
+        self._wake.set()
+
+    # --- the core thread ----------------------------------------------------------------------------------
+    def _drain_inbox(self) -> list[EngineOutput]:
+        outputs = []
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "submit":
+                self.scheduler.add_request(item)
+            else:
+                req = self.scheduler.abort(item)
+                if req is not None:
+                    outputs.append(self._finished_output(req, []))
+        return outputs
+
+    def _should_yield(self) -> bool:
+        return self._ls_arrived_at is not None
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # the engine must never die silently: log and fail every request it holds
+            log.exception("engine core crashed")
+            outputs = []
+            for req in list(self.scheduler.requests.values()):
+                req.finish(FinishReason.ERROR)
+                outputs.append(self._finished_output(req, []))
+            self._on_outputs(outputs)
+
+    def _loop(self) -> None:
+        parked: list[StepState] = []
+        ls_only_steps = 0
+        yields = self.scheduler.yields_at_layer_boundaries
+        while not self._stop:
+            arrived_at = self._ls_arrived_at
+            self._ls_arrived_at = None
+            outputs = self._drain_inbox()
+            if outputs:
+                self._on_outputs(outputs)
+            state = None
+            # LS work that arrived since the last look always gets an LS-only step first (nested preemption);
+            # otherwise LS-only steps run while parked BE has been deferred for fewer than the setting allows.
+            fresh_ls = arrived_at is not None
+            if parked and (fresh_ls or ls_only_steps < self.config.max_be_deferral_steps):
+                plan = self.scheduler.schedule(ls_only=True)
+                if plan:
+                    state = self.runner.begin(plan)
+                    ls_only_steps += 1
+            if state is None and parked:
+                state = parked.pop()
+            if state is None:
+                plan = self.scheduler.schedule()
+                if not plan:
+                    self._publish_gauges()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                state = self.runner.begin(plan)
+            started = time.monotonic()
+            layers_before = state.next_layer
+            done = self.runner.run_layers(state, self._should_yield if yields else None)
+            elapsed = time.monotonic() - started
+            if state.plan.has_best_effort and state.next_layer > layers_before:
+                metrics.LAYER.observe(elapsed / (state.next_layer - layers_before))
+            if not done:
+                parked.append(state)
+                self.num_layer_preemptions += 1
+                metrics.PREEMPTIONS.labels("layer").inc()
+                if self._ls_arrived_at is not None:
+                    metrics.PREEMPTION_LATENCY.observe(time.monotonic() - self._ls_arrived_at)
+                continue
+            if not parked:
+                ls_only_steps = 0
+            sampled = self.runner.finish(state)
+            metrics.STEP.labels("mixed" if state.plan.has_best_effort else "ls").observe(time.monotonic() - started)
+            if state.plan.preempted:
+                metrics.PREEMPTIONS.labels("recompute").inc(len(state.plan.preempted))
+            changed = self.scheduler.update(state.plan, sampled)
+            self.num_steps += 1
+            outputs = []
+            for req in changed:
+                new = [req.output_token_ids[-1]] if req.request_id in sampled else []
+                if req.is_finished:
+                    self.runner.release(req.request_id)
+                    outputs.append(self._finished_output(req, new))
+                elif new:
+                    outputs.append(EngineOutput(req.request_id, new, num_prompt_tokens=req.num_prompt_tokens,
+                                                num_output_tokens=len(req.output_token_ids)))
+            if outputs:
+                self._on_outputs(outputs)
+            self._publish_gauges()
+
+    def _finished_output(self, req: Request, new: list[int]) -> EngineOutput:
+        self.runner.release(req.request_id)
+        return EngineOutput(req.request_id, new, finished=True,
+                            finish_reason=req.finish_reason.value if req.finish_reason else "",
+                            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids))
+
+    def _publish_gauges(self) -> None:
+        metrics.RUNNING.set(len(self.scheduler.running))
+        metrics.WAITING.set(len(self.scheduler.waiting))
+        metrics.KV_USED.set(self.allocator.capacity_tokens - self.allocator.free_tokens)
+
+
+class AsyncEngine:
+    """The asyncio side: validates and tokenizes, submits to the core, streams outputs per request."""
+
+    def __init__(self, runner: ModelRunner, tokenizer, eos_token_ids: list[int], max_context: int,
+                 config: EngineConfig):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_context = max_context
+        self.config = config
+        self.core = EngineCore(runner, config, self._on_outputs)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.core.start()
+
+    def stop(self) -> None:
+        self.core.stop()
+
+    def _on_outputs(self, outputs: list[EngineOutput]) -> None:
+        # Called on the core thread: hand the batch to the event loop in one go.
+        self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[EngineOutput]) -> None:
+        for out in outputs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def check(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
+        total = num_prompt_tokens + sampling.max_tokens
+        if total > self.max_context:
+            raise RequestRejected("INVALID_ARGUMENT",
+                                  f"max_tokens: prompt ({num_prompt_tokens} tokens) + max_tokens "
+                                  f"({sampling.max_tokens}) exceeds the model context ({self.max_context})")
+        capacity = self.core.allocator.capacity_tokens
+        if total > capacity:
+            raise RequestRejected("RESOURCE_EXHAUSTED",
+                                  f"max_tokens: prompt + max_tokens ({total} tokens) exceeds the worker's KV "
+                                  f"budget ({capacity} tokens)")
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                       priority: Priority = Priority.BEST_EFFORT, order_key: float = 0.0
+                       ) -> AsyncIterator[EngineOutput]:
+        """Streams outputs of one request; closing the iterator early cancels it and frees its KV."""
+        if not prompt_token_ids:
+            raise RequestRejected("INVALID_ARGUMENT", "prompt: the prompt has no tokens")
+        self.check(len(prompt_token_ids), sampling)
+        if request_id in self._streams:
+            raise RequestRejected("ALREADY_EXISTS", f"request_id: {request_id!r} is already running")
+        req = Request(request_id, list(prompt_token_ids), sampling, priority, self.eos_token_ids,
+                      order_key=order_key)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        finished = False
+        self.core.submit(req)
+        try:
+            while True:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.core.cancel(request_id)
+
+    def stats(self) -> dict:
+        sched = self.core.scheduler
+        return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                "kv_capacity_tokens": self.core.allocator.capacity_tokens,
+                "kv_free_tokens": self.core.allocator.free_tokens}

@@ -1,0 +1,27 @@
+"""The worker's Prometheus metrics (per priority class where it matters)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+REQUESTS = Counter("qllm_worker_requests_total", "Requests accepted by the worker", ["priority"])
+REJECTED = Counter("qllm_worker_rejected_total", "Requests the worker refused", ["priority", "code"])
+FINISHED = Counter("qllm_worker_finished_total", "Requests finished", ["priority", "reason"])
+TOKENS = Counter("qllm_worker_output_tokens_total", "Generated tokens", ["priority"])
+TTFT = Histogram("qllm_worker_ttft_seconds", "Arrival at the worker to first token", ["priority"],
+                 buckets=LATENCY_BUCKETS)
+E2E = Histogram("qllm_worker_e2e_seconds", "Arrival at the worker to last token", ["priority"],
+                buckets=LATENCY_BUCKETS)
+STEP = Histogram("qllm_worker_step_seconds", "Model time of one engine step (all layers)", ["kind"],
+                 buckets=LATENCY_BUCKETS)
+LAYER = Histogram("qllm_worker_layer_seconds", "Time of one decoder layer in a step that contains BE work",
+                  buckets=FAST_BUCKETS)
+PREEMPTIONS = Counter("qllm_worker_preemptions_total", "Preemptions by kind", ["kind"])
+PREEMPTION_LATENCY = Histogram("qllm_worker_preemption_latency_seconds",
+                               "LS arrival at the worker until the running BE step paused at a layer boundary",
+                               buckets=FAST_BUCKETS)
+RUNNING = Gauge("qllm_worker_running_requests", "Requests holding KV and running")
+WAITING = Gauge("qllm_worker_waiting_requests", "Requests waiting for admission")
+KV_USED = Gauge("qllm_worker_kv_used_tokens", "KV cache tokens allocated")
+KV_CAPACITY = Gauge("qllm_worker_kv_capacity_tokens", "KV cache budget in tokens")

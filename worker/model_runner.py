@@ -1,0 +1,145 @@
+"""Runs the model one decoder layer at a time over a scheduled batch; owns torch and the KV pools.
+
+A step is begun (embeddings, positions, rotary embeddings and the batch layout are built once, before layer
+0), run layer by layer, and finished (final norm, LM head, sampling). `run_layers` may stop at any layer
+boundary when asked to, keeping the hidden states, positions and layout in the StepState, so the step can
+resume at the next layer later with no recomputation while other steps run in between (QLLM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from worker.model_loader import LoadedModel
+from worker.paged_cache import ATTN_IMPLEMENTATION, BatchLayout, PagedKVCache, PrefillSegment
+from worker.sampling import Sampler
+from worker.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepState:
+    plan: SchedulerOutput
+    hidden: torch.Tensor                 # [1, T, hidden]
+    position_ids: torch.Tensor           # [1, T]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    layout: BatchLayout
+    sample_rows: list[int]               # row of each sampling request's last token
+    sample_index: list[int]              # index into plan.scheduled of each sampling request
+    next_layer: int = 0
+    pauses: int = 0
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+        self.loaded = loaded
+        model = loaded.model
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except Exception:  # older loaders validate names strictly; the config switch is what layers read
+            model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.model = model
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        self.num_layers = len(self.layers)
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.block_size = block_size
+        self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
+                                  self.dtype, self.device)
+        self.sampler = Sampler(self.device)
+
+    # --- step lifecycle ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def begin(self, plan: SchedulerOutput) -> StepState:
+        decodes = [s for s in plan.scheduled if s.num_tokens == 1 and s.start > 0]
+        prefills = [s for s in plan.scheduled if not (s.num_tokens == 1 and s.start > 0)]
+        ordered = decodes + prefills
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        bs = self.block_size
+        for s in ordered:
+            ids.extend(s.token_ids)
+            for pos in range(s.start, s.start + s.num_tokens):
+                positions.append(pos)
+                slots.append(s.block_table[pos // bs] * bs + pos % bs)
+        dev = self.device
+        layout = BatchLayout(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                             num_decode=len(decodes), decode_block_tables=None, decode_mask=None, prefills=[])
+        if decodes:
+            max_blocks = max(len(s.block_table) for s in decodes)
+            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            kv_lens = torch.empty(len(decodes), dtype=torch.long)
+            for i, s in enumerate(decodes):
+                table[i, :len(s.block_table)] = torch.tensor(s.block_table)
+                kv_lens[i] = s.start + 1
+            layout.decode_block_tables = table.to(dev)
+            span = torch.arange(max_blocks * bs)
+            layout.decode_mask = (span[None, :] < kv_lens[:, None]).view(len(decodes), 1, 1, -1).to(dev)
+        row = len(decodes)
+        for s in prefills:
+            kv_len = s.start + s.num_tokens
+            n_blocks = -(-kv_len // bs)
+            mask = None
+            if s.start > 0:
+                q_pos = torch.arange(s.start, kv_len)
+                mask = (torch.arange(kv_len)[None, :] <= q_pos[:, None]).to(dev)
+            layout.prefills.append(PrefillSegment(
+                q_start=row, q_len=s.num_tokens, kv_len=kv_len,
+                block_ids=torch.tensor(s.block_table[:n_blocks], dtype=torch.long, device=dev), mask=mask))
+            row += s.num_tokens
+        # Rows follow `ordered` from now on. A request samples from the row of its last token this step.
+        plan.scheduled[:] = ordered
+        sample_rows, sample_index = [], []
+        row = 0
+        for i, s in enumerate(ordered):
+            row += s.num_tokens
+            if s.samples:
+                sample_rows.append(row - 1)
+                sample_index.append(i)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
+        hidden = self.decoder.embed_tokens(input_ids)
+        pos_emb = self.decoder.rotary_emb(hidden, position_ids)
+        return StepState(plan, hidden, position_ids, pos_emb, layout, sample_rows, sample_index)
+
+    @torch.inference_mode()
+    def run_layers(self, state: StepState, should_yield: Callable[[], bool] | None = None) -> bool:
+        """Runs layers from state.next_layer; returns False if it paused at a boundary to let others run."""
+        self.cache.set_layout(state.layout)
+        while state.next_layer < self.num_layers:
+            layer = self.layers[state.next_layer]
+            state.hidden = layer(state.hidden, attention_mask=None, position_ids=state.position_ids,
+                                 cache=self.cache, use_cache=True, position_embeddings=state.position_embeddings,
+                                 qllm_layout=state.layout)
+            state.next_layer += 1
+            if state.next_layer < self.num_layers and should_yield is not None and should_yield():
+                state.pauses += 1
+                return False
+        return True
+
+    @torch.inference_mode()
+    def finish(self, state: StepState) -> dict[str, int]:
+        """Final norm, LM head on the sampling rows only, then sampling."""
+        if not state.sample_rows:
+            return {}
+        rows = torch.tensor(state.sample_rows, dtype=torch.long, device=self.device)
+        hidden = self.decoder.norm(state.hidden[0, rows])
+        logits = self.model.lm_head(hidden).float()
+        scheduled = [state.plan.scheduled[i] for i in state.sample_index]
+        ids = [s.request.request_id for s in scheduled]
+        tokens = self.sampler.sample(logits, ids, [s.request.sampling for s in scheduled])
+        return dict(zip(ids, tokens))
+
+    def execute(self, plan: SchedulerOutput) -> dict[str, int]:
+        state = self.begin(plan)
+        self.run_layers(state)
+        return self.finish(state)
+
+    def release(self, request_id: str) -> None:
+        self.sampler.release(request_id)

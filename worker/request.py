@@ -1,0 +1,95 @@
+"""A request as the worker's scheduler sees it: token ids, progress and sampling settings. Pure Python."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class Priority(enum.IntEnum):
+    """Scheduling class; the values match qllm.v1.Priority on the wire."""
+
+    LATENCY_SENSITIVE = 1
+    BEST_EFFORT = 2
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"        # not yet admitted, or preempted and waiting to recompute
+    RUNNING = "running"        # holds KV blocks and is scheduled every iteration
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"          # max_tokens reached
+    STOP = "stop"              # end-of-sequence token
+    CANCELLED = "cancelled"    # the client went away
+    ERROR = "error"
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0   # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    priority: Priority = Priority.BEST_EFFORT
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Order key inside a class (the router's predicted rank, or arrival). Lower runs first.
+    order_key: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose KV is in the cache (prompt and output alike), as in vLLM V1.
+    num_computed_tokens: int = 0
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.sampling.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def is_ls(self) -> bool:
+        return self.priority is Priority.LATENCY_SENSITIVE
+
+    def append_token(self, token_id: int) -> None:
+        """Records a sampled token and finishes the request when it hits EOS or max_tokens."""
+        self.output_token_ids.append(token_id)
+        if not self.sampling.ignore_eos and token_id in self.eos_token_ids:
+            self.finish(FinishReason.STOP)
+        elif len(self.output_token_ids) >= self.sampling.max_tokens:
+            self.finish(FinishReason.LENGTH)
+
+    def finish(self, reason: FinishReason) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason

@@ -1,0 +1,230 @@
+"""The scheduler interface and the iteration-level machinery every policy shares (pure Python, no torch).
+
+Each engine iteration the scheduler picks which requests run and how many tokens each computes (decode = 1,
+prefill = a chunk under the per-iteration token budget, as vLLM's max_num_batched_tokens), allocating KV
+blocks as it goes. Policies differ in order (who runs first), in which running request is preempted when
+KV blocks run short, and in whether the engine may pause a step at a decoder-layer boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from worker.kv_blocks import BlockAllocator
+from worker.request import FinishReason, Request, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    # qllm: how many consecutive LS-only steps may run while a preempted BE step waits to resume (the
+    # longest BE stays deferred while LS work is runnable). Beyond it the BE step resumes and the LS decodes
+    # join the next full iteration.
+    max_be_deferral_steps: int = 1
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start: int              # num_computed_tokens when scheduled: position of the first new token
+    num_tokens: int         # tokens this step computes
+    block_table: list[int]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start:self.start + self.num_tokens]
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the last known token, so a new one is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [s.request.request_id for s in self.scheduled]
+
+    @property
+    def has_best_effort(self) -> bool:
+        return any(not s.request.is_ls for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    """Iteration-level scheduler; subclasses set the order and the preemption victim."""
+
+    name = "base"
+    # Whether the engine checks for waiting LS work at every decoder-layer boundary (QLLM).
+    yields_at_layer_boundaries = False
+
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
+        self.config = config
+        self.allocator = allocator
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        # Requests inside a step that has started but not finished (a paused step included): the scheduler
+        # must not touch their progress or blocks until the step's update arrives.
+        self.in_flight: set[str] = set()
+        self._cancel_pending: set[str] = set()
+        self.num_preemptions = 0
+
+    # --- policy hooks -------------------------------------------------------------------------------
+    def waiting_key(self, req: Request):
+        return (req.arrival_time,)
+
+    def running_order(self) -> list[Request]:
+        return list(self.running)
+
+    def pick_victim(self, candidates: list[Request]) -> Request | None:
+        """The running request to preempt when KV blocks are short (vLLM fcfs: the latest admitted)."""
+        return candidates[-1] if candidates else None
+
+    def make_room(self, output: SchedulerOutput) -> None:
+        """Called at the start of each schedule; priority policies preempt BE here for waiting LS."""
+
+    # --- requests -------------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        req.status = Status.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def has_waiting_ls(self) -> bool:
+        return any(r.is_ls for r in self.waiting)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Cancels a request; frees its KV now, or when its in-flight step ends. Returns it if finished now."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        if request_id in self.in_flight:
+            self._cancel_pending.add(request_id)
+            return None
+        self._finish(req, FinishReason.CANCELLED)
+        return req
+
+    # --- scheduling -----------------------------------------------------------------------------------
+    def schedule(self, ls_only: bool = False) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self.make_room(out)
+        budget = self.config.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+        preempted_now = False
+        for req in self.running_order():
+            if budget <= 0:
+                break
+            if req.request_id in self.in_flight or req.status is not Status.RUNNING:
+                continue
+            if ls_only and not req.is_ls:
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            while not self.allocator.can_allocate(req.request_id, req.num_computed_tokens + n):
+                candidates = [r for r in self.running if r.request_id not in scheduled_ids
+                              and r.request_id not in self.in_flight and r is not req]
+                victim = self.pick_victim(candidates)
+                if victim is None or not self._may_preempt(victim, req):
+                    victim = req
+                self._preempt(victim, out)
+                preempted_now = True
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                continue
+            out.scheduled.append(self._schedule_one(req, n))
+            scheduled_ids.add(req.request_id)
+            budget -= n
+        # Admit waiting requests, unless this step had to preempt (the cache is full).
+        if not preempted_now:
+            self.waiting.sort(key=self.waiting_key)
+            for req in list(self.waiting):
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                if ls_only and not req.is_ls:
+                    continue
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self.allocator.can_allocate(req.request_id, req.num_computed_tokens + n):
+                    break
+                self.waiting.remove(req)
+                req.status = Status.RUNNING
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = time.monotonic()
+                self.running.append(req)
+                out.scheduled.append(self._schedule_one(req, n))
+                budget -= n
+        for s in out.scheduled:
+            self.in_flight.add(s.request.request_id)
+        return out
+
+    def _may_preempt(self, victim: Request, for_req: Request) -> bool:
+        return True
+
+    def _schedule_one(self, req: Request, n: int) -> ScheduledRequest:
+        table = self.allocator.allocate(req.request_id, req.num_computed_tokens + n)
+        return ScheduledRequest(req, req.num_computed_tokens, n, list(table))
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Recompute-style preemption (vLLM V1): drop the KV, keep the tokens, requeue."""
+        self.allocator.free(req.request_id)
+        self.running.remove(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(req)
+        out.preempted.append(req.request_id)
+
+    # --- results --------------------------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Applies a finished step: progress, sampled tokens, finishing. Returns requests with news."""
+        changed: list[Request] = []
+        for s in output.scheduled:
+            req = s.request
+            rid = req.request_id
+            self.in_flight.discard(rid)
+            if rid in self._cancel_pending:
+                self._cancel_pending.discard(rid)
+                self._finish(req, FinishReason.CANCELLED)
+                changed.append(req)
+                continue
+            if req.is_finished:
+                continue
+            req.num_computed_tokens = s.start + s.num_tokens
+            token = sampled.get(rid)
+            if token is not None:
+                req.append_token(token)
+                if req.is_finished:
+                    self._release(req)
+                changed.append(req)
+        return changed
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.finish(reason)
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        self.allocator.free(req.request_id)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.requests.pop(req.request_id, None)

@@ -1,0 +1,51 @@
+"""`priority`: iteration-level priority (vLLM's --scheduling-policy priority).
+
+LS requests are admitted first at the next iteration; when slots or KV blocks are short, running BE
+requests are preempted (recompute) to make room for waiting LS work. Within a class the order is the
+request's order_key (arrival, or a predicted rank the router sets), then arrival.
+"""
+
+from __future__ import annotations
+
+from worker.request import Request
+from worker.scheduler.base import Scheduler, SchedulerOutput
+
+
+def class_key(req: Request):
+    return (0 if req.is_ls else 1, req.order_key, req.arrival_time)
+
+
+class PriorityScheduler(Scheduler):
+    name = "priority"
+
+    def waiting_key(self, req: Request):
+        return class_key(req)
+
+    def running_order(self) -> list[Request]:
+        return sorted(self.running, key=class_key)
+
+    def pick_victim(self, candidates: list[Request]) -> Request | None:
+        # Lowest class first, then the one that arrived last (it has the least sunk work to lose).
+        return max(candidates, key=lambda r: (not r.is_ls, r.arrival_time), default=None)
+
+    def _may_preempt(self, victim: Request, for_req: Request) -> bool:
+        # An LS request is never preempted for a BE one.
+        return not (victim.is_ls and not for_req.is_ls)
+
+    def make_room(self, output: SchedulerOutput) -> None:
+        waiting_ls = sorted((r for r in self.waiting if r.is_ls), key=class_key)
+        if not waiting_ls:
+            return
+        budget = self.config.max_num_batched_tokens
+        for req in waiting_ls:
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                break
+            while (len(self.running) >= self.config.max_num_seqs
+                   or not self.allocator.can_allocate(req.request_id, req.num_computed_tokens + n)):
+                victims = [r for r in self.running if not r.is_ls and r.request_id not in self.in_flight]
+                victim = self.pick_victim(victims)
+                if victim is None:
+                    return
+                self._preempt(victim, output)
+            budget -= n

@@ -1,0 +1,202 @@
+"""`qllm worker`: the qllm.v1.Worker gRPC service over one engine. Translates between wire and engine only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+
+import grpc
+import structlog
+
+from qllm import serving, settings
+from qllm.logs import configure as configure_logging, get_logger
+from qllm.v1 import worker_pb2, worker_pb2_grpc
+from worker import metrics
+from worker.detokenizer import IncrementalDetokenizer
+from worker.engine import AsyncEngine, EngineConfig, RequestRejected
+from worker.request import Priority, SamplingParams
+
+log = get_logger(__name__)
+
+CLASS_LABEL = {Priority.LATENCY_SENSITIVE: "LS", Priority.BEST_EFFORT: "BE"}
+
+
+def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
+    if msg.max_tokens < 1:
+        raise RequestRejected("INVALID_ARGUMENT", "max_tokens: must be at least 1")
+    if msg.temperature < 0:
+        raise RequestRejected("INVALID_ARGUMENT", "temperature: must be >= 0")
+    if not 0.0 < msg.top_p <= 1.0:
+        raise RequestRejected("INVALID_ARGUMENT", "top_p: must be in (0, 1]")
+    if msg.num_beams > 1:
+        raise RequestRejected("UNIMPLEMENTED", "num_beams: beam search is not supported by this worker yet")
+    return SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
+                          seed=msg.seed, ignore_eos=msg.ignore_eos)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: AsyncEngine, info: worker_pb2.WorkerInfo):
+        self.engine = engine
+        self.info = info
+
+    async def Describe(self, request, context):
+        info = worker_pb2.WorkerInfo()
+        info.CopyFrom(self.info)
+        stats = self.engine.stats()
+        for key, value in stats.items():
+            setattr(info, key, value)
+        return info
+
+    async def Serve(self, request_iterator, context):
+        """One long-lived stream per router: commands in, token events out, many requests multiplexed."""
+        events: asyncio.Queue = asyncio.Queue()
+        tasks: dict[str, asyncio.Task] = {}
+
+        async def read_commands():
+            try:
+                async for command in request_iterator:
+                    kind = command.WhichOneof("kind")
+                    if kind == "submit":
+                        rid = command.submit.request_id
+                        if rid in tasks:
+                            events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(
+                                code=grpc.StatusCode.ALREADY_EXISTS.value[0],
+                                message=f"request_id: {rid!r} is already running on this stream")))
+                            continue
+                        task = asyncio.create_task(self._run_request(command.submit, events))
+                        tasks[rid] = task
+                        task.add_done_callback(lambda _t, rid=rid: tasks.pop(rid, None))
+                    elif kind == "cancel":
+                        task = tasks.get(command.cancel.request_id)
+                        if task is not None:
+                            task.cancel()
+                # The router half-closed: finish what it already sent, then end the stream.
+                while tasks:
+                    await asyncio.wait(list(tasks.values()))
+            finally:
+                events.put_nowait(None)
+
+        reader = asyncio.create_task(read_commands())
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            # Stream gone (router disconnected or cancelled): cancel its requests so their KV is freed.
+            reader.cancel()
+            for task in list(tasks.values()):
+                task.cancel()
+
+    async def _run_request(self, submit: worker_pb2.SubmitRequest, events: asyncio.Queue) -> None:
+        rid = submit.request_id
+        arrival = time.monotonic()
+        try:
+            priority = Priority(submit.priority)
+        except ValueError:
+            priority = None
+        label = CLASS_LABEL.get(priority, "unknown")
+        structlog.contextvars.bind_contextvars(request_id=rid, priority=label)
+        first = True
+        try:
+            if priority is None:
+                raise RequestRejected("INVALID_ARGUMENT", "priority: must be LATENCY_SENSITIVE or BEST_EFFORT")
+            sampling = sampling_from_wire(submit.sampling)
+            prompt_ids = self.engine.encode(submit.prompt)
+            detok = IncrementalDetokenizer(self.engine.tokenizer)
+            stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score)
+            metrics.REQUESTS.labels(label).inc()
+            async for out in stream:
+                now = time.monotonic()
+                if first and out.new_token_ids:
+                    metrics.TTFT.labels(label).observe(now - arrival)
+                    first = False
+                metrics.TOKENS.labels(label).inc(len(out.new_token_ids))
+                text = detok.push(out.new_token_ids)
+                if out.finished:
+                    text += detok.flush()
+                    metrics.E2E.labels(label).observe(now - arrival)
+                    metrics.FINISHED.labels(label, out.finish_reason).inc()
+                    log.info("finished", reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
+                             output_tokens=out.num_output_tokens, seconds=round(now - arrival, 4))
+                events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, tokens=worker_pb2.TokenDelta(
+                    token_ids=out.new_token_ids, text=text, finished=out.finished,
+                    finish_reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
+                    completion_tokens=out.num_output_tokens)))
+        except RequestRejected as exc:
+            metrics.REJECTED.labels(label, exc.code).inc()
+            log.info("rejected", code=exc.code, reason=exc.message)
+            events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(
+                code=grpc.StatusCode[exc.code].value[0], message=exc.message)))
+        except asyncio.CancelledError:
+            log.info("cancelled")
+            raise
+        except Exception as exc:  # a bug in one request must not take the stream down
+            log.exception("request failed")
+            events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(
+                code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc}")))
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    settings.add_service_flags(parser, port=50061, metrics_port=9161)
+    settings.add(parser, "--model", default=None, help="local HF MoE checkpoint directory (default: embedded)")
+    settings.add(parser, "--policy", default="fcfs", help="scheduling policy: fcfs, priority, qllm")
+    settings.add(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+    settings.add(parser, "--dtype", default="float32", help="weights' dtype: float32, float16, bfloat16")
+    settings.add(parser, "--max-num-seqs", type=int, default=32, help="most requests running at once")
+    settings.add(parser, "--max-num-batched-tokens", type=int, default=512,
+                 help="token budget of one iteration (prefill chunk size)")
+    settings.add(parser, "--kv-budget-tokens", type=int, default=32768, help="KV cache budget in tokens")
+    settings.add(parser, "--block-size", type=int, default=16, help="KV block size in tokens")
+    settings.add(parser, "--max-be-deferral-steps", type=int, default=1,
+                 help="qllm: LS-only steps that may run while a preempted BE step waits")
+    settings.add(parser, "--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                 help="torch intra-op threads (leave the control plane a core)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(policy=args.policy, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, kv_budget_tokens=args.kv_budget_tokens,
+                        block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps)
+
+
+def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncEngine]:
+    from worker.model_runner import ModelRunner
+
+    num_blocks = max(1, config.kv_budget_tokens // config.block_size)
+    runner = ModelRunner(loaded, num_blocks, config.block_size)
+    engine = AsyncEngine(runner, loaded.tokenizer, loaded.eos_token_ids, loaded.max_context, config)
+    info = worker_pb2.WorkerInfo(model_name=loaded.name, max_context=loaded.max_context,
+                                 vocab_size=loaded.model.config.vocab_size, num_layers=runner.num_layers,
+                                 policy=config.policy, device=str(loaded.device), max_num_seqs=config.max_num_seqs)
+    servicer = WorkerServicer(engine, info)
+
+    async def on_start():
+        engine.start()
+
+    async def on_stop():
+        engine.stop()
+
+    service = serving.Service(
+        name="worker", service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
+        register=lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
+        on_start=on_start, on_stop=on_stop)
+    return service, engine
+
+
+def run(args: argparse.Namespace):
+    import torch
+
+    from worker.model_loader import load_model
+    from worker.scheduler import POLICIES
+
+    configure_logging("worker", args.log_level)
+    if args.policy not in POLICIES:
+        raise SystemExit(f"--policy: unknown policy {args.policy!r}; known: {', '.join(sorted(POLICIES))}")
+    torch.set_num_threads(args.torch_threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, device=device, dtype=args.dtype)
+    service, _ = build_service(loaded, engine_config(args))
+    log.info("model loaded", model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype),
+             policy=args.policy, torch_threads=args.torch_threads)
+    return serving.serve_forever(service, args.host, args.port, args.metrics_port)
