@@ -54,6 +54,7 @@ class Encoder:
         self.config = config
         path = str(model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.model_max_length = 1 << 30  # we cut to head+tail ourselves; silences a length warning
         model = AutoModel.from_pretrained(path)
         model.encoder.layer = model.encoder.layer[: config.layers]
         model.config.num_hidden_layers = config.layers

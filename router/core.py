@@ -27,6 +27,7 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     worker: WorkerClient | None = None
+    worker_address: str = ""  # where it ran, kept after it finishes (affinity, pin reports)
 
     @property
     def label(self) -> str:
@@ -75,6 +76,7 @@ class RouterCore:
                 break
             self.queues.pop()
             job.worker = worker
+            job.worker_address = worker.address
             worker.submit(job.submit, lambda event, job=job: self._on_event(job, event))
         self._publish()
 

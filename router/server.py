@@ -109,7 +109,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, job: Job) -> None:
         decision = await self.kvmanager.report_turn(kvmanager_pb2.TurnReport(
-            program_id=request.program_id, context_tokens=tokens, last_turn=request.last_turn,
+            program_id=request.program_id, worker=job.worker_address, context_tokens=tokens, last_turn=request.last_turn,
             tool_name=request.tool_name))
         if decision is not None:
             log.info("pin decision", program_id=request.program_id, pin=decision.pin, ttl_s=decision.ttl_s)

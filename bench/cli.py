@@ -1,0 +1,357 @@
+"""`qllm bench`: replays real traces against the stack and compares policies.
+
+    qllm bench --scenario mixed --policies fcfs,priority,qllm --duration 60 --out bench-out
+
+For each bench policy (bench/policies.py) a fresh local stack is started, warmed up, and fed the same seeded
+workload; the idle LS floor is measured first on the first stack. `--target HOST:PORT` measures a running
+router instead, `--openai-url URL --model NAME` an OpenAI-compatible peer (vLLM, SGLang).
+Writes OUT/NAME.json, OUT/NAME.md, OUT/NAME-ttft-cdf.png (+ OUT/NAME-sweep.png) and OUT/NAME.requests.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as _dt
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import metrics, report
+from bench import policies as bench_policies
+from bench.client import GrpcSender, replay, replay_sequential
+from bench.openai_client import OpenAISender, parse_priorities
+from bench.stats import percentile, summarize
+from bench.tokens import load_tokenizer
+from bench.workload import BE, LS, ClassSpec, RequestSpec, WorkloadConfig, build_workload
+from qllm.up import ROUTER_PORT, WORKER_PORT, Stack, StackConfig
+
+SCENARIOS = ("mixed", "idle-ls")
+SWEEP_KEYS = ("be-rate", "ls-rate", "rate")
+DEFAULT_POLICIES = "fcfs,priority,qllm"
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        pair = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO:HI token counts, e.g. 32:128") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= LO <= HI")
+    return pair
+
+
+def parse_sweep(text: str | None) -> tuple[str, list[float]] | None:
+    """"be-rate=0.5,1,2" -> ("be-rate", [0.5, 1.0, 2.0])."""
+    if not text:
+        return None
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    if not sep or key not in SWEEP_KEYS:
+        raise ValueError(f"--sweep {text!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
+    try:
+        vals = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep {text!r}: values must be numbers") from None
+    if not vals or any(v < 0 for v in vals):
+        raise ValueError(f"--sweep {text!r}: expected one or more non-negative numbers")
+    return key, vals
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.description = __doc__.split("\n\n")[0]
+    g = p.add_argument_group("run")
+    g.add_argument("--scenario", choices=SCENARIOS, default="mixed",
+                   help="mixed: LS over an overloading BE background; idle-ls: LS alone, one at a time (the floor)")
+    g.add_argument("--policies", default=None,
+                   help=f"comma-separated bench policies, one fresh stack each (known: "
+                        f"{', '.join(bench_policies.known())}; combine parts with '+'); "
+                        f"default {DEFAULT_POLICIES}, or a label with --target/--openai-url")
+    g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per policy")
+    g.add_argument("--drain-cap", type=float, default=30.0,
+                   help="seconds after the last arrival until still-running requests are cancelled (and counted)")
+    g.add_argument("--out", default="bench-out", help="output directory")
+    g.add_argument("--name", default=None, help="file name stem (default: the scenario)")
+    g.add_argument("--seed", type=int, default=0, help="workload seed")
+    g.add_argument("--sweep", default=None, help="run each policy at several values, e.g. be-rate=0.5,1,2")
+    g.add_argument("--warmup", type=int, default=2, help="unmeasured requests on each fresh stack first")
+    g.add_argument("--with-floor", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the idle LS floor first, in this run (default: on for mixed)")
+    g.add_argument("--floor-requests", type=int, default=20, help="LS requests in the floor measurement")
+    g.add_argument("--dry-run", action="store_true", help="build and describe the workload; send nothing")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    g.add_argument("--save-requests", action=argparse.BooleanOptionalAction, default=True,
+                   help="write every request's timings to NAME.requests.jsonl")
+
+    w = p.add_argument_group("workload")
+    w.add_argument("--ls-rate", type=float, default=1.0, help="LS mean arrival rate, requests/s")
+    w.add_argument("--be-rate", type=float, default=3.0,
+                   help="BE mean arrival rate, requests/s (default overloads one worker on the embedded default)")
+    w.add_argument("--rate", type=float, default=1.0, help="multiplies both class rates")
+    w.add_argument("--time-scale", type=float, default=None,
+                   help="multiply the traces' own timestamps by this instead of matching --ls-rate/--be-rate")
+    w.add_argument("--ls-trace", default="azure-conv", help="trace for LS arrivals and lengths")
+    w.add_argument("--be-trace", default="mooncake-conv", help="trace for BE arrivals and lengths")
+    w.add_argument("--prompts", default="sharegpt", help="prompt text source (sharegpt, arena, alpaca)")
+    w.add_argument("--ls-prompt-tokens", type=_range, default=(32, 128), help="LS prompt length range LO:HI")
+    w.add_argument("--ls-output-tokens", type=_range, default=(16, 64), help="LS output length range LO:HI")
+    w.add_argument("--be-prompt-tokens", type=_range, default=(512, 2048), help="BE prompt length range LO:HI")
+    w.add_argument("--be-output-tokens", type=_range, default=(128, 512), help="BE output length range LO:HI")
+    w.add_argument("--context-tokens", type=int, default=4096, help="model context: prompt + output must fit")
+    w.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or a directory with one) to count tokens; default: --model's in stack "
+                        "mode, else the embedded default's")
+
+    s = p.add_argument_group("SLOs")
+    s.add_argument("--ls-ttft-slo-ms", type=float, default=None,
+                   help="LS TTFT SLO (default: --slo-floor-multiple x the idle floor's TTFT p50)")
+    s.add_argument("--slo-floor-multiple", type=float, default=5.0, help="LS TTFT SLO as a multiple of the floor")
+    s.add_argument("--ls-tpot-slo-ms", type=float, default=None, help="LS TPOT SLO (default: none)")
+    s.add_argument("--be-ttft-slo-ms", type=float, default=None, help="BE TTFT SLO (default: none)")
+
+    k = p.add_argument_group("stack (default mode: a fresh local stack per policy)")
+    k.add_argument("--workers", type=int, default=1, help="workers per stack")
+    k.add_argument("--model", default=None,
+                   help="stack mode: HF MoE checkpoint directory (default: embedded); peer mode: the model name")
+    k.add_argument("--port-offset", type=int, default=300, help="added to every service port of the bench stacks")
+    k.add_argument("--worker-arg", action="append", default=[], help="extra worker flag (repeatable)")
+    k.add_argument("--router-arg", action="append", default=[], help="extra router flag (repeatable)")
+    k.add_argument("--stack-timeout", type=float, default=180.0, help="seconds to wait for a stack to be SERVING")
+    k.add_argument("--log-dir", default=None, help="service logs (default OUT/logs)")
+    k.add_argument("--target", default=None, help="HOST:PORT of a running router to measure instead")
+    k.add_argument("--metrics-url", action="append", default=[],
+                   help="worker Prometheus URL(s) to scrape with --target (stack mode finds its own)")
+
+    o = p.add_argument_group("peer (OpenAI-compatible server)")
+    o.add_argument("--openai-url", default=None, help="base URL, e.g. http://127.0.0.1:8000")
+    o.add_argument("--openai-priority", default="LS=0,BE=1",
+                   help="integer `priority` per class (lower = first, vLLM); 'none' leaves the field out")
+    o.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token [env OPENAI_API_KEY]")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _workload_config(args, sweep: dict | None, classes: tuple[str, ...]) -> WorkloadConfig:
+    rates = {"ls-rate": args.ls_rate, "be-rate": args.be_rate, "rate": args.rate}
+    rates.update(sweep or {})
+    specs = []
+    if LS in classes:
+        specs.append(ClassSpec(LS, args.ls_trace, rates["ls-rate"] * rates["rate"], args.ls_prompt_tokens,
+                               args.ls_output_tokens, args.prompts))
+    if BE in classes:
+        specs.append(ClassSpec(BE, args.be_trace, rates["be-rate"] * rates["rate"], args.be_prompt_tokens,
+                               args.be_output_tokens, args.prompts))
+    return WorkloadConfig(specs, duration_s=args.duration, seed=args.seed, context_tokens=args.context_tokens,
+                          time_scale=args.time_scale)
+
+
+def _warmup_specs(specs: list[RequestSpec], n: int) -> list[RequestSpec]:
+    """The first n requests of each class with outputs cut to 8 tokens: loads kernels and caches, unmeasured."""
+    out = []
+    for cls in (LS, BE):
+        for s in [s for s in specs if s.cls == cls][:n]:
+            out.append(dataclasses.replace(s, index=100_000 + len(out), max_tokens=min(8, s.max_tokens)))
+    return out
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _stack_metrics_urls(cfg) -> list[str]:
+    if not cfg.metrics:
+        return []
+    return [f"http://{cfg.host}:{cfg.metrics_port(cfg.port(WORKER_PORT) + i)}/metrics" for i in range(cfg.workers)]
+
+
+async def _scrape_all(urls: list[str]) -> list[dict | None]:
+    return [await metrics.scrape(u) for u in urls]
+
+
+def _metric_deltas(before: list[dict | None], after: list[dict | None]) -> dict | None:
+    total: dict[str, float] = {}
+    seen = False
+    for b, a in zip(before, after):
+        if a is None:
+            continue
+        seen = True
+        for key, value in metrics.counter_deltas(b or {}, a).items():
+            total[key] = total.get(key, 0.0) + value
+    return total if seen else None
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+async def run(args: argparse.Namespace) -> int:
+
+    mode = "openai" if args.openai_url else ("target" if args.target else "stack")
+    try:
+        sweep = parse_sweep(args.sweep)
+        if mode == "stack":
+            names = bench_policies.parse_list(args.policies or DEFAULT_POLICIES)
+        else:
+            names = [n.strip() for n in (args.policies or "").split(",") if n.strip()] or [
+                f"peer:{args.model}" if mode == "openai" else "target"]
+            if len(names) != 1:
+                raise ValueError(f"--policies: with --{'openai-url' if mode == 'openai' else 'target'} the server "
+                                 "is already configured; give one label at most")
+        if mode == "openai" and not args.model:
+            raise ValueError("--openai-url needs --model NAME (the served model's name)")
+        priorities = parse_priorities(args.openai_priority) if mode == "openai" else None
+        if args.duration <= 0 or args.drain_cap < 0:
+            raise ValueError("--duration must be > 0 and --drain-cap >= 0")
+    except ValueError as exc:
+        print(f"qllm bench: {exc}", file=sys.stderr)
+        return 2
+
+    scenario = args.scenario
+    name = args.name or scenario
+    out_dir = Path(args.out)
+    classes = (LS,) if scenario == "idle-ls" else (LS, BE)
+    with_floor = (scenario == "mixed") if args.with_floor is None else args.with_floor
+    if scenario == "idle-ls":
+        with_floor = False  # the run is the floor
+    tokenizer = load_tokenizer(args.tokenizer, args.model if mode == "stack" else None)
+    if tokenizer.name == "approx-words":
+        print("qllm bench: no tokenizer file found; token counts are word estimates", file=sys.stderr)
+
+    points = [None] if sweep is None else [{sweep[0]: v} for v in sweep[1]]
+    workloads = {}
+    for point in points:
+        key = repr(point)
+        workloads[key] = build_workload(_workload_config(args, point, classes), tokenizer)
+    first = workloads[repr(points[0])]
+    if args.dry_run:
+        for point in points:
+            print(json.dumps({"sweep": point, **workloads[repr(point)].info}, indent=2))
+        return 0
+    if not first.requests:
+        print("qllm bench: the workload is empty (rates 0 or a duration too short)", file=sys.stderr)
+        return 2
+
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    base_cfg = None
+    if mode == "stack":
+        base_cfg = StackConfig(workers=args.workers, model=args.model, port_offset=args.port_offset,
+                               worker_args=list(args.worker_arg), router_args=list(args.router_arg),
+                               log_dir=str(Path(args.log_dir or out_dir / "logs")))
+        if not _port_free(base_cfg.host, base_cfg.port(ROUTER_PORT)):
+            print(f"qllm bench: port {base_cfg.port(ROUTER_PORT)} is taken; pick another --port-offset",
+                  file=sys.stderr)
+            return 2
+
+    runs: list[dict] = []
+    run_records: dict[str, list] = {}
+    floor_records = None
+    floor_policy = None
+    for policy in names:
+        for point in points:
+            workload = workloads[repr(point)]
+            label = policy + (f" {next(iter(point))}={next(iter(point.values())):g}" if point else "")
+            stack = None
+            metrics_urls = list(args.metrics_url)
+            stack_info: dict = {}
+            if mode == "stack":
+                cfg = bench_policies.apply(policy, base_cfg)
+                cfg = dataclasses.replace(cfg, log_dir=str(Path(base_cfg.log_dir) / label.replace(" ", "_")))
+                stack = Stack(cfg)
+                metrics_urls = _stack_metrics_urls(cfg)
+                stack_info = {"address": cfg.router_address, **bench_policies.describe(policy, base_cfg),
+                              "log_dir": cfg.log_dir}
+                print(f"[{label}] starting stack (logs in {cfg.log_dir})", file=sys.stderr, flush=True)
+                await asyncio.to_thread(stack.start, args.stack_timeout)
+                address = cfg.router_address
+            else:
+                address = args.target
+            if mode == "openai":
+                sender = OpenAISender(args.openai_url, args.model, priorities=priorities, api_key=args.api_key)
+            else:
+                sender = GrpcSender(address, request_id_prefix=f"bench-{label.replace(' ', '-')}")
+            try:
+                if args.warmup:
+                    await replay_sequential(sender, _warmup_specs(workload.requests, args.warmup),
+                                            per_request_cap_s=max(30.0, args.drain_cap), gap_s=0.0,
+                                            progress=args.progress, label=f"{label} warmup")
+                if with_floor and floor_records is None:
+                    floor_records = await replay_sequential(
+                        sender, first.of_class(LS)[:args.floor_requests], per_request_cap_s=max(30.0, args.drain_cap),
+                        progress=args.progress, label=f"{label} idle floor")
+                    floor_policy = policy
+                before = await _scrape_all(metrics_urls)
+                if scenario == "idle-ls":
+                    records = await replay_sequential(sender, workload.requests, duration_s=args.duration,
+                                                      per_request_cap_s=max(30.0, args.drain_cap),
+                                                      progress=args.progress, label=label)
+                else:
+                    records = await replay(sender, workload.requests, duration_s=args.duration,
+                                           drain_cap_s=args.drain_cap, progress=args.progress, label=label)
+                after = await _scrape_all(metrics_urls)
+            finally:
+                await sender.close()
+                if stack is not None:
+                    stack.stop()
+            run_records[label] = records
+            runs.append({"policy": policy, **({"sweep": point} if point else {}), "stack": stack_info or None,
+                         "worker_metrics": _metric_deltas(before, after), "_records": records})
+
+    # The LS SLO comes from the floor measured in this same invocation (idle-ls: from its first run).
+    ls_slo, slo_source = args.ls_ttft_slo_ms, "--ls-ttft-slo-ms"
+    floor_ref = floor_records or (runs[0]["_records"] if scenario == "idle-ls" else None)
+    if ls_slo is None:
+        slo_source = None
+        ttft = [r.ttft_s for r in floor_ref or () if r.cls == LS and r.ttft_s is not None]
+        if ttft:
+            p50 = percentile(ttft, 50) * 1000.0
+            ls_slo = args.slo_floor_multiple * p50
+            slo_source = f"{args.slo_floor_multiple:g} x idle floor TTFT p50 ({p50:.1f} ms)"
+    slos = {LS: {"ttft_ms": ls_slo, "tpot_ms": args.ls_tpot_slo_ms, "source": slo_source},
+            BE: {"ttft_ms": args.be_ttft_slo_ms, "tpot_ms": None,
+                 "source": "--be-ttft-slo-ms" if args.be_ttft_slo_ms is not None else None}}
+    floor_doc = None
+    if floor_records:
+        floor_doc = {"policy": floor_policy, **summarize(floor_records, slos, classes=(LS,))}
+    for run_doc in runs:
+        run_doc.update(summarize(run_doc.pop("_records"), slos, classes=classes))
+
+    params = {
+        "mode": mode, "target": args.openai_url or args.target or "local stack per policy",
+        "model": args.model or "embedded default", "policies": names, "duration_s": args.duration,
+        "drain_cap_s": args.drain_cap, "seed": args.seed, "warmup": args.warmup,
+        "rates": {"ls-rate": args.ls_rate, "be-rate": args.be_rate, "rate": args.rate, "time_scale": args.time_scale},
+        "sweep": {"key": sweep[0], "values": sweep[1]} if sweep else None,
+        "slo": slos, "floor": floor_doc, "workload": first.info,
+        "openai_priority": priorities if mode == "openai" else None,
+        "workers": args.workers if mode == "stack" else None,
+        "started_at": started, "git_commit": _git_commit(), "cpu_count": os.cpu_count(),
+    }
+    if sweep:
+        params["workload_by_sweep"] = [{"sweep": pt, **workloads[repr(pt)].info} for pt in points]
+    doc = {"scenario": scenario, "params": params, "runs": runs, "comparisons": report.comparisons(runs, floor_doc)}
+    written = report.write(out_dir, name, doc, run_records, floor_records,
+                           sweep_key=sweep[0] if sweep else None, save_requests=args.save_requests)
+    print(report.markdown(doc))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0

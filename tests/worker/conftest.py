@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from worker.model_loader import build_default_model, load_model
+from worker.model_runner import ModelRunner
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """The embedded default with stock attention, for transformers' own generate()."""
+    return build_default_model()
+
+
+@pytest.fixture
+def loaded():
+    """A fresh embedded default for the engine (the runner switches its attention implementation)."""
+    return load_model(None)
+
+
+@pytest.fixture
+def make_runner(loaded):
+    def _make(num_blocks=256, block_size=16):
+        return ModelRunner(loaded, num_blocks, block_size)
+    return _make
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(reference_model):
+    """Greedy tokens from transformers' generate() on the embedded default."""
+    def _generate(prompt_ids, max_new_tokens):
+        out = reference_model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                       min_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+    return _generate

@@ -1,0 +1,190 @@
+"""Scheduler tests in the style of vLLM's: pure Python, a fake model that returns fixed tokens."""
+
+import pytest
+
+from worker.kv_blocks import BlockAllocator
+from worker.request import FinishReason, Priority, Request, SamplingParams, Status
+from worker.scheduler import SchedulerConfig, make_scheduler
+
+LS, BE = Priority.LATENCY_SENSITIVE, Priority.BEST_EFFORT
+
+
+def make(policy="fcfs", blocks=64, block_size=4, **cfg):
+    return make_scheduler(policy, SchedulerConfig(**cfg), BlockAllocator(blocks, block_size))
+
+
+def req(rid, n_prompt, max_tokens=4, priority=BE, arrival=0.0):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   priority, frozenset({0}), arrival_time=arrival)
+
+
+def fake_step(sched, ls_only=False, token=7):
+    """Schedules one step and feeds back `token` for every request that samples."""
+    out = sched.schedule(ls_only=ls_only)
+    sampled = {s.request.request_id: token for s in out.scheduled if s.samples}
+    sched.update(out, sampled)
+    return out
+
+
+def run_to_completion(sched, limit=1000):
+    steps = 0
+    while sched.has_unfinished():
+        fake_step(sched)
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def test_chunked_prefill_respects_token_budget():
+    sched = make(max_num_batched_tokens=8)
+    r = req("a", 20)
+    sched.add_request(r)
+    out = fake_step(sched)
+    assert [(s.start, s.num_tokens) for s in out.scheduled] == [(0, 8)]
+    assert r.output_token_ids == []
+    fake_step(sched)
+    out = fake_step(sched)
+    assert [(s.start, s.num_tokens) for s in out.scheduled] == [(16, 4)]
+    assert r.output_token_ids == [7]
+    out = fake_step(sched)
+    assert [(s.start, s.num_tokens) for s in out.scheduled] == [(20, 1)]
+
+
+def test_decodes_and_prefill_share_an_iteration():
+    sched = make(max_num_batched_tokens=16)
+    sched.add_request(req("a", 4, max_tokens=10))
+    fake_step(sched)
+    sched.add_request(req("b", 30, arrival=1.0))
+    out = fake_step(sched)
+    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("a", 1), ("b", 15)]
+
+
+def test_finishes_at_max_tokens_and_frees_blocks():
+    sched = make()
+    r = req("a", 5, max_tokens=3)
+    sched.add_request(r)
+    run_to_completion(sched)
+    assert r.finish_reason is FinishReason.LENGTH and len(r.output_token_ids) == 3
+    assert sched.allocator.num_free_blocks == sched.allocator.num_blocks
+
+
+def test_eos_stops_unless_ignored():
+    sched = make()
+    r = Request("a", [1, 2, 3], SamplingParams(max_tokens=10), BE, frozenset({7}))
+    sched.add_request(r)
+    run_to_completion(sched)
+    assert r.finish_reason is FinishReason.STOP and r.output_token_ids == [7]
+
+
+def test_admission_respects_kv_budget():
+    # 8 blocks of 4 tokens = 32 tokens; each request needs 24 tokens of prompt.
+    sched = make(blocks=8, block_size=4, max_num_batched_tokens=64)
+    a, b = req("a", 24, max_tokens=2), req("b", 24, max_tokens=2, arrival=1.0)
+    sched.add_request(a)
+    sched.add_request(b)
+    out = fake_step(sched)
+    assert out.request_ids == ["a"] and b.status is Status.WAITING
+    run_to_completion(sched)
+    assert a.is_finished and b.is_finished
+
+
+def test_max_num_seqs_caps_running():
+    sched = make(max_num_seqs=2)
+    for i in range(3):
+        sched.add_request(req(f"r{i}", 2, arrival=float(i)))
+    out = fake_step(sched)
+    assert out.request_ids == ["r0", "r1"]
+
+
+def test_fcfs_preempts_latest_when_kv_runs_out_and_recomputes():
+    sched = make(blocks=4, block_size=4, max_num_batched_tokens=64)
+    a, b = req("a", 6, max_tokens=6), req("b", 6, max_tokens=6, arrival=1.0)
+    sched.add_request(a)
+    sched.add_request(b)
+    out = fake_step(sched)
+    assert out.request_ids == ["a", "b"]
+    preempted = []
+    while sched.has_unfinished():
+        preempted += fake_step(sched).preempted
+    assert preempted and preempted[0] == "b"
+    assert b.num_preemptions >= 1
+    assert a.output_token_ids == [7] * 6 and b.output_token_ids == [7] * 6
+
+
+def test_priority_admits_ls_before_earlier_be():
+    sched = make("priority", max_num_seqs=1)
+    sched.add_request(req("be", 4, arrival=0.0))
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    out = fake_step(sched)
+    assert out.request_ids == ["ls"]
+
+
+def test_priority_preempts_running_be_for_waiting_ls():
+    sched = make("priority", max_num_seqs=1)
+    be = req("be", 4, max_tokens=8)
+    sched.add_request(be)
+    fake_step(sched)
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    out = fake_step(sched)
+    assert out.preempted == ["be"] and out.request_ids == ["ls"]
+    assert be.status is Status.WAITING and be.num_computed_tokens == 0
+
+
+def test_fcfs_does_not_preempt_for_ls():
+    sched = make("fcfs", max_num_seqs=1)
+    sched.add_request(req("be", 4, max_tokens=8))
+    fake_step(sched)
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    out = fake_step(sched)
+    assert out.request_ids == ["be"] and not out.preempted
+
+
+def test_ls_never_preempted_for_be():
+    sched = make("priority", blocks=4, block_size=4, max_num_batched_tokens=64)
+    ls = req("ls", 6, max_tokens=6, priority=LS)
+    sched.add_request(ls)
+    fake_step(sched)
+    sched.add_request(req("be", 6, max_tokens=6, arrival=1.0))
+    run_to_completion(sched)
+    assert ls.num_preemptions == 0
+
+
+def test_ls_only_schedule_skips_be_and_in_flight():
+    sched = make("qllm")
+    assert sched.yields_at_layer_boundaries
+    sched.add_request(req("be", 8, max_tokens=8))
+    be_step = sched.schedule()              # in flight (parked by the engine)
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    sched.add_request(req("be2", 4, arrival=2.0))
+    ls_step = sched.schedule(ls_only=True)
+    assert ls_step.request_ids == ["ls"]
+    sched.update(ls_step, {"ls": 7})
+    sched.update(be_step, {"be": 7})
+    assert sched.requests["be"].num_computed_tokens == 8
+
+
+def test_abort_waiting_and_running_frees_blocks():
+    sched = make()
+    a, b = req("a", 8), req("b", 8, arrival=1.0)
+    sched.add_request(a)
+    fake_step(sched)
+    sched.add_request(b)
+    assert sched.abort("a") is a and a.finish_reason is FinishReason.CANCELLED
+    assert sched.abort("b") is b
+    assert sched.allocator.num_free_blocks == sched.allocator.num_blocks and not sched.has_unfinished()
+
+
+def test_abort_in_flight_waits_for_step_end():
+    sched = make()
+    a = req("a", 8)
+    sched.add_request(a)
+    out = sched.schedule()
+    assert sched.abort("a") is None and not a.is_finished
+    sched.update(out, {"a": 7})
+    assert a.finish_reason is FinishReason.CANCELLED
+    assert sched.allocator.num_free_blocks == sched.allocator.num_blocks
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make("nope")
