@@ -35,6 +35,8 @@ class EngineConfig:
     kv_budget_tokens: int = 32768
     block_size: int = 16
     max_be_deferral_steps: int = 1
+    ls_reserved_kv_tokens: int = 1024
+    ls_reserved_slots: int = 2
 
 
 @dataclass
@@ -64,7 +66,8 @@ class EngineCore:
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         self.scheduler = make_scheduler(config.policy, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_be_deferral_steps=config.max_be_deferral_steps), self.allocator)
+            max_be_deferral_steps=config.max_be_deferral_steps, ls_reserved_kv_tokens=config.ls_reserved_kv_tokens,
+            ls_reserved_slots=config.ls_reserved_slots), self.allocator)
         self._on_outputs = on_outputs
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -154,11 +157,11 @@ class EngineCore:
                     continue
                 state = self.runner.begin(plan)
             started = time.monotonic()
-            layers_before = state.next_layer
+            stages_before = state.next_stage
             done = self.runner.run_layers(state, self._should_yield if yields else None)
             elapsed = time.monotonic() - started
-            if state.plan.has_best_effort and state.next_layer > layers_before:
-                metrics.LAYER.observe(elapsed / (state.next_layer - layers_before))
+            if state.plan.has_best_effort and state.next_stage > stages_before:
+                metrics.LAYER.observe(2 * elapsed / (state.next_stage - stages_before))
             if not done:
                 parked.append(state)
                 self.num_layer_preemptions += 1

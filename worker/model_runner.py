@@ -28,8 +28,14 @@ class StepState:
     layout: BatchLayout
     sample_rows: list[int]               # row of each sampling request's last token
     sample_index: list[int]              # index into plan.scheduled of each sampling request
-    next_layer: int = 0
+    # Progress in half-layers: stage 2k is layer k's attention block, 2k + 1 its MLP/MoE block. A step can
+    # be parked at any stage boundary (QLLM's finer-grained, expert-level preemption point).
+    next_stage: int = 0
     pauses: int = 0
+
+    @property
+    def next_layer(self) -> int:
+        return self.next_stage // 2
 
 
 class ModelRunner:
@@ -110,15 +116,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_layers(self, state: StepState, should_yield: Callable[[], bool] | None = None) -> bool:
-        """Runs layers from state.next_layer; returns False if it paused at a boundary to let others run."""
+        """Runs from state.next_stage to the end; returns False if it parked at a boundary to let others run.
+
+        With `should_yield` the step may stop between a layer's attention block and its MoE block, and
+        between layers; the residual stream in state.hidden is all that is needed to resume.
+        """
         self.cache.set_layout(state.layout)
-        while state.next_layer < self.num_layers:
-            layer = self.layers[state.next_layer]
-            state.hidden = layer(state.hidden, attention_mask=None, position_ids=state.position_ids,
-                                 cache=self.cache, use_cache=True, position_embeddings=state.position_embeddings,
-                                 qllm_layout=state.layout)
-            state.next_layer += 1
-            if state.next_layer < self.num_layers and should_yield is not None and should_yield():
+        last = 2 * self.num_layers
+        while state.next_stage < last:
+            layer = self.layers[state.next_stage // 2]
+            if state.next_stage % 2 == 0:
+                normed = layer.input_layernorm(state.hidden)
+                attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None,
+                                          position_ids=state.position_ids, cache=self.cache, use_cache=True,
+                                          position_embeddings=state.position_embeddings,
+                                          qllm_layout=state.layout)
+                state.hidden = state.hidden + attn
+            else:
+                state.hidden = state.hidden + layer.mlp(layer.post_attention_layernorm(state.hidden))
+            state.next_stage += 1
+            if state.next_stage < last and should_yield is not None and should_yield():
                 state.pauses += 1
                 return False
         return True

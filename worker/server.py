@@ -150,6 +150,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--block-size", type=int, default=16, help="KV block size in tokens")
     settings.add(parser, "--max-be-deferral-steps", type=int, default=1,
                  help="qllm: LS-only steps that may run while a preempted BE step waits")
+    settings.add(parser, "--ls-reserved-kv-tokens", type=int, default=1024,
+                 help="qllm: KV tokens BE admission leaves free for LS (capped at 1/8 of the cache)")
+    settings.add(parser, "--ls-reserved-slots", type=int, default=2,
+                 help="qllm: running slots BE admission leaves free for LS")
     settings.add(parser, "--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                  help="torch intra-op threads (leave the control plane a core)")
 
@@ -157,7 +161,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(policy=args.policy, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_budget_tokens=args.kv_budget_tokens,
-                        block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps)
+                        block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps,
+                        ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots)
 
 
 def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncEngine]:

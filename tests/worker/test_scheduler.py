@@ -188,3 +188,35 @@ def test_abort_in_flight_waits_for_step_end():
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="unknown policy"):
         make("nope")
+
+
+def test_qllm_keeps_kv_reserve_for_ls():
+    # 64 blocks x 4 = 256 tokens; the reserve is capped at capacity / 8 = 32 tokens.
+    sched = make("qllm", blocks=64, block_size=4, max_num_batched_tokens=512, ls_reserved_kv_tokens=1024)
+    sched.add_request(req("be1", 100, max_tokens=50))
+    sched.add_request(req("be2", 130, max_tokens=50, arrival=1.0))  # would leave 24 < 32 tokens free
+    out = fake_step(sched)
+    assert out.request_ids == ["be1"]
+    sched.add_request(req("ls", 100, priority=LS, arrival=2.0))  # LS may use the reserve
+    out = fake_step(sched)
+    assert "ls" in out.request_ids and "be2" not in out.request_ids and not out.preempted
+    fcfs = make("fcfs", blocks=64, block_size=4, max_num_batched_tokens=512)
+    fcfs.add_request(req("be1", 100, max_tokens=50))
+    fcfs.add_request(req("be2", 130, max_tokens=50, arrival=1.0))
+    assert fake_step(fcfs).request_ids == ["be1", "be2"]
+
+
+def test_qllm_reserves_running_slots_for_ls():
+    sched = make("qllm", max_num_seqs=4, ls_reserved_slots=2)
+    for i in range(4):
+        sched.add_request(req(f"be{i}", 2, arrival=float(i)))
+    assert fake_step(sched).request_ids == ["be0", "be1"]
+    sched.add_request(req("ls", 2, priority=LS, arrival=9.0))
+    out = fake_step(sched)
+    assert "ls" in out.request_ids and not out.preempted
+
+
+def test_qllm_idle_worker_admits_be_despite_reserve():
+    sched = make("qllm", blocks=8, block_size=4, ls_reserved_kv_tokens=1024, ls_reserved_slots=100)
+    sched.add_request(req("be", 20))
+    assert fake_step(sched).request_ids == ["be"]

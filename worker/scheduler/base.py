@@ -23,6 +23,10 @@ class SchedulerConfig:
     # longest BE stays deferred while LS work is runnable). Beyond it the BE step resumes and the LS decodes
     # join the next full iteration.
     max_be_deferral_steps: int = 1
+    # qllm: KV tokens and running slots that BE admission leaves free for LS work, so an arriving LS request
+    # finds room without preempting (and recomputing) a BE request.
+    ls_reserved_kv_tokens: int = 1024
+    ls_reserved_slots: int = 2
 
 
 @dataclass
@@ -96,6 +100,11 @@ class Scheduler:
     def make_room(self, output: SchedulerOutput) -> None:
         """Called at the start of each schedule; priority policies preempt BE here for waiting LS."""
 
+    def can_admit(self, req: Request, num_tokens: int) -> bool:
+        """Whether a waiting request may start now with num_tokens computed this step."""
+        return (len(self.running) < self.config.max_num_seqs
+                and self.allocator.can_allocate(req.request_id, req.num_computed_tokens + num_tokens))
+
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -157,12 +166,12 @@ class Scheduler:
         if not preempted_now:
             self.waiting.sort(key=self.waiting_key)
             for req in list(self.waiting):
-                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                if budget <= 0:
                     break
                 if ls_only and not req.is_ls:
                     continue
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self.allocator.can_allocate(req.request_id, req.num_computed_tokens + n):
+                if not self.can_admit(req, n):
                     break
                 self.waiting.remove(req)
                 req.status = Status.RUNNING
