@@ -28,7 +28,7 @@ from bench.openai_client import OpenAISender, parse_priorities
 from bench.stats import percentile, summarize
 from bench.tokens import load_tokenizer
 from bench.workload import BE, LS, ClassSpec, RequestSpec, WorkloadConfig, build_workload
-from qllm.up import ROUTER_PORT, WORKER_PORT, Stack, StackConfig
+from qllm.up import KVMANAGER_PORT, PREDICTOR_PORT, ROUTER_PORT, WORKER_PORT, Stack, StackConfig
 
 SCENARIOS = ("mixed", "idle-ls")
 SWEEP_KEYS = ("be-rate", "ls-rate", "rate")
@@ -91,8 +91,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     w = p.add_argument_group("workload")
     w.add_argument("--ls-rate", type=float, default=1.0, help="LS mean arrival rate, requests/s")
-    w.add_argument("--be-rate", type=float, default=3.0,
-                   help="BE mean arrival rate, requests/s (default overloads one worker on the embedded default)")
+    w.add_argument("--be-rate", type=float, default=1.0,
+                   help="BE mean arrival rate, requests/s (the default overloads one embedded-default worker on a "
+                        "shared 2-core machine: docs/benchmarks.md)")
     w.add_argument("--rate", type=float, default=1.0, help="multiplies both class rates")
     w.add_argument("--time-scale", type=float, default=None,
                    help="multiply the traces' own timestamps by this instead of matching --ls-rate/--be-rate")
@@ -206,7 +207,6 @@ def _metric_deltas(before: list[dict | None], after: list[dict | None]) -> dict 
 
 
 async def run(args: argparse.Namespace) -> int:
-
     mode = "openai" if args.openai_url else ("target" if args.target else "stack")
     try:
         sweep = parse_sweep(args.sweep)
@@ -239,14 +239,11 @@ async def run(args: argparse.Namespace) -> int:
         print("qllm bench: no tokenizer file found; token counts are word estimates", file=sys.stderr)
 
     points = [None] if sweep is None else [{sweep[0]: v} for v in sweep[1]]
-    workloads = {}
-    for point in points:
-        key = repr(point)
-        workloads[key] = build_workload(_workload_config(args, point, classes), tokenizer)
-    first = workloads[repr(points[0])]
+    workloads = [build_workload(_workload_config(args, point, classes), tokenizer) for point in points]
+    first = workloads[0]
     if args.dry_run:
-        for point in points:
-            print(json.dumps({"sweep": point, **workloads[repr(point)].info}, indent=2))
+        for point, workload in zip(points, workloads):
+            print(json.dumps({"sweep": point, **workload.info}, indent=2))
         return 0
     if not first.requests:
         print("qllm bench: the workload is empty (rates 0 or a duration too short)", file=sys.stderr)
@@ -258,8 +255,11 @@ async def run(args: argparse.Namespace) -> int:
         base_cfg = StackConfig(workers=args.workers, model=args.model, port_offset=args.port_offset,
                                worker_args=list(args.worker_arg), router_args=list(args.router_arg),
                                log_dir=str(Path(args.log_dir or out_dir / "logs")))
-        if not _port_free(base_cfg.host, base_cfg.port(ROUTER_PORT)):
-            print(f"qllm bench: port {base_cfg.port(ROUTER_PORT)} is taken; pick another --port-offset",
+        ports = [base_cfg.port(p) for p in (ROUTER_PORT, PREDICTOR_PORT, KVMANAGER_PORT)]
+        ports += [base_cfg.port(WORKER_PORT) + i for i in range(args.workers)]
+        taken = [p for p in ports if not _port_free(base_cfg.host, p)]
+        if taken:
+            print(f"qllm bench: port(s) {', '.join(map(str, taken))} taken; pick another --port-offset",
                   file=sys.stderr)
             return 2
 
@@ -267,55 +267,61 @@ async def run(args: argparse.Namespace) -> int:
     run_records: dict[str, list] = {}
     floor_records = None
     floor_policy = None
-    for policy in names:
-        for point in points:
-            workload = workloads[repr(point)]
-            label = policy + (f" {next(iter(point))}={next(iter(point.values())):g}" if point else "")
-            stack = None
-            metrics_urls = list(args.metrics_url)
-            stack_info: dict = {}
-            if mode == "stack":
-                cfg = bench_policies.apply(policy, base_cfg)
-                cfg = dataclasses.replace(cfg, log_dir=str(Path(base_cfg.log_dir) / label.replace(" ", "_")))
-                stack = Stack(cfg)
-                metrics_urls = _stack_metrics_urls(cfg)
-                stack_info = {"address": cfg.router_address, **bench_policies.describe(policy, base_cfg),
-                              "log_dir": cfg.log_dir}
-                print(f"[{label}] starting stack (logs in {cfg.log_dir})", file=sys.stderr, flush=True)
-                await asyncio.to_thread(stack.start, args.stack_timeout)
-                address = cfg.router_address
+    failure = None
+    cap = max(30.0, args.drain_cap)  # per request, for the closed-loop parts
+    for policy, (point, workload) in [(p, pw) for p in names for pw in zip(points, workloads)]:
+        label = policy + (f" {next(iter(point))}={next(iter(point.values())):g}" if point else "")
+        stack = None
+        metrics_urls = list(args.metrics_url)
+        stack_info: dict = {}
+        address = args.target
+        if mode == "stack":
+            cfg = bench_policies.apply(policy, base_cfg)
+            cfg = dataclasses.replace(cfg, log_dir=str(Path(base_cfg.log_dir) / label.replace(" ", "_")))
+            stack = Stack(cfg)
+            metrics_urls = _stack_metrics_urls(cfg)
+            stack_info = {"address": cfg.router_address, **bench_policies.describe(policy, base_cfg),
+                          "log_dir": cfg.log_dir}
+            address = cfg.router_address
+        if mode == "openai":
+            sender = OpenAISender(args.openai_url, args.model, priorities=priorities, api_key=args.api_key)
+        else:
+            sender = GrpcSender(address, request_id_prefix=f"bench-{label.replace(' ', '-')}")
+        try:
+            if stack is not None:
+                print(f"[{label}] starting stack (logs in {stack.config.log_dir})", file=sys.stderr, flush=True)
+                try:
+                    await asyncio.to_thread(stack.start, args.stack_timeout)
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    failure = f"stack for {label!r} did not start: {exc} (logs in {stack.config.log_dir})"
+                    break
+            if args.warmup:
+                await replay_sequential(sender, _warmup_specs(workload.requests, args.warmup), per_request_cap_s=cap,
+                                        gap_s=0.0, progress=args.progress, label=f"{label} warmup")
+            if with_floor and floor_records is None:
+                floor_records = await replay_sequential(sender, first.of_class(LS)[:args.floor_requests],
+                                                        per_request_cap_s=cap, progress=args.progress,
+                                                        label=f"{label} idle floor")
+                floor_policy = policy
+            before = await _scrape_all(metrics_urls)
+            if scenario == "idle-ls":
+                records = await replay_sequential(sender, workload.requests, duration_s=args.duration,
+                                                  per_request_cap_s=cap, progress=args.progress, label=label)
             else:
-                address = args.target
-            if mode == "openai":
-                sender = OpenAISender(args.openai_url, args.model, priorities=priorities, api_key=args.api_key)
-            else:
-                sender = GrpcSender(address, request_id_prefix=f"bench-{label.replace(' ', '-')}")
-            try:
-                if args.warmup:
-                    await replay_sequential(sender, _warmup_specs(workload.requests, args.warmup),
-                                            per_request_cap_s=max(30.0, args.drain_cap), gap_s=0.0,
-                                            progress=args.progress, label=f"{label} warmup")
-                if with_floor and floor_records is None:
-                    floor_records = await replay_sequential(
-                        sender, first.of_class(LS)[:args.floor_requests], per_request_cap_s=max(30.0, args.drain_cap),
-                        progress=args.progress, label=f"{label} idle floor")
-                    floor_policy = policy
-                before = await _scrape_all(metrics_urls)
-                if scenario == "idle-ls":
-                    records = await replay_sequential(sender, workload.requests, duration_s=args.duration,
-                                                      per_request_cap_s=max(30.0, args.drain_cap),
-                                                      progress=args.progress, label=label)
-                else:
-                    records = await replay(sender, workload.requests, duration_s=args.duration,
-                                           drain_cap_s=args.drain_cap, progress=args.progress, label=label)
-                after = await _scrape_all(metrics_urls)
-            finally:
-                await sender.close()
-                if stack is not None:
-                    stack.stop()
-            run_records[label] = records
-            runs.append({"policy": policy, **({"sweep": point} if point else {}), "stack": stack_info or None,
-                         "worker_metrics": _metric_deltas(before, after), "_records": records})
+                records = await replay(sender, workload.requests, duration_s=args.duration,
+                                       drain_cap_s=args.drain_cap, progress=args.progress, label=label)
+            after = await _scrape_all(metrics_urls)
+        finally:
+            await sender.close()
+            if stack is not None:
+                stack.stop()  # synchronous: runs even when Ctrl-C cancelled the run
+        run_records[label] = records
+        runs.append({"policy": policy, **({"sweep": point} if point else {}), "stack": stack_info or None,
+                     "worker_metrics": _metric_deltas(before, after), "_records": records})
+    if failure:
+        print(f"qllm bench: {failure}", file=sys.stderr)
+        if not runs:
+            return 1
 
     # The LS SLO comes from the floor measured in this same invocation (idle-ls: from its first run).
     ls_slo, slo_source = args.ls_ttft_slo_ms, "--ls-ttft-slo-ms"
@@ -346,12 +352,13 @@ async def run(args: argparse.Namespace) -> int:
         "openai_priority": priorities if mode == "openai" else None,
         "workers": args.workers if mode == "stack" else None,
         "started_at": started, "git_commit": _git_commit(), "cpu_count": os.cpu_count(),
+        "incomplete": failure,
     }
     if sweep:
-        params["workload_by_sweep"] = [{"sweep": pt, **workloads[repr(pt)].info} for pt in points]
+        params["workload_by_sweep"] = [{"sweep": pt, **w.info} for pt, w in zip(points, workloads)]
     doc = {"scenario": scenario, "params": params, "runs": runs, "comparisons": report.comparisons(runs, floor_doc)}
     written = report.write(out_dir, name, doc, run_records, floor_records,
                            sweep_key=sweep[0] if sweep else None, save_requests=args.save_requests)
     print(report.markdown(doc))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
-    return 0
+    return 1 if failure else 0

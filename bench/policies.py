@@ -26,7 +26,10 @@ class Part:
 
 
 POLICIES: dict[str, Part] = {
-    "fcfs": Part("worker: iteration-level first come first served (vLLM's default)", worker_policy="fcfs"),
+    # The FCFS baseline is FCFS end to end: one arrival-ordered queue in the router too, so LS does not
+    # skip the router's backlog of BE work.
+    "fcfs": Part("worker: iteration-level first come first served (vLLM's default); router: one FIFO queue",
+                 worker_policy="fcfs", router_args=("--queue-mode", "fifo")),
     "priority": Part("worker: iteration-level priority, LS before BE (vLLM --scheduling-policy priority)",
                      worker_policy="priority"),
     "qllm": Part("worker: LS preempts a running BE batch at a decoder-layer boundary, BE resumes from the "
@@ -80,9 +83,7 @@ def apply(name: str, base: StackConfig) -> StackConfig:
     if worker_policy is not None:
         changes["policy"] = worker_policy
     if kv_args:
-        if not any(f.name == "kvmanager_args" for f in dataclasses.fields(StackConfig)):
-            raise UnknownPolicy(f"bench policy {name!r} needs kvmanager flags, which StackConfig cannot pass yet")
-        changes["kvmanager_args"] = [*getattr(base, "kvmanager_args"), *kv_args]
+        changes["kvmanager_args"] = [*base.kvmanager_args, *kv_args]
     return dataclasses.replace(base, **changes)
 
 
@@ -90,6 +91,5 @@ def describe(name: str, base: StackConfig | None = None) -> dict:
     """What the report records about a policy: the stack settings it changes."""
     cfg = apply(name, base or StackConfig())
     out = {"worker_policy": cfg.policy, "worker_args": list(cfg.worker_args), "router_args": list(cfg.router_args)}
-    if hasattr(cfg, "kvmanager_args"):
-        out["kvmanager_args"] = list(cfg.kvmanager_args)
+    out["kvmanager_args"] = list(cfg.kvmanager_args)
     return out

@@ -160,19 +160,21 @@ def markdown(doc: dict) -> str:
     for cls, ci in (p.get("workload", {}).get("classes") or {}).items():
         facts.append(f"{cls}: {ci['count']} req, {ci['realized_rate']:.2f} req/s from {ci['trace']}, prompt "
                      f"{ci['prompt_range'][0]}–{ci['prompt_range'][1]} tok (mean {_f(ci.get('prompt_tokens_mean'), 0)}), "
-                     f"output {ci['output_range'][0]}–{ci['output_range'][1]} tok (mean {_f(ci.get('max_tokens_mean'), 0)})")
+                     f"output {ci['output_range'][0]}–{ci['output_range'][1]} tok (mean {_f(ci.get('max_tokens_mean'), 0)}); "
+                     f"offered {_f(ci.get('offered_prompt_tok_s'), 0)} prompt + {_f(ci.get('offered_output_tok_s'), 0)} "
+                     "output tok/s")
     slo = p.get("slo", {})
     if slo.get("LS", {}).get("ttft_ms") is not None:
         facts.append(f"LS TTFT SLO {slo['LS']['ttft_ms']:.1f} ms ({slo['LS'].get('source', '')})")
     lines += [f"- {x}" for x in facts] + [""]
     head = ["policy"] + (["sweep"] if sweeping else []) + [
-        "class", "n", "err", "cancel", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",
+        "class", "n", "err", "cancel", "no token", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",
         "E2E p50", "E2E p99", "SLO", "out tok/s"]
     lines += ["Times in ms.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(label: str, sweep: str, cls: str, c: dict) -> str:
         cells = [label] + ([sweep] if sweeping else []) + [
-            cls, str(c["count"]), str(c["errors"]), str(c.get("cancelled", 0)),
+            cls, str(c["count"]), str(c["errors"]), str(c.get("cancelled", 0)), str(c.get("without_first_token", 0)),
             _f(c["ttft_ms"]["p50"]), _f(c["ttft_ms"]["p90"]), _f(c["ttft_ms"]["p99"]),
             _f(c["tpot_ms"]["p50"]), _f(c["tpot_ms"]["p99"]), _f(c["e2e_ms"]["p50"]), _f(c["e2e_ms"]["p99"]),
             _pct(c["slo_attainment"]), _f(c["output_tok_s"])]

@@ -7,7 +7,8 @@ Definitions (the ones vLLM's benchmark_serving uses):
 - Percentiles interpolate linearly between closest ranks (numpy's default method).
 
 Which requests count where: `count` is every request the workload sent. TTFT is over requests that got a
-first token (also those cancelled later); TPOT and E2E over completed requests. A request that failed or was
+first token (also those cancelled later; `without_first_token` counts the others, whose TTFT is beyond the
+run); TPOT and E2E over completed requests. A request that failed or was
 cancelled at the drain cap is in `errors` / `cancelled` and never meets an SLO, so SLO attainment is over
 `count`, not over the requests that happened to finish.
 """
@@ -124,6 +125,7 @@ def class_summary(records: Sequence[RequestRecord], window_s: float, ttft_slo_ms
         "completed": sum(r.completed for r in records),
         "errors": sum(bool(r.error) for r in records),
         "cancelled": sum(r.cancelled for r in records),
+        "without_first_token": sum(r.ttft_s is None for r in records),
         "ttft_ms": distribution_ms(ttft),
         "tpot_ms": distribution_ms(tpot),
         "e2e_ms": distribution_ms(e2e),

@@ -306,4 +306,7 @@ def build_workload(cfg: WorkloadConfig, tokenizer: Tokenizer) -> Workload:
         if reqs:
             ci["prompt_tokens_mean"] = sum(r.prompt_tokens for r in reqs) / len(reqs)
             ci["max_tokens_mean"] = sum(r.max_tokens for r in reqs) / len(reqs)
+            # the load offered: what the server must sustain to keep up (compare with the measured tok/s)
+            ci["offered_prompt_tok_s"] = sum(r.prompt_tokens for r in reqs) / cfg.duration_s
+            ci["offered_output_tok_s"] = sum(r.max_tokens for r in reqs) / cfg.duration_s
     return Workload(requests, info)

@@ -33,6 +33,8 @@ class StackConfig:
     metrics: bool = True
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
+    kvmanager_args: list[str] = field(default_factory=list)
+    predictor_args: list[str] = field(default_factory=list)
     log_dir: str | None = None  # None = inherit stderr
 
     def port(self, base: int) -> int:
@@ -67,9 +69,11 @@ class Stack:
         common = ["--host", c.host]
         pred_port, kv_port = c.port(PREDICTOR_PORT), c.port(KVMANAGER_PORT)
         self._spawn("predictor", f"{c.host}:{pred_port}", ["predictor", *common, "--port", str(pred_port),
-                                                            "--metrics-port", str(c.metrics_port(pred_port))])
+                                                            "--metrics-port", str(c.metrics_port(pred_port)),
+                                                            *c.predictor_args])
         self._spawn("kvmanager", f"{c.host}:{kv_port}", ["kvmanager", *common, "--port", str(kv_port),
-                                                          "--metrics-port", str(c.metrics_port(kv_port))])
+                                                          "--metrics-port", str(c.metrics_port(kv_port)),
+                                                          *c.kvmanager_args])
         worker_addrs = []
         for i in range(c.workers):
             port = c.port(WORKER_PORT) + i

@@ -37,6 +37,7 @@ class EngineConfig:
     max_be_deferral_steps: int = 1
     ls_reserved_kv_tokens: int = 1024
     ls_reserved_slots: int = 2
+    admission_output_fraction: float = 1.0
 
 
 @dataclass
@@ -67,7 +68,8 @@ class EngineCore:
         self.scheduler = make_scheduler(config.policy, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_be_deferral_steps=config.max_be_deferral_steps, ls_reserved_kv_tokens=config.ls_reserved_kv_tokens,
-            ls_reserved_slots=config.ls_reserved_slots), self.allocator)
+            ls_reserved_slots=config.ls_reserved_slots, admission_output_fraction=config.admission_output_fraction),
+            self.allocator)
         self._on_outputs = on_outputs
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()

@@ -154,6 +154,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="qllm: KV tokens BE admission leaves free for LS (capped at 1/8 of the cache)")
     settings.add(parser, "--ls-reserved-slots", type=int, default=2,
                  help="qllm: running slots BE admission leaves free for LS")
+    settings.add(parser, "--admission-output-fraction", type=float, default=1.0,
+                 help="share of max_tokens whose KV admission reserves (0 = vLLM's optimistic admission)")
     settings.add(parser, "--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                  help="torch intra-op threads (leave the control plane a core)")
 
@@ -162,7 +164,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(policy=args.policy, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_budget_tokens=args.kv_budget_tokens,
                         block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps,
-                        ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots)
+                        ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots,
+                        admission_output_fraction=args.admission_output_fraction)
 
 
 def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncEngine]:

@@ -111,3 +111,32 @@ async def test_dry_run(data_env, capsys):
     assert await bench_cli.run(_args(["--dry-run", "--tokenizer", data_env, "--duration", "5"])) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["classes"]["LS"]["count"] > 0 and info["classes"]["BE"]["count"] > 0
+
+
+async def test_stack_that_fails_to_start_keeps_earlier_results(fake_router, data_env, tmp_path, monkeypatch):
+    address, _ = fake_router
+    port = int(address.rsplit(":", 1)[1])
+    stopped = []
+
+    class FlakyStack:
+        def __init__(self, cfg):
+            self.config = cfg
+
+        def start(self, timeout_s):
+            if self.config.policy == "qllm":
+                raise RuntimeError("worker0 exited with 1 before it was ready")
+            return self
+
+        def stop(self):
+            stopped.append(self.config.policy)
+
+    monkeypatch.setattr(bench_cli, "Stack", FlakyStack)
+    monkeypatch.setattr(bench_cli, "_port_free", lambda host, port: True)
+    out = tmp_path / "out"
+    rc = await bench_cli.run(_args(["--policies", "fcfs,qllm,priority", "--port-offset", str(port - ROUTER_PORT),
+                                    "--tokenizer", data_env, "--out", str(out), *FAST]))
+    assert rc == 1
+    assert stopped == ["fcfs", "qllm"]  # priority never started
+    doc = json.loads((out / "mixed.json").read_text())
+    assert [r["policy"] for r in doc["runs"]] == ["fcfs"]
+    assert "worker0 exited" in doc["params"]["incomplete"]

@@ -56,6 +56,7 @@ def test_class_summary_counts_failures_against_slo():
     ]
     s = class_summary(recs, window_s=2.0, ttft_slo_ms=150)
     assert s["count"] == 4 and s["errors"] == 1 and s["cancelled"] == 1 and s["completed"] == 2
+    assert s["without_first_token"] == 1
     assert s["slo_attainment"] == pytest.approx(0.25)
     # TTFT over requests that got a token (3), TPOT/E2E over completed ones (2)
     assert s["ttft_ms"]["p50"] == pytest.approx(100.0)

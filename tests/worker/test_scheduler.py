@@ -97,7 +97,8 @@ def test_max_num_seqs_caps_running():
 
 
 def test_fcfs_preempts_latest_when_kv_runs_out_and_recomputes():
-    sched = make(blocks=4, block_size=4, max_num_batched_tokens=64)
+    # Optimistic admission (vLLM's): nothing reserved for output, so decodes run out of blocks.
+    sched = make(blocks=4, block_size=4, max_num_batched_tokens=64, admission_output_fraction=0.0)
     a, b = req("a", 6, max_tokens=6), req("b", 6, max_tokens=6, arrival=1.0)
     sched.add_request(a)
     sched.add_request(b)
@@ -109,6 +110,18 @@ def test_fcfs_preempts_latest_when_kv_runs_out_and_recomputes():
     assert preempted and preempted[0] == "b"
     assert b.num_preemptions >= 1
     assert a.output_token_ids == [7] * 6 and b.output_token_ids == [7] * 6
+
+
+def test_admission_reserves_output_so_decodes_never_thrash():
+    sched = make(blocks=4, block_size=4, max_num_batched_tokens=64)  # reserves prompt + max_tokens
+    a, b = req("a", 6, max_tokens=6), req("b", 6, max_tokens=6, arrival=1.0)
+    sched.add_request(a)
+    sched.add_request(b)
+    assert fake_step(sched).request_ids == ["a"]  # b would not fit beside a's 12 tokens
+    preempted = []
+    while sched.has_unfinished():
+        preempted += fake_step(sched).preempted
+    assert not preempted and a.is_finished and b.is_finished
 
 
 def test_priority_admits_ls_before_earlier_be():
@@ -192,7 +205,8 @@ def test_unknown_policy_is_rejected():
 
 def test_qllm_keeps_kv_reserve_for_ls():
     # 64 blocks x 4 = 256 tokens; the reserve is capped at capacity / 8 = 32 tokens.
-    sched = make("qllm", blocks=64, block_size=4, max_num_batched_tokens=512, ls_reserved_kv_tokens=1024)
+    sched = make("qllm", blocks=64, block_size=4, max_num_batched_tokens=512, ls_reserved_kv_tokens=1024,
+                 admission_output_fraction=0.0)
     sched.add_request(req("be1", 100, max_tokens=50))
     sched.add_request(req("be2", 130, max_tokens=50, arrival=1.0))  # would leave 24 < 32 tokens free
     out = fake_step(sched)
@@ -200,7 +214,7 @@ def test_qllm_keeps_kv_reserve_for_ls():
     sched.add_request(req("ls", 100, priority=LS, arrival=2.0))  # LS may use the reserve
     out = fake_step(sched)
     assert "ls" in out.request_ids and "be2" not in out.request_ids and not out.preempted
-    fcfs = make("fcfs", blocks=64, block_size=4, max_num_batched_tokens=512)
+    fcfs = make("fcfs", blocks=64, block_size=4, max_num_batched_tokens=512, admission_output_fraction=0.0)
     fcfs.add_request(req("be1", 100, max_tokens=50))
     fcfs.add_request(req("be2", 130, max_tokens=50, arrival=1.0))
     assert fake_step(fcfs).request_ids == ["be1", "be2"]

@@ -27,6 +27,10 @@ class SchedulerConfig:
     # finds room without preempting (and recomputing) a BE request.
     ls_reserved_kv_tokens: int = 1024
     ls_reserved_slots: int = 2
+    # Admission reserves KV for a request's whole prompt plus this fraction of its max_tokens, counting what
+    # running requests may still grow into. Chunked prefill otherwise admits far more long prompts than the
+    # cache holds and then thrashes (preempt, recompute, repeat) as their chunks and decodes arrive.
+    admission_output_fraction: float = 1.0
 
 
 @dataclass
@@ -100,10 +104,27 @@ class Scheduler:
     def make_room(self, output: SchedulerOutput) -> None:
         """Called at the start of each schedule; priority policies preempt BE here for waiting LS."""
 
+    def reserved_tokens(self, req: Request) -> int:
+        """The KV a request is expected to need in all: its prompt and a share of its output budget."""
+        expected = req.num_prompt_tokens + int(self.config.admission_output_fraction * req.sampling.max_tokens)
+        return min(req.max_total_tokens, max(expected, req.num_tokens))
+
+    def headroom_blocks(self) -> int:
+        """Free blocks not yet spoken for by the expected growth of running requests."""
+        alloc = self.allocator
+        promised = sum(alloc.extra_blocks_for(r.request_id, self.reserved_tokens(r)) for r in self.running)
+        return alloc.num_free_blocks - promised
+
+    def admission_blocks(self, req: Request, num_tokens: int) -> int:
+        """Blocks a waiting request needs to be admitted: all it is expected to need, at least this step's."""
+        total = max(self.reserved_tokens(req), req.num_computed_tokens + num_tokens)
+        return self.allocator.extra_blocks_for(req.request_id, total)
+
     def can_admit(self, req: Request, num_tokens: int) -> bool:
         """Whether a waiting request may start now with num_tokens computed this step."""
         return (len(self.running) < self.config.max_num_seqs
-                and self.allocator.can_allocate(req.request_id, req.num_computed_tokens + num_tokens))
+                and self.allocator.can_allocate(req.request_id, req.num_computed_tokens + num_tokens)
+                and self.admission_blocks(req, num_tokens) <= self.headroom_blocks())
 
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:

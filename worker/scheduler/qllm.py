@@ -30,5 +30,5 @@ class QllmScheduler(PriorityScheduler):
             return False
         # A reserve larger than an eighth of the cache would cost BE more than it saves.
         reserve = min(cfg.ls_reserved_kv_tokens, self.allocator.capacity_tokens // 8)
-        needed = self.allocator.extra_blocks_for(req.request_id, req.num_computed_tokens + num_tokens)
-        return self.allocator.free_tokens - needed * self.allocator.block_size >= reserve
+        left = self.headroom_blocks() - self.admission_blocks(req, num_tokens)
+        return left * self.allocator.block_size >= reserve
