@@ -1,5 +1,13 @@
-"""The trained ranking head: a small MLP over [standardised embedding layers + prompt features], and the
-listwise loss it is trained with (ListMLE, as in vllm-ltr)."""
+"""The trained ranking head and its loss.
+
+`PoolHead`: a small network over the frozen encoder's token states. It pools them two ways, a mean over
+the prompt's tokens and `heads` learned attention poolings (which let it weigh the instruction words),
+concatenates the cheap prompt features (predictor/features.py), and maps that through a one-hidden-layer
+MLP to one score (larger = longer), or to `out_dim` logits for the bucket-classifier baseline. Inputs are
+standardised with statistics of the training set kept as buffers, so the artefact is self-contained.
+
+`listmle_loss`: ListMLE (listwise learning to rank, as in vllm-ltr).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +15,36 @@ import torch
 from torch import nn
 
 
-class RankHead(nn.Module):
-    def __init__(self, in_dim: int, hidden: int = 256, dropout: float = 0.1):
+class PoolHead(nn.Module):
+    def __init__(self, dim: int = 384, n_features: int = 8, heads: int = 4, att_hidden: int = 64,
+                 hidden: int = 128, dropout: float = 0.3, out_dim: int = 1):
         super().__init__()
-        self.net = nn.Sequential(
+        self.config = dict(dim=dim, n_features=n_features, heads=heads, att_hidden=att_hidden, hidden=hidden,
+                           dropout=dropout, out_dim=out_dim)
+        self.register_buffer("state_mean", torch.zeros(dim))
+        self.register_buffer("state_std", torch.ones(dim))
+        self.register_buffer("feat_mean", torch.zeros(n_features))
+        self.register_buffer("feat_std", torch.ones(n_features))
+        self.att = nn.Sequential(nn.Linear(dim, att_hidden), nn.Tanh(), nn.Linear(att_hidden, heads))
+        self.mlp = nn.Sequential(
             nn.Dropout(dropout),
-            nn.Linear(in_dim, hidden),
+            nn.Linear(dim * (heads + 1) + n_features, hidden),
             nn.GELU(),
             nn.Dropout(dropout),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden, out_dim),
         )
+        self.out_dim = out_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """states [B, W, dim], mask [B, W] bool, feats [B, n_features] -> [B] (or [B, out_dim])."""
+        h = (states - self.state_mean) / self.state_std
+        m = mask.unsqueeze(-1)
+        weights = self.att(h).masked_fill(~m, -1e9).softmax(1)  # [B, W, heads]
+        pooled = torch.einsum("bwh,bwd->bhd", weights, h).flatten(1)
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        f = (feats - self.feat_mean) / self.feat_std
+        out = self.mlp(torch.cat([pooled, mean, f], 1))
+        return out.squeeze(-1) if self.out_dim == 1 else out
 
 
 def listmle_loss(scores: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

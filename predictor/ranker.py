@@ -14,11 +14,15 @@ import math
 import re
 from abc import ABC, abstractmethod
 
+from predictor.calibration import DEFAULT as DEFAULT_CALIBRATION, Calibration
+
 
 class LengthRanker(ABC):
     name: str = ""
     #: True when score() runs torch (the server then calls it off the event loop).
     uses_torch: bool = False
+    #: maps this ranker's scores to predicted output tokens (EstimateTime)
+    calibration: Calibration = DEFAULT_CALIBRATION
 
     @abstractmethod
     def score(self, prompts: list[str]) -> list[float]:
@@ -66,6 +70,20 @@ class HeuristicRanker(LengthRanker):
     name = "heuristic"
     uses_torch = False
 
+    def __init__(self, calibration: Calibration | None = None):
+        if calibration is not None:
+            self.calibration = calibration
+
+    @classmethod
+    def with_shipped_calibration(cls) -> "HeuristicRanker":
+        """The heuristic with the calibration fitted for it in training, when the artefact has one."""
+        try:
+            from predictor.trained import read_config
+
+            return cls(Calibration.from_dict(read_config()["heuristic_calibration"]))
+        except (OSError, KeyError, ValueError):
+            return cls()
+
     def score(self, prompts: list[str]) -> list[float]:
         return [heuristic_score(p) for p in prompts]
 
@@ -80,7 +98,7 @@ def load_ranker(artefact: str | None = None, *, required: bool = False) -> Lengt
 
     log = get_logger(__name__)
     if artefact == "heuristic":
-        return HeuristicRanker()
+        return HeuristicRanker.with_shipped_calibration()
     try:
         from predictor.trained import TrainedRanker
 
@@ -89,4 +107,4 @@ def load_ranker(artefact: str | None = None, *, required: bool = False) -> Lengt
         if required:
             raise
         log.warning("trained ranker unavailable; using the heuristic ranker", error=str(exc))
-        return HeuristicRanker()
+        return HeuristicRanker.with_shipped_calibration()

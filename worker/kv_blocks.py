@@ -1,10 +1,17 @@
-"""KV block accounting (pure Python): the budget, the free list and each request's block table.
+"""KV block accounting (pure Python): the budget, the free blocks and each request's block table.
 
 The tensors live in worker/paged_cache.py; this module only decides which block ids a request owns, so the
 scheduler can check admission against the budget without touching torch (as vLLM's KVCacheManager).
+
+A request admitted with a known expected size gets, when one is free, one contiguous run of blocks for all
+of it: its KV is then a plain slice of the pool that attention reads in place, where scattered blocks must
+first be gathered into a new tensor (a copy per layer per step that dominates CPU decode at long contexts).
+Growth past the run, or a cache too fragmented for one, falls back to single blocks.
 """
 
 from __future__ import annotations
+
+FREE, USED = 1, 0
 
 
 class OutOfBlocks(Exception):
@@ -17,13 +24,13 @@ class BlockAllocator:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Block ids handed out LIFO so recently freed (cache-warm) blocks are reused first.
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._flags = bytearray([FREE]) * num_blocks  # bytearray.find locates free runs in C
+        self._num_free = num_blocks
         self._tables: dict[str, list[int]] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def capacity_tokens(self) -> int:
@@ -31,7 +38,7 @@ class BlockAllocator:
 
     @property
     def free_tokens(self) -> int:
-        return len(self._free) * self.block_size
+        return self._num_free * self.block_size
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -44,21 +51,48 @@ class BlockAllocator:
         return max(0, self.blocks_needed(total_tokens) - len(self.block_table(request_id)))
 
     def can_allocate(self, request_id: str, total_tokens: int) -> bool:
-        return self.extra_blocks_for(request_id, total_tokens) <= len(self._free)
+        return self.extra_blocks_for(request_id, total_tokens) <= self._num_free
 
-    def allocate(self, request_id: str, total_tokens: int) -> list[int]:
-        """Grows the request's table to hold total_tokens; returns the full table."""
+    def allocate(self, request_id: str, total_tokens: int, expected_tokens: int = 0) -> list[int]:
+        """Grows the request's table to hold total_tokens; returns the full table.
+
+        A request with no blocks yet and an expected size gets a contiguous run for all of it when the
+        cache has one (and the blocks to spare); otherwise it gets what it needs now, block by block.
+        """
         extra = self.extra_blocks_for(request_id, total_tokens)
-        if extra > len(self._free):
-            raise OutOfBlocks(f"{request_id} needs {extra} blocks, {len(self._free)} free")
+        if extra > self._num_free:
+            raise OutOfBlocks(f"{request_id} needs {extra} blocks, {self._num_free} free")
         table = self._tables.setdefault(request_id, [])
-        for _ in range(extra):
-            table.append(self._free.pop())
+        if not table and expected_tokens > total_tokens:
+            run = self.blocks_needed(expected_tokens)
+            start = self._flags.find(bytes([FREE]) * run) if run <= self._num_free else -1
+            if start >= 0:
+                self._take(table, range(start, start + run))
+                return table
+        if extra:
+            start = self._flags.find(bytes([FREE]) * extra)
+            if start >= 0:
+                self._take(table, range(start, start + extra))
+            else:
+                picked, pos = [], 0
+                while len(picked) < extra:
+                    pos = self._flags.find(FREE, pos)
+                    picked.append(pos)
+                    pos += 1
+                self._take(table, picked)
         return table
+
+    def _take(self, table: list[int], blocks) -> None:
+        for b in blocks:
+            self._flags[b] = USED
+            table.append(b)
+        self._num_free -= len(blocks)
 
     def free(self, request_id: str) -> int:
         table = self._tables.pop(request_id, [])
-        self._free.extend(reversed(table))
+        for b in table:
+            self._flags[b] = FREE
+        self._num_free += len(table)
         return len(table)
 
     def holders(self) -> list[str]:

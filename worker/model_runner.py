@@ -14,9 +14,14 @@ from typing import Callable
 import torch
 
 from worker.model_loader import LoadedModel
-from worker.paged_cache import ATTN_IMPLEMENTATION, BatchLayout, PagedKVCache, PrefillSegment
+from worker.paged_cache import ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment
 from worker.sampling import Sampler
 from worker.scheduler import SchedulerOutput
+
+
+# Decodes whose context is one contiguous run at least this long are attended in place, one by one;
+# shorter ones are cheaper to gather into one padded batch than to attend in a Python loop.
+IN_PLACE_MIN_TOKENS = 256
 
 
 @dataclass
@@ -76,28 +81,35 @@ class ModelRunner:
                 slots.append(s.block_table[pos // bs] * bs + pos % bs)
         dev = self.device
         layout = BatchLayout(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                             num_decode=len(decodes), decode_block_tables=None, decode_mask=None, prefills=[])
-        if decodes:
-            max_blocks = max(len(s.block_table) for s in decodes)
-            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-            kv_lens = torch.empty(len(decodes), dtype=torch.long)
-            for i, s in enumerate(decodes):
+                             num_decode=len(decodes), decode_in_place=[], decode_gather_rows=None,
+                             decode_block_tables=None, decode_mask=None, prefills=[])
+        gathered = []
+        for row, s in enumerate(decodes):
+            span = self._span(s.block_table, s.start + 1)
+            if span.first_block is not None and span.kv_len >= IN_PLACE_MIN_TOKENS:
+                layout.decode_in_place.append((row, span))
+            else:
+                gathered.append((row, s))
+        if gathered:
+            max_blocks = max(len(s.block_table) for _, s in gathered)
+            table = torch.zeros(len(gathered), max_blocks, dtype=torch.long)
+            kv_lens = torch.empty(len(gathered), dtype=torch.long)
+            for i, (_, s) in enumerate(gathered):
                 table[i, :len(s.block_table)] = torch.tensor(s.block_table)
                 kv_lens[i] = s.start + 1
+            layout.decode_gather_rows = torch.tensor([row for row, _ in gathered], dtype=torch.long, device=dev)
             layout.decode_block_tables = table.to(dev)
-            span = torch.arange(max_blocks * bs)
-            layout.decode_mask = (span[None, :] < kv_lens[:, None]).view(len(decodes), 1, 1, -1).to(dev)
+            span_range = torch.arange(max_blocks * bs)
+            layout.decode_mask = (span_range[None, :] < kv_lens[:, None]).view(len(gathered), 1, 1, -1).to(dev)
         row = len(decodes)
         for s in prefills:
             kv_len = s.start + s.num_tokens
-            n_blocks = -(-kv_len // bs)
             mask = None
             if s.start > 0:
                 q_pos = torch.arange(s.start, kv_len)
                 mask = (torch.arange(kv_len)[None, :] <= q_pos[:, None]).to(dev)
-            layout.prefills.append(PrefillSegment(
-                q_start=row, q_len=s.num_tokens, kv_len=kv_len,
-                block_ids=torch.tensor(s.block_table[:n_blocks], dtype=torch.long, device=dev), mask=mask))
+            layout.prefills.append(PrefillSegment(q_start=row, q_len=s.num_tokens,
+                                                  span=self._span(s.block_table, kv_len), mask=mask))
             row += s.num_tokens
         # Rows follow `ordered` from now on. A request samples from the row of its last token this step.
         plan.scheduled[:] = ordered
@@ -152,6 +164,13 @@ class ModelRunner:
         ids = [s.request.request_id for s in scheduled]
         tokens = self.sampler.sample(logits, ids, [s.request.sampling for s in scheduled])
         return dict(zip(ids, tokens))
+
+    def _span(self, block_table: list[int], kv_len: int) -> KVSpan:
+        n_blocks = -(-kv_len // self.block_size)
+        blocks = block_table[:n_blocks]
+        if blocks[-1] - blocks[0] == n_blocks - 1 and all(b - a == 1 for a, b in zip(blocks, blocks[1:])):
+            return KVSpan(kv_len, first_block=blocks[0])
+        return KVSpan(kv_len, block_ids=torch.tensor(blocks, dtype=torch.long, device=self.device))
 
     def execute(self, plan: SchedulerOutput) -> dict[str, int]:
         state = self.begin(plan)

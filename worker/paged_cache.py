@@ -19,22 +19,36 @@ ATTN_IMPLEMENTATION = "qllm_paged"
 
 
 @dataclass
+class KVSpan:
+    """Where one request's context lives: a contiguous run of blocks (read in place) or a block list."""
+
+    kv_len: int
+    first_block: int | None = None       # set when the blocks covering kv_len are one ascending run
+    block_ids: torch.Tensor | None = None
+
+
+@dataclass
 class PrefillSegment:
     q_start: int                 # first row of this request in the flattened batch
     q_len: int
-    kv_len: int                  # tokens of context after this step (cached + new)
-    block_ids: torch.Tensor      # the request's block table, covering kv_len
+    span: KVSpan                 # context after this step (cached + new)
     mask: torch.Tensor | None    # [q_len, kv_len] bool; None when the chunk starts at position 0 (causal)
 
 
 @dataclass
 class BatchLayout:
-    """How one step's flattened tokens map onto requests and KV slots; built once before layer 0."""
+    """How one step's flattened tokens map onto requests and KV slots; built once before layer 0.
+
+    Decode rows come first. Those whose context is contiguous and long are attended one by one, in place;
+    the rest are gathered into one padded batch (cheaper for many short contexts).
+    """
 
     slot_mapping: torch.Tensor           # [T] flat slot (block * block_size + offset) of each new token
     num_decode: int                      # the first num_decode rows are single-token decodes
-    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None     # [num_decode, 1, 1, max_blocks * block_size] bool
+    decode_in_place: list[tuple[int, KVSpan]]  # (row, span) of decodes read in place
+    decode_gather_rows: torch.Tensor | None    # rows of the gathered decodes
+    decode_block_tables: torch.Tensor | None   # [rows, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None     # [rows, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillSegment]
 
 
@@ -91,10 +105,14 @@ class PagedKVCache(Cache):
         return sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.layers)
 
 
-def _gather(pool: torch.Tensor, block_ids: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[blocks] -> [1, kv_heads, kv_len, head_dim] for one request."""
-    x = pool[block_ids].flatten(0, 1)[:kv_len]          # [kv_len, kv_heads, D]
-    return x.permute(1, 0, 2).unsqueeze(0)
+def _context(pool: torch.Tensor, span: KVSpan) -> torch.Tensor:
+    """One request's keys or values as [1, kv_heads, kv_len, head_dim]: a view when contiguous."""
+    if span.first_block is not None:
+        n_blocks = -(-span.kv_len // pool.shape[1])
+        x = pool[span.first_block:span.first_block + n_blocks]
+    else:
+        x = pool[span.block_ids]
+    return x.flatten(0, 1)[:span.kv_len].permute(1, 0, 2).unsqueeze(0)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, qllm_layout=None,
@@ -106,18 +124,23 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layout: BatchLayout = qllm_layout
     _, heads, total, head_dim = query.shape
     out = query.new_empty(1, total, heads, head_dim)
-    nd = layout.num_decode
-    if nd:
-        bt = layout.decode_block_tables
-        k = key[bt].flatten(1, 2).transpose(1, 2)      # [nd, kv_heads, L, D]
+    # Decodes read in place one by one, gathered decodes as one batch, then each prefill chunk.
+    for row, span in layout.decode_in_place:
+        q = query[:, :, row:row + 1]
+        o = F.scaled_dot_product_attention(q, _context(key, span), _context(value, span), scale=scaling,
+                                           enable_gqa=True)
+        out[0, row] = o[0, :, 0]
+    if layout.decode_gather_rows is not None:
+        rows, bt = layout.decode_gather_rows, layout.decode_block_tables
+        k = key[bt].flatten(1, 2).transpose(1, 2)      # [n, kv_heads, L, D]
         v = value[bt].flatten(1, 2).transpose(1, 2)
-        q = query[0, :, :nd].unsqueeze(2).transpose(0, 1)  # [nd, heads, 1, D]
+        q = query[0][:, rows].unsqueeze(2).transpose(0, 1)  # [n, heads, 1, D]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True)
-        out[0, :nd] = o[:, :, 0]
+        out[0, rows] = o[:, :, 0]
     for seg in layout.prefills:
         q = query[:, :, seg.q_start:seg.q_start + seg.q_len]
-        k = _gather(key, seg.block_ids, seg.kv_len)
-        v = _gather(value, seg.block_ids, seg.kv_len)
+        k = _context(key, seg.span)
+        v = _context(value, seg.span)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, is_causal=seg.mask is None,
                                            scale=scaling, enable_gqa=True)
         out[0, seg.q_start:seg.q_start + seg.q_len] = o[0].transpose(0, 1)

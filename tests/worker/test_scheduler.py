@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.kv_blocks import BlockAllocator
+from worker.kv_blocks import BlockAllocator, OutOfBlocks
 from worker.request import FinishReason, Priority, Request, SamplingParams, Status
 from worker.scheduler import SchedulerConfig, make_scheduler
 
@@ -234,3 +234,27 @@ def test_qllm_idle_worker_admits_be_despite_reserve():
     sched = make("qllm", blocks=8, block_size=4, ls_reserved_kv_tokens=1024, ls_reserved_slots=100)
     sched.add_request(req("be", 20))
     assert fake_step(sched).request_ids == ["be"]
+
+
+def test_allocator_gives_expected_size_one_contiguous_run():
+    alloc = BlockAllocator(16, 4)
+    alloc.allocate("a", 4)
+    alloc.allocate("gap", 4)
+    alloc.free("a")                                   # block 0 free, 1 used: a hole of one
+    table = alloc.allocate("b", 4, expected_tokens=20)
+    assert table == [2, 3, 4, 5, 6]                    # skips the hole for one run of 5
+    assert alloc.allocate("b", 20) == table            # growth inside the run allocates nothing
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate("c", 44)                        # 11 blocks wanted, 9 free
+
+
+def test_allocator_falls_back_to_scattered_blocks():
+    alloc = BlockAllocator(6, 4)
+    for rid in "abcdef":
+        alloc.allocate(rid, 4)
+    for rid in "ace":
+        alloc.free(rid)
+    table = alloc.allocate("x", 12, expected_tokens=24)
+    assert sorted(table) == [0, 2, 4] and alloc.num_free_blocks == 0
+    alloc.free("x")
+    assert alloc.num_free_blocks == 3

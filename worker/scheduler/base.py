@@ -209,7 +209,8 @@ class Scheduler:
         return True
 
     def _schedule_one(self, req: Request, n: int) -> ScheduledRequest:
-        table = self.allocator.allocate(req.request_id, req.num_computed_tokens + n)
+        table = self.allocator.allocate(req.request_id, req.num_computed_tokens + n,
+                                        expected_tokens=self.reserved_tokens(req))
         return ScheduledRequest(req, req.num_computed_tokens, n, list(table))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
