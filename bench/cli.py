@@ -191,6 +191,26 @@ async def _scrape_all(urls: list[str]) -> list[dict | None]:
     return [await metrics.scrape(u) for u in urls]
 
 
+# Histograms whose distribution the report shows: a decoder layer's time in steps with BE work, and the
+# preemption latency (LS arrival at the worker until the BE step parked).
+TIMING_HISTOGRAMS = {"layer": "qllm_worker_layer_seconds",
+                     "preemption_latency": "qllm_worker_preemption_latency_seconds"}
+
+
+def _worker_timing(before: list[dict | None], after: list[dict | None]) -> dict | None:
+    """Per histogram: count, mean and p50/p90/p99 in ms (first worker that has it; one worker per bench)."""
+    out = {}
+    for b, a in zip(before, after):
+        if a is None:
+            continue
+        for key, name in TIMING_HISTOGRAMS.items():
+            if key not in out:
+                summary = metrics.histogram_summary(b or {}, a, name)
+                if summary is not None:
+                    out[key] = summary
+    return out or None
+
+
 def _metric_deltas(before: list[dict | None], after: list[dict | None]) -> dict | None:
     total: dict[str, float] = {}
     seen = False
@@ -317,7 +337,8 @@ async def run(args: argparse.Namespace) -> int:
                 stack.stop()  # synchronous: runs even when Ctrl-C cancelled the run
         run_records[label] = records
         runs.append({"policy": policy, **({"sweep": point} if point else {}), "stack": stack_info or None,
-                     "worker_metrics": _metric_deltas(before, after), "_records": records})
+                     "worker_metrics": _metric_deltas(before, after),
+                     "worker_timing": _worker_timing(before, after), "_records": records})
     if failure:
         print(f"qllm bench: {failure}", file=sys.stderr)
         if not runs:

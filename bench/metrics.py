@@ -42,6 +42,47 @@ def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[st
     return dict(sorted(deltas.items()))
 
 
+def bucket_deltas(before: dict[str, float], after: dict[str, float], name: str) -> list[tuple[float, float]]:
+    """(upper bound in seconds, cumulative count) of histogram `name` over the run, summed over label sets."""
+    prefix = name + "_bucket{"
+    totals: dict[float, float] = {}
+    for series, value in after.items():
+        if not series.startswith(prefix):
+            continue
+        le = re.search(r'le="([^"]+)"', series)
+        if le is None:
+            continue
+        bound = float(le.group(1))
+        totals[bound] = totals.get(bound, 0.0) + value - before.get(series, 0.0)
+    return sorted(totals.items())
+
+
+def histogram_summary(before: dict[str, float], after: dict[str, float], name: str) -> dict | None:
+    """Count, mean and bucket-interpolated p50/p90/p99 (in ms) of a Prometheus histogram over the run."""
+    buckets = bucket_deltas(before, after, name)
+    count = sum(v - before.get(k, 0.0) for k, v in after.items() if k.split("{")[0] == name + "_count")
+    total = sum(v - before.get(k, 0.0) for k, v in after.items() if k.split("{")[0] == name + "_sum")
+    if not buckets or count <= 0:
+        return None
+    out = {"count": count, "mean_ms": 1000 * total / count}
+    for label, q in (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99)):
+        out[label] = 1000 * _quantile(buckets, q * count)
+    return out
+
+
+def _quantile(buckets: list[tuple[float, float]], rank: float) -> float:
+    """Linear interpolation inside the bucket that holds `rank` (as Prometheus' histogram_quantile)."""
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, cumulative in buckets:
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            width = cumulative - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / width if width else 1.0)
+        lower_bound, lower_count = bound, cumulative
+    return lower_bound
+
+
 def _fetch(url: str, timeout_s: float) -> str:
     with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (local metrics endpoint)
         return resp.read().decode("utf-8", "replace")

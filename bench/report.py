@@ -204,6 +204,18 @@ def markdown(doc: dict) -> str:
                 _f(r[k], 2) for k in ("ls_ttft_p50_vs_floor", "ls_ttft_p99_vs_floor", "ls_ttft_p50_vs_baseline",
                                       "ls_ttft_p99_vs_baseline", "be_output_tok_s_vs_baseline",
                                       "total_output_tok_s_vs_baseline")) + " |")
+    timing_runs = [r for r in runs if r.get("worker_timing")]
+    if timing_runs:
+        lines += ["", "Worker timing (from its histograms; ms):", "",
+                  "| policy | layer mean | layer p99 | preemptions | preemption latency p50 | p99 "
+                  "| p99 / layer mean |", "|---|---|---|---|---|---|---|"]
+        for run in timing_runs:
+            t = run["worker_timing"]
+            layer, pre = t.get("layer") or {}, t.get("preemption_latency") or {}
+            ratio = pre["p99_ms"] / layer["mean_ms"] if pre and layer and layer.get("mean_ms") else None
+            lines.append(f"| {run['policy']} | {_f(layer.get('mean_ms'), 2)} | {_f(layer.get('p99_ms'), 2)} "
+                         f"| {_f(pre.get('count'), 0)} | {_f(pre.get('p50_ms'), 2)} | {_f(pre.get('p99_ms'), 2)} "
+                         f"| {_f(ratio, 2)} |")
     metric_runs = [r for r in runs if r.get("worker_metrics")]
     if metric_runs:
         lines += ["", "Worker metrics (change over the run; counters only):", ""]

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 class EwmaLine:
     """y = a + b*x by exponentially weighted least squares. `alpha` is the weight of the newest sample.
-    The prior line counts as `prior_weight` samples at `prior_xs` that never decay below `min_prior`, so one
-    x value seen over and over cannot make the slope undefined."""
+    The prior line counts as `prior_weight` samples at `prior_xs`, decaying like data but never below
+    `min_prior` times the data's weight, so one x value seen over and over cannot make the slope undefined."""
 
     def __init__(self, a: float, b: float, prior_xs: tuple[float, float], alpha: float = 0.05,
-                 prior_weight: float = 5.0, min_prior: float = 0.05):
+                 prior_weight: float = 5.0, min_prior: float = 1e-3):
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
         self.prior = (a, b)
@@ -36,9 +36,9 @@ class EwmaLine:
             return
         keep = 1.0 - self.alpha
         self._s = [v * keep for v in self._s]
-        self._prior_w = max(self._prior_w * keep, self.min_prior)
         for i, v in enumerate((1.0, x, y, x * x, x * y)):
             self._s[i] += v
+        self._prior_w = max(self._prior_w * keep, self.min_prior * self._s[0])
         self.samples += 1
         self._solve()
 

@@ -1,4 +1,5 @@
-"""qllm.v1.Predictor over grpc.aio: a thin translation between the wire and the ranker.
+"""qllm.v1.Predictor over grpc.aio: a thin translation between the wire and the ranker, the estimate
+(predictor/estimate.py) and the latency model (predictor/latency_model.py).
 
 Torch-backed rankers run on a one-thread executor, off the event loop (calls queue there one at a time,
 each using one torch thread); the heuristic runs inline.
@@ -12,8 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
+from predictor.estimate import estimate
+from predictor.latency_model import LatencyModel
 from predictor.limits import InvalidInput, Limits
 from predictor.ranker import LengthRanker, load_ranker
 from qllm import logs, serving, settings
@@ -27,12 +30,17 @@ BATCH = Histogram("qllm_predictor_batch_size", "Prompts per RankLengths call",
                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 LATENCY = Histogram("qllm_predictor_latency_seconds", "Predictor RPC handling time", ["rpc"],
                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5))
+LATENCY_MODEL = Gauge("qllm_predictor_latency_model", "Latency model parameters (seconds)", ["param"])
+
+
+CHARS_PER_TOKEN = 4.0  # prompt_tokens when the caller gives only the text
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
-    def __init__(self, ranker: LengthRanker, limits: Limits = Limits()):
+    def __init__(self, ranker: LengthRanker, limits: Limits = Limits(), latency: LatencyModel | None = None):
         self.ranker = ranker
         self.limits = limits
+        self.latency = latency if latency is not None else LatencyModel()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker") if ranker.uses_torch else None
 
     async def _score(self, prompts: list[str]) -> list[float]:
@@ -56,6 +64,52 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         REQUESTS.labels("RankLengths", "OK").inc()
         LATENCY.labels("RankLengths").observe(time.perf_counter() - start)
         return predictor_pb2.RankResponse(scores=scores)
+
+    async def EstimateTime(self, request: predictor_pb2.EstimateRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        items = list(request.items)
+        scores = [it.score if it.HasField("score") else None for it in items]
+        try:
+            self.limits.check_estimate_items([it.prompt for it in items], scores, request.batch_size)
+        except InvalidInput as exc:
+            REQUESTS.labels("EstimateTime", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        missing = [i for i, sc in enumerate(scores) if sc is None]
+        for i, sc in zip(missing, await self._score([items[i].prompt for i in missing])):
+            scores[i] = sc
+        out = []
+        for it, sc in zip(items, scores):
+            prompt_tokens = it.prompt_tokens or int(round(len(it.prompt) / CHARS_PER_TOKEN))
+            e = estimate(sc, self.ranker.calibration, self.latency, prompt_tokens=prompt_tokens,
+                         generated_so_far=it.generated_so_far, max_tokens=it.max_tokens,
+                         batch_size=request.batch_size or 1, prefill_done=it.prefill_done)
+            out.append(predictor_pb2.Estimate(predicted_output_tokens=e.predicted_output_tokens,
+                                              remaining_tokens=e.remaining_tokens, remaining_s=e.remaining_s,
+                                              score=sc))
+        REQUESTS.labels("EstimateTime", "OK").inc()
+        LATENCY.labels("EstimateTime").observe(time.perf_counter() - start)
+        return predictor_pb2.EstimateResponse(estimates=out)
+
+    async def ReportLatency(self, request: predictor_pb2.LatencyReport, context: grpc.aio.ServicerContext):
+        samples = [(s.prefill_tokens, s.prefill_s, s.decode_batch_size, s.decode_step_s) for s in request.samples]
+        try:
+            self.limits.check_latency_samples(samples)
+        except InvalidInput as exc:
+            REQUESTS.labels("ReportLatency", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        for prefill_tokens, prefill_s, batch, step_s in samples:
+            if prefill_tokens:
+                self.latency.observe_prefill(prefill_tokens, prefill_s)
+            if batch:
+                self.latency.observe_decode_step(batch, step_s)
+        REQUESTS.labels("ReportLatency", "OK").inc()
+        st = self.latency.state()
+        for name in ("prefill_fixed_s", "prefill_s_per_token", "decode_base_s", "decode_per_seq_s"):
+            LATENCY_MODEL.labels(name).set(getattr(st, name))
+        return predictor_pb2.LatencyModelState(
+            prefill_fixed_s=st.prefill_fixed_s, prefill_s_per_token=st.prefill_s_per_token,
+            decode_base_s=st.decode_base_s, decode_per_seq_s=st.decode_per_seq_s,
+            prefill_samples=st.prefill_samples, decode_samples=st.decode_samples)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -72,9 +72,13 @@ class TrainedRanker(LengthRanker):
         if not prompts:
             return []
         feats = torch.from_numpy(features(prompts))
-        out = torch.zeros(len(prompts))
+        width = self.encoder.config.max_tokens
+        states = torch.zeros((len(prompts), width, self.encoder.dim))
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
         with torch.inference_mode():
-            for idx, states, mask in self.encoder.chunks(prompts):
-                f = feats[idx]
-                out[idx] = sum(h(states, mask, f) for h in self.heads) / len(self.heads)
+            for idx, h, m in self.encoder.chunks(prompts):
+                states[idx, : h.shape[1]] = h
+                mask[idx, : m.shape[1]] = m
+            # every head once over the whole batch (padding is masked out)
+            out = sum(head(states, mask, feats) for head in self.heads) / len(self.heads)
         return out.tolist()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import time
 import uuid
+import zlib
 
 import grpc
 import structlog
@@ -52,14 +53,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             sampling=worker_pb2.SamplingParams(
                 max_tokens=request.max_tokens, temperature=request.temperature,
                 top_p=request.top_p if request.HasField("top_p") else 1.0,
-                seed=request.seed if request.HasField("seed") else (uuid.UUID(int=hash(rid) & ((1 << 128) - 1)).int
-                                                                    & 0x7FFFFFFF),
+                seed=request.seed if request.HasField("seed") else zlib.crc32(rid.encode()),
                 ignore_eos=request.ignore_eos, num_beams=request.num_beams,
                 patience=request.patience if request.HasField("patience") else 1.0,
                 length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0))
         job = Job(rid, is_ls, submit, arrival=arrival)
-        # Arrival order needs no prediction before dispatch: ask in the background, never on the LS path.
-        self._spawn(self._record_score(request.prompt))
+        # LS goes first whatever its length, so only BE is ranked; arrival order needs no score before
+        # dispatch, so the predictor is asked in the background, off the request's path.
+        if not is_ls:
+            self._spawn(self._record_score(request.prompt))
         try:
             self.core.submit(job)
         except NoWorker as exc:

@@ -35,7 +35,7 @@ class EngineConfig:
     kv_budget_tokens: int = 32768
     block_size: int = 16
     max_be_deferral_steps: int = 1
-    ls_reserved_kv_tokens: int = 1024
+    ls_reserved_kv_tokens: int = 512
     ls_reserved_slots: int = 2
     admission_output_fraction: float = 1.0
 
@@ -83,7 +83,28 @@ class EngineCore:
 
     # --- called from other threads ----------------------------------------------------------------------
     def start(self) -> None:
+        self.warm_up()
         self._thread.start()
+
+    def warm_up(self) -> None:
+        """Runs a few synthetic requests through every path (chunked prefill with and without cached
+        context, in-place and gathered decodes) before serving: the first call of each kernel shape is slow,
+        and it would otherwise land on the first real requests' latency."""
+        budget = self.config.max_num_batched_tokens
+        vocab = self.runner.model.config.vocab_size
+        reqs = [Request(f"warmup-{i}", [(17 * i + j) % (vocab - 1) + 1 for j in range(n)],
+                        SamplingParams(max_tokens=3, ignore_eos=True))
+                for i, n in enumerate([min(2 * budget, 1024), 300] + [8] * 4)]
+        reqs = [r for r in reqs if r.max_total_tokens <= self.allocator.capacity_tokens // 2] or reqs[-1:]
+        for r in reqs:
+            self.scheduler.add_request(r)
+        started = time.monotonic()
+        while self.scheduler.has_unfinished():
+            plan = self.scheduler.schedule()
+            self.scheduler.update(plan, self.runner.execute(plan))
+        for r in reqs:
+            self.runner.release(r.request_id)
+        log.info("engine warmed up", seconds=round(time.monotonic() - started, 3))
 
     def stop(self) -> None:
         self._stop = True

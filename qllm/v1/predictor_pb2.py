@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qllm/v1/predictor.proto\x12\x07qllm.v1\"\x1e\n\x0bRankRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\"\x1e\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x32G\n\tPredictor\x12:\n\x0bRankLengths\x12\x14.qllm.v1.RankRequest\x1a\x15.qllm.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qllm/v1/predictor.proto\x12\x07qllm.v1\"\x1e\n\x0bRankRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\"\x1e\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\"\x97\x01\n\x0c\x45stimateItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_so_far\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x14\n\x0cprefill_done\x18\x06 \x01(\x08\x42\x08\n\x06_score\"K\n\x0f\x45stimateRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.qllm.v1.EstimateItem\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"i\n\x08\x45stimate\x12\x1f\n\x17predicted_output_tokens\x18\x01 \x01(\r\x12\x18\n\x10remaining_tokens\x18\x02 \x01(\r\x12\x13\n\x0bremaining_s\x18\x03 \x01(\x01\x12\r\n\x05score\x18\x04 \x01(\x02\"8\n\x10\x45stimateResponse\x12$\n\testimates\x18\x01 \x03(\x0b\x32\x11.qllm.v1.Estimate\"l\n\rLatencySample\x12\x16\n\x0eprefill_tokens\x18\x01 \x01(\r\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x19\n\x11\x64\x65\x63ode_batch_size\x18\x03 \x01(\r\x12\x15\n\rdecode_step_s\x18\x04 \x01(\x01\"H\n\rLatencyReport\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\'\n\x07samples\x18\x02 \x03(\x0b\x32\x16.qllm.v1.LatencySample\"\xab\x01\n\x11LatencyModelState\x12\x17\n\x0fprefill_fixed_s\x18\x01 \x01(\x01\x12\x1b\n\x13prefill_s_per_token\x18\x02 \x01(\x01\x12\x15\n\rdecode_base_s\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_per_seq_s\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_samples\x18\x05 \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_samples\x18\x06 \x01(\x04\x32\xd1\x01\n\tPredictor\x12:\n\x0bRankLengths\x12\x14.qllm.v1.RankRequest\x1a\x15.qllm.v1.RankResponse\x12\x43\n\x0c\x45stimateTime\x12\x18.qllm.v1.EstimateRequest\x1a\x19.qllm.v1.EstimateResponse\x12\x43\n\rReportLatency\x12\x16.qllm.v1.LatencyReport\x1a\x1a.qllm.v1.LatencyModelStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKREQUEST']._serialized_end=66
   _globals['_RANKRESPONSE']._serialized_start=68
   _globals['_RANKRESPONSE']._serialized_end=98
-  _globals['_PREDICTOR']._serialized_start=100
-  _globals['_PREDICTOR']._serialized_end=171
+  _globals['_ESTIMATEITEM']._serialized_start=101
+  _globals['_ESTIMATEITEM']._serialized_end=252
+  _globals['_ESTIMATEREQUEST']._serialized_start=254
+  _globals['_ESTIMATEREQUEST']._serialized_end=329
+  _globals['_ESTIMATE']._serialized_start=331
+  _globals['_ESTIMATE']._serialized_end=436
+  _globals['_ESTIMATERESPONSE']._serialized_start=438
+  _globals['_ESTIMATERESPONSE']._serialized_end=494
+  _globals['_LATENCYSAMPLE']._serialized_start=496
+  _globals['_LATENCYSAMPLE']._serialized_end=604
+  _globals['_LATENCYREPORT']._serialized_start=606
+  _globals['_LATENCYREPORT']._serialized_end=678
+  _globals['_LATENCYMODELSTATE']._serialized_start=681
+  _globals['_LATENCYMODELSTATE']._serialized_end=852
+  _globals['_PREDICTOR']._serialized_start=855
+  _globals['_PREDICTOR']._serialized_end=1064
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,16 @@ class PredictorStub:
                 request_serializer=qllm_dot_v1_dot_predictor__pb2.RankRequest.SerializeToString,
                 response_deserializer=qllm_dot_v1_dot_predictor__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.EstimateTime = channel.unary_unary(
+                '/qllm.v1.Predictor/EstimateTime',
+                request_serializer=qllm_dot_v1_dot_predictor__pb2.EstimateRequest.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_predictor__pb2.EstimateResponse.FromString,
+                _registered_method=True)
+        self.ReportLatency = channel.unary_unary(
+                '/qllm.v1.Predictor/ReportLatency',
+                request_serializer=qllm_dot_v1_dot_predictor__pb2.LatencyReport.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_predictor__pb2.LatencyModelState.FromString,
+                _registered_method=True)
 
 
 class PredictorServicer:
@@ -53,6 +63,21 @@ class PredictorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EstimateTime(self, request, context):
+        """Estimates, per request, the output length and the execution time left (ALISE's speculative
+        scheduling): the ranker's score mapped to tokens, then seconds through the latency model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLatency(self, request, context):
+        """A worker reports measured prefill and decode-step latencies; the latency model follows them (EWMA).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PredictorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +85,16 @@ def add_PredictorServicer_to_server(servicer, server):
                     servicer.RankLengths,
                     request_deserializer=qllm_dot_v1_dot_predictor__pb2.RankRequest.FromString,
                     response_serializer=qllm_dot_v1_dot_predictor__pb2.RankResponse.SerializeToString,
+            ),
+            'EstimateTime': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateTime,
+                    request_deserializer=qllm_dot_v1_dot_predictor__pb2.EstimateRequest.FromString,
+                    response_serializer=qllm_dot_v1_dot_predictor__pb2.EstimateResponse.SerializeToString,
+            ),
+            'ReportLatency': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLatency,
+                    request_deserializer=qllm_dot_v1_dot_predictor__pb2.LatencyReport.FromString,
+                    response_serializer=qllm_dot_v1_dot_predictor__pb2.LatencyModelState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +125,60 @@ class Predictor:
             '/qllm.v1.Predictor/RankLengths',
             qllm_dot_v1_dot_predictor__pb2.RankRequest.SerializeToString,
             qllm_dot_v1_dot_predictor__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateTime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Predictor/EstimateTime',
+            qllm_dot_v1_dot_predictor__pb2.EstimateRequest.SerializeToString,
+            qllm_dot_v1_dot_predictor__pb2.EstimateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLatency(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Predictor/ReportLatency',
+            qllm_dot_v1_dot_predictor__pb2.LatencyReport.SerializeToString,
+            qllm_dot_v1_dot_predictor__pb2.LatencyModelState.FromString,
             options,
             channel_credentials,
             insecure,

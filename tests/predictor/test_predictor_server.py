@@ -67,3 +67,37 @@ async def test_health_and_reflection(channel):
     await call.done_writing()
     assert SERVICE_NAME == "qllm.v1.Predictor"
     assert SERVICE_NAME in [s.name for s in reply.list_services_response.service]
+
+
+async def test_estimate_time(channel):
+    stub = predictor_pb2_grpc.PredictorStub(channel)
+    items = [predictor_pb2.EstimateItem(prompt="hi", prompt_tokens=2),
+             predictor_pb2.EstimateItem(prompt="x" * 400),  # prompt_tokens from the text
+             predictor_pb2.EstimateItem(score=1.5, prompt_tokens=10, generated_so_far=20, max_tokens=30)]
+    reply = await stub.EstimateTime(predictor_pb2.EstimateRequest(items=items, batch_size=4))
+    assert len(reply.estimates) == 3
+    assert all(e.remaining_s > 0 and e.predicted_output_tokens > 0 for e in reply.estimates)
+    assert reply.estimates[2].score == pytest.approx(1.5)
+    assert reply.estimates[2].remaining_tokens <= 10
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.EstimateTime(predictor_pb2.EstimateRequest(items=[predictor_pb2.EstimateItem(prompt="y" * 1001)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "items[0].prompt" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.EstimateTime(predictor_pb2.EstimateRequest(items=[predictor_pb2.EstimateItem(score=float("nan"))]))
+    assert "items[0].score" in err.value.details()
+
+
+async def test_report_latency_moves_the_estimate(channel):
+    stub = predictor_pb2_grpc.PredictorStub(channel)
+    req = predictor_pb2.EstimateRequest(items=[predictor_pb2.EstimateItem(score=0.0, prompt_tokens=100)])
+    before = (await stub.EstimateTime(req)).estimates[0].remaining_s
+    samples = [predictor_pb2.LatencySample(decode_batch_size=1, decode_step_s=0.05,
+                                           prefill_tokens=100, prefill_s=0.5)] * 200
+    state = await stub.ReportLatency(predictor_pb2.LatencyReport(worker="w0", samples=samples))
+    assert state.decode_samples == 200 and state.prefill_samples == 200
+    assert state.decode_base_s + state.decode_per_seq_s == pytest.approx(0.05, rel=0.05)
+    after = (await stub.EstimateTime(req)).estimates[0].remaining_s
+    assert after > 5 * before
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ReportLatency(predictor_pb2.LatencyReport(samples=[predictor_pb2.LatencySample(decode_step_s=-1)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "samples[0].decode_step_s" in err.value.details()

@@ -33,16 +33,14 @@ class PriorityScheduler(Scheduler):
         return not (victim.is_ls and not for_req.is_ls)
 
     def make_room(self, output: SchedulerOutput) -> None:
+        """Preempts running BE (lowest class, latest arrival first) until waiting LS work can be admitted."""
         waiting_ls = sorted((r for r in self.waiting if r.is_ls), key=class_key)
-        if not waiting_ls:
-            return
         budget = self.config.max_num_batched_tokens
         for req in waiting_ls:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 break
-            while (len(self.running) >= self.config.max_num_seqs
-                   or not self.allocator.can_allocate(req.request_id, req.num_computed_tokens + n)):
+            while not self.can_admit(req, n):
                 victims = [r for r in self.running if not r.is_ls and r.request_id not in self.in_flight]
                 victim = self.pick_victim(victims)
                 if victim is None:
