@@ -194,7 +194,8 @@ async def _scrape_all(urls: list[str]) -> list[dict | None]:
 # Histograms whose distribution the report shows: a decoder layer's time in steps with BE work, and the
 # preemption latency (LS arrival at the worker until the BE step parked).
 TIMING_HISTOGRAMS = {"layer": "qllm_worker_layer_seconds",
-                     "preemption_latency": "qllm_worker_preemption_latency_seconds"}
+                     "preemption_latency": "qllm_worker_preemption_latency_seconds",
+                     "preemption_latency_layers": "qllm_worker_preemption_latency_layers"}
 
 
 def _worker_timing(before: list[dict | None], after: list[dict | None]) -> dict | None:

@@ -206,16 +206,20 @@ def markdown(doc: dict) -> str:
                                       "total_output_tok_s_vs_baseline")) + " |")
     timing_runs = [r for r in runs if r.get("worker_timing")]
     if timing_runs:
-        lines += ["", "Worker timing (from its histograms; ms):", "",
+        lines += ["", "Worker timing (from its histograms; ms). The last two columns give each preemption's latency "
+                  "in layers of the very step it paused (1.0 = one decoder layer):", "",
                   "| policy | layer mean | layer p99 | preemptions | preemption latency p50 | p99 "
-                  "| p99 / layer mean |", "|---|---|---|---|---|---|---|"]
+                  "| in layers p50 | in layers p99 |", "|---|---|---|---|---|---|---|---|"]
         for run in timing_runs:
             t = run["worker_timing"]
             layer, pre = t.get("layer") or {}, t.get("preemption_latency") or {}
-            ratio = pre["p99_ms"] / layer["mean_ms"] if pre and layer and layer.get("mean_ms") else None
+            in_layers = t.get("preemption_latency_layers") or {}
+            # The layers histogram is unitless; histogram_summary scales by 1000 for ms, undo it here.
+            rel50 = in_layers["p50_ms"] / 1000 if in_layers else None
+            rel99 = in_layers["p99_ms"] / 1000 if in_layers else None
             lines.append(f"| {run['policy']} | {_f(layer.get('mean_ms'), 2)} | {_f(layer.get('p99_ms'), 2)} "
                          f"| {_f(pre.get('count'), 0)} | {_f(pre.get('p50_ms'), 2)} | {_f(pre.get('p99_ms'), 2)} "
-                         f"| {_f(ratio, 2)} |")
+                         f"| {_f(rel50, 2)} | {_f(rel99, 2)} |")
     metric_runs = [r for r in runs if r.get("worker_metrics")]
     if metric_runs:
         lines += ["", "Worker metrics (change over the run; counters only):", ""]

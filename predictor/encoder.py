@@ -20,7 +20,7 @@ from typing import Iterator
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    head_tokens: int = 48
+    head_tokens: int = 32
     tail_tokens: int = 16
     layers: int = 4  # first N transformer layers (MiniLM-L6 has 6)
     dtype: str = "bfloat16"  # or "float32"

@@ -1,20 +1,21 @@
 """qllm.v1.Predictor over grpc.aio: a thin translation between the wire and the ranker, the estimate
 (predictor/estimate.py) and the latency model (predictor/latency_model.py).
 
-Torch-backed rankers run on a one-thread executor, off the event loop (calls queue there one at a time,
-each using one torch thread); the heuristic runs inline.
+Torch-backed rankers run on a one-thread executor, off the event loop, one torch thread; calls that
+arrive while a batch runs are scored together in the next one (predictor/batching.py). The heuristic runs
+inline.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from predictor.batching import MicroBatcher
 from predictor.estimate import estimate
 from predictor.latency_model import LatencyModel
 from predictor.limits import InvalidInput, Limits
@@ -28,6 +29,8 @@ log = logs.get_logger(__name__)
 REQUESTS = Counter("qllm_predictor_requests_total", "Predictor RPCs", ["rpc", "code"])
 BATCH = Histogram("qllm_predictor_batch_size", "Prompts per RankLengths call",
                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+MODEL_BATCH = Histogram("qllm_predictor_model_batch_size", "Prompts per model call (concurrent calls coalesced)",
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 LATENCY = Histogram("qllm_predictor_latency_seconds", "Predictor RPC handling time", ["rpc"],
                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5))
 LATENCY_MODEL = Gauge("qllm_predictor_latency_model", "Latency model parameters (seconds)", ["param"])
@@ -42,14 +45,15 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         self.limits = limits
         self.latency = latency if latency is not None else LatencyModel()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker") if ranker.uses_torch else None
+        self._batcher = (MicroBatcher(ranker.score, self._executor, max(64, limits.max_prompts), MODEL_BATCH.observe)
+                         if self._executor else None)
 
     async def _score(self, prompts: list[str]) -> list[float]:
         if not prompts:
             return []
-        if self._executor is None:
+        if self._batcher is None:
             return self.ranker.score(prompts)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.ranker.score, prompts)
+        return await self._batcher.score(prompts)
 
     async def RankLengths(self, request: predictor_pb2.RankRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()

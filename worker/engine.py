@@ -27,6 +27,10 @@ from qllm.logs import get_logger
 log = get_logger(__name__)
 
 
+# An LS first token slower than this inside the engine is logged with the engine's state at that moment.
+SLOW_LS_S = 0.1
+
+
 @dataclass
 class EngineConfig:
     policy: str = "fcfs"
@@ -35,7 +39,7 @@ class EngineConfig:
     kv_budget_tokens: int = 32768
     block_size: int = 16
     max_be_deferral_steps: int = 1
-    ls_reserved_kv_tokens: int = 512
+    ls_reserved_kv_tokens: int = 1024
     ls_reserved_slots: int = 2
     admission_output_fraction: float = 1.0
 
@@ -183,14 +187,18 @@ class EngineCore:
             stages_before = state.next_stage
             done = self.runner.run_layers(state, self._should_yield if yields else None)
             elapsed = time.monotonic() - started
+            layer_s = 2 * elapsed / max(1, state.next_stage - stages_before)
             if state.plan.has_best_effort and state.next_stage > stages_before:
-                metrics.LAYER.observe(2 * elapsed / (state.next_stage - stages_before))
+                metrics.LAYER.observe(layer_s)
             if not done:
                 parked.append(state)
                 self.num_layer_preemptions += 1
                 metrics.PREEMPTIONS.labels("layer").inc()
                 if self._ls_arrived_at is not None:
-                    metrics.PREEMPTION_LATENCY.observe(time.monotonic() - self._ls_arrived_at)
+                    latency = time.monotonic() - self._ls_arrived_at
+                    metrics.PREEMPTION_LATENCY.observe(latency)
+                    # In units of this very step's layer time: QLLM's bound is "at most one layer".
+                    metrics.PREEMPTION_LATENCY_LAYERS.observe(latency / layer_s)
                 continue
             if not parked:
                 ls_only_steps = 0
@@ -198,6 +206,7 @@ class EngineCore:
             metrics.STEP.labels("mixed" if state.plan.has_best_effort else "ls").observe(time.monotonic() - started)
             if state.plan.preempted:
                 metrics.PREEMPTIONS.labels("recompute").inc(len(state.plan.preempted))
+            self._note_slow_ls(state, parked)
             changed = self.scheduler.update(state.plan, sampled)
             self.num_steps += 1
             outputs = []
@@ -212,6 +221,20 @@ class EngineCore:
             if outputs:
                 self._on_outputs(outputs)
             self._publish_gauges()
+
+    def _note_slow_ls(self, state: StepState, parked: list[StepState]) -> None:
+        """Logs LS requests whose first token took long inside the engine, with what held them up."""
+        now = time.monotonic()
+        for s in state.plan.scheduled:
+            req = s.request
+            if req.is_ls and s.samples and not req.output_token_ids and now - req.arrival_time > SLOW_LS_S:
+                log.info("slow LS first token", request_id=req.request_id,
+                         engine_ms=round(1000 * (now - req.arrival_time), 1),
+                         wait_ms=round(1000 * ((req.first_scheduled_time or now) - req.arrival_time), 1),
+                         preemptions=req.num_preemptions, parked_steps=len(parked),
+                         running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                         free_kv_tokens=self.allocator.free_tokens,
+                         headroom_tokens=self.scheduler.headroom_blocks() * self.allocator.block_size)
 
     def _finished_output(self, req: Request, new: list[int]) -> EngineOutput:
         self.runner.release(req.request_id)

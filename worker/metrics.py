@@ -23,6 +23,10 @@ PREEMPTIONS = Counter("qllm_worker_preemptions_total", "Preemptions by kind", ["
 PREEMPTION_LATENCY = Histogram("qllm_worker_preemption_latency_seconds",
                                "LS arrival at the worker until the running BE step paused at a layer boundary",
                                buckets=FAST_BUCKETS)
+PREEMPTION_LATENCY_LAYERS = Histogram(
+    "qllm_worker_preemption_latency_layers",
+    "Preemption latency divided by the mean layer time of the step it paused (1 = one decoder layer)",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0))
 RUNNING = Gauge("qllm_worker_running_requests", "Requests holding KV and running")
 WAITING = Gauge("qllm_worker_waiting_requests", "Requests waiting for admission")
 KV_USED = Gauge("qllm_worker_kv_used_tokens", "KV cache tokens allocated")

@@ -150,7 +150,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--block-size", type=int, default=16, help="KV block size in tokens")
     settings.add(parser, "--max-be-deferral-steps", type=int, default=1,
                  help="qllm: LS-only steps that may run while a preempted BE step waits")
-    settings.add(parser, "--ls-reserved-kv-tokens", type=int, default=512,
+    settings.add(parser, "--ls-reserved-kv-tokens", type=int, default=1024,
                  help="qllm: KV tokens BE admission leaves free for LS (capped at 1/8 of the cache)")
     settings.add(parser, "--ls-reserved-slots", type=int, default=2,
                  help="qllm: running slots BE admission leaves free for LS")

@@ -180,14 +180,18 @@ def _merge(base: Any, patch: Any, path: tuple[str, ...]) -> Any:
     if isinstance(base, list) and isinstance(patch, list) and path:
         key = _merge_key(path[-1], base + patch)
         if key is not None:
-            out = copy.deepcopy(base)
+            # As kustomize orders them: the patch's items (merged into their originals) in the patch's
+            # order, then the originals the patch does not mention, in their order.
+            out, used = [], set()
             for item in patch:
-                match = next((i for i, b in enumerate(out) if isinstance(b, dict) and isinstance(item, dict)
+                match = next((i for i, b in enumerate(base) if isinstance(b, dict) and isinstance(item, dict)
                               and b.get(key) == item.get(key)), None)
                 if match is None:
                     out.append(_strip_nulls(copy.deepcopy(item)))
                 else:
-                    out[match] = _merge(out[match], item, (*path, "[]"))
+                    used.add(match)
+                    out.append(_merge(base[match], item, (*path, "[]")))
+            out.extend(copy.deepcopy(b) for i, b in enumerate(base) if i not in used)
             return out
     return _strip_nulls(copy.deepcopy(patch))
 

@@ -101,3 +101,38 @@ async def test_report_latency_moves_the_estimate(channel):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ReportLatency(predictor_pb2.LatencyReport(samples=[predictor_pb2.LatencySample(decode_step_s=-1)]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "samples[0].decode_step_s" in err.value.details()
+
+
+async def test_concurrent_calls_are_batched():
+    import asyncio
+    import threading
+
+    class Slow(LengthRanker):
+        name = "slow"
+        uses_torch = True
+
+        def __init__(self):
+            self.calls = []
+            self.gate = threading.Event()
+
+        def score(self, prompts):
+            self.gate.wait(5)
+            self.calls.append(len(prompts))
+            return [float(len(p)) for p in prompts]
+
+    ranker = Slow()
+    service, server, channel = await _start(ranker)
+    try:
+        stub = predictor_pb2_grpc.PredictorStub(channel)
+        first = asyncio.ensure_future(stub.RankLengths(predictor_pb2.RankRequest(prompts=["a"])))
+        await asyncio.sleep(0.2)  # the first call is on the executor now
+        rest = [asyncio.ensure_future(stub.RankLengths(predictor_pb2.RankRequest(prompts=["b" * i])))
+                for i in range(1, 11)]
+        await asyncio.sleep(0.2)
+        ranker.gate.set()
+        replies = await asyncio.gather(first, *rest)
+        assert [list(r.scores) for r in replies] == [[1.0]] + [[float(i)] for i in range(1, 11)]
+        assert ranker.calls == [1, 10]  # the ten that waited went as one batch
+    finally:
+        await channel.close()
+        await serving.stop(service, server)

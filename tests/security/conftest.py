@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ def make_certs(out: Path, *sans: str) -> Path:
     if shutil.which("openssl") is None or shutil.which("bash") is None:
         pytest.skip("openssl CLI not available")
     subprocess.run(["bash", str(GEN_CERTS), str(out), *sans], check=True, capture_output=True, timeout=60,
-                   env={"PATH": "/usr/bin:/bin:/usr/local/bin", "DAYS": "2"})
+                   env={**os.environ, "DAYS": "2"})
     return out
 
 

@@ -25,7 +25,7 @@ class SchedulerConfig:
     max_be_deferral_steps: int = 1
     # qllm: KV tokens and running slots that BE admission leaves free for LS work, so an arriving LS request
     # finds room without preempting (and recomputing) a BE request.
-    ls_reserved_kv_tokens: int = 512
+    ls_reserved_kv_tokens: int = 1024
     ls_reserved_slots: int = 2
     # Admission reserves KV for a request's whole prompt plus this fraction of its max_tokens, counting what
     # running requests may still grow into. Chunked prefill otherwise admits far more long prompts than the
