@@ -175,6 +175,12 @@ class EngineCore:
                     ls_only_steps += 1
             if state is None and parked:
                 state = parked.pop()
+            if state is None and yields and self.scheduler.has_waiting_ls():
+                # LS work that arrived between steps gets a step of its own too, rather than riding a full
+                # iteration with BE prefill chunks; its decodes join the next full iteration.
+                plan = self.scheduler.schedule(ls_only=True)
+                if plan:
+                    state = self.runner.begin(plan)
             if state is None:
                 plan = self.scheduler.schedule()
                 if not plan:

@@ -258,3 +258,14 @@ def test_allocator_falls_back_to_scattered_blocks():
     assert sorted(table) == [0, 2, 4] and alloc.num_free_blocks == 0
     alloc.free("x")
     assert alloc.num_free_blocks == 3
+
+
+def test_priority_admits_ls_on_free_blocks_despite_promised_growth():
+    # be reserves 6 + 20 tokens = 7 blocks at admission but, with no run free, holds only what it uses.
+    sched = make("priority", blocks=8, block_size=4, max_num_batched_tokens=64)
+    be = req("be", 6, max_tokens=20)
+    sched.add_request(be)
+    fake_step(sched)
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    out = fake_step(sched)
+    assert "ls" in out.request_ids and not out.preempted

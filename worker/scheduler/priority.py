@@ -32,6 +32,14 @@ class PriorityScheduler(Scheduler):
         # An LS request is never preempted for a BE one.
         return not (victim.is_ls and not for_req.is_ls)
 
+    def can_admit(self, req: Request, num_tokens: int) -> bool:
+        # LS is admitted as soon as the blocks it needs now are free (vLLM's optimistic admission): the KV
+        # its decodes grow into later is taken from BE by preemption, never the other way round.
+        if req.is_ls:
+            return (len(self.running) < self.config.max_num_seqs
+                    and self.allocator.can_allocate(req.request_id, req.num_computed_tokens + num_tokens))
+        return super().can_admit(req, num_tokens)
+
     def make_room(self, output: SchedulerOutput) -> None:
         """Preempts running BE (lowest class, latest arrival first) until waiting LS work can be admitted."""
         waiting_ls = sorted((r for r in self.waiting if r.is_ls), key=class_key)
