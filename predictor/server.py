@@ -48,12 +48,17 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         self._batcher = (MicroBatcher(ranker.score, self._executor, max(64, limits.max_prompts), MODEL_BATCH.observe)
                          if self._executor else None)
 
-    async def _score(self, prompts: list[str]) -> list[float]:
+    async def _score(self, prompts: list[str], rpc: str, context: grpc.aio.ServicerContext) -> list[float]:
         if not prompts:
             return []
-        if self._batcher is None:
-            return self.ranker.score(prompts)
-        return await self._batcher.score(prompts)
+        try:
+            if self._batcher is None:
+                return self.ranker.score(prompts)
+            return await self._batcher.score(prompts)
+        except Exception:  # noqa: BLE001 - one failed batch must not take the service down
+            log.exception("ranker failed", prompts=len(prompts))
+            REQUESTS.labels(rpc, "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, "ranker failed")
 
     async def RankLengths(self, request: predictor_pb2.RankRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
@@ -63,7 +68,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         except InvalidInput as exc:
             REQUESTS.labels("RankLengths", "INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        scores = await self._score(prompts)
+        scores = await self._score(prompts, "RankLengths", context)
         BATCH.observe(len(prompts))
         REQUESTS.labels("RankLengths", "OK").inc()
         LATENCY.labels("RankLengths").observe(time.perf_counter() - start)
@@ -79,7 +84,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
             REQUESTS.labels("EstimateTime", "INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         missing = [i for i, sc in enumerate(scores) if sc is None]
-        for i, sc in zip(missing, await self._score([items[i].prompt for i in missing])):
+        for i, sc in zip(missing, await self._score([items[i].prompt for i in missing], "EstimateTime", context)):
             scores[i] = sc
         out = []
         for it, sc in zip(items, scores):

@@ -28,6 +28,10 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     worker: WorkerClient | None = None
     worker_address: str = ""  # where it ran, kept after it finishes (affinity, pin reports)
+    # Order keys within the BE queue (router/orders.py); None = unknown, served in arrival order.
+    length_score: float | None = None      # ltr: the predictor's rank score (larger = longer)
+    est_remaining_s: float | None = None   # speculative: estimated execution time
+    true_length: int | None = None         # oracle (benchmarks only): the known output length
 
     @property
     def label(self) -> str:
@@ -39,10 +43,18 @@ class NoWorker(Exception):
 
 
 class RouterCore:
-    def __init__(self, workers: list[WorkerClient], queue_mode: str = "class", max_inflight_per_worker: int = 64):
+    def __init__(self, workers: list[WorkerClient], queue_mode: str = "class", max_inflight_per_worker: int = 0,
+                 be_order: str = "arrival", **order_kwargs):
         self.workers = workers
-        self.queues: RequestQueues[Job] = RequestQueues(queue_mode)
+        self.queues: RequestQueues[Job] = RequestQueues(queue_mode, be_order, **order_kwargs)
+        # 0 = the worker's own max_num_seqs: everything released can start at once, and the order of what
+        # waits is the router's (its BE order), not the worker's arrival order.
         self.max_inflight = max_inflight_per_worker
+
+    def window(self, worker: WorkerClient) -> int:
+        if self.max_inflight:
+            return self.max_inflight
+        return worker.info.max_num_seqs if worker.info is not None and worker.info.max_num_seqs else 32
 
     def healthy_workers(self) -> list[WorkerClient]:
         return [w for w in self.workers if w.healthy]
@@ -65,7 +77,7 @@ class RouterCore:
     def _pick(self, job: Job) -> WorkerClient | None:
         candidates = self.healthy_workers()
         if not (job.is_ls and self.queues.mode == "class"):
-            candidates = [w for w in candidates if w.in_flight < self.max_inflight]
+            candidates = [w for w in candidates if w.in_flight < self.window(w)]
         return min(candidates, key=lambda w: w.in_flight, default=None)
 
     def _dispatch(self) -> None:

@@ -57,6 +57,20 @@ class PredictorClient(_Dependency):
         return list(reply.scores)
 
 
+    async def estimate_remaining_s(self, prompt: str, max_tokens: int) -> float | None:
+        """ALISE's estimate of a request's execution time, from its predicted length and the latency model."""
+        if self.stub is None:
+            return None
+        try:
+            reply = await self.stub.EstimateTime(predictor_pb2.EstimateRequest(
+                items=[predictor_pb2.EstimateItem(prompt=prompt, max_tokens=max_tokens)]), timeout=self.deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            self._mark(False, exc)
+            return None
+        self._mark(True)
+        return reply.estimates[0].remaining_s if reply.estimates else None
+
+
 class KVManagerClient(_Dependency):
     name = "kvmanager"
 

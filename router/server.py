@@ -58,10 +58,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 patience=request.patience if request.HasField("patience") else 1.0,
                 length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0))
         job = Job(rid, is_ls, submit, arrival=arrival)
-        # LS goes first whatever its length, so only BE is ranked; arrival order needs no score before
-        # dispatch, so the predictor is asked in the background, off the request's path.
+        # LS goes first whatever its length, so only BE is ranked.
         if not is_ls:
-            self._spawn(self._record_score(request.prompt))
+            await self._set_order_key(job, request)
         try:
             self.core.submit(job)
         except NoWorker as exc:
@@ -104,6 +103,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 metrics.FINISHED.labels(label, "cancelled").inc()
                 self.core.cancel(job)
 
+    async def _set_order_key(self, job: Job, request: router_pb2.GenerateRequest) -> None:
+        """Asks the predictor for what the BE order sorts by. A predictor that is down or past its deadline
+        leaves the key unset: the request is then served in arrival order, never failed."""
+        order = self.core.queues.be_order
+        if order == "ltr":
+            scores = await self.predictor.rank([request.prompt])
+            job.length_score = scores[0] if scores else None
+            job.submit.length_score = job.length_score or 0.0
+        elif order == "speculative":
+            job.est_remaining_s = await self.predictor.estimate_remaining_s(request.prompt, request.max_tokens)
+        elif order == "oracle":
+            job.true_length = request.max_tokens  # the bench sends ignore_eos, so this is the true length
+        else:
+            # Arrival order needs no score before dispatch: ask in the background, off the request's path.
+            self._spawn(self._record_score(request.prompt))
+
     async def _record_score(self, prompt: str) -> None:
         scores = await self.predictor.rank([prompt])
         if scores:
@@ -124,8 +139,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--kvmanager", default="127.0.0.1:50081", help="kvmanager HOST:PORT ('' = none)")
     settings.add(parser, "--queue-mode", default="class", choices=["class", "fifo"],
                  help="class: LS before BE; fifo: one arrival-ordered queue (FCFS baseline)")
-    settings.add(parser, "--max-inflight-per-worker", type=int, default=64,
-                 help="BE requests released to a worker at most at once")
+    settings.add(parser, "--max-inflight-per-worker", type=int, default=0,
+                 help="BE requests released to a worker at most at once (0 = the worker's max_num_seqs)")
+    settings.add(parser, "--be-order", default="arrival", choices=["arrival", "ltr", "speculative", "oracle"],
+                 help="order within the BE queue: arrival, ltr (shortest predicted first), speculative "
+                      "(least estimated time first), oracle (true length; benchmarks only)")
+    settings.add(parser, "--starvation-threshold", type=int, default=32,
+                 help="BE request passed over this many times is promoted (0 = off)")
+    settings.add(parser, "--promotion-rounds", type=int, default=8, help="how long a promotion lasts")
     settings.add(parser, "--default-priority", default="BE", choices=["LS", "BE"],
                  help="class of requests that leave priority unspecified")
     settings.add(parser, "--max-prompt-bytes", type=int, default=1 << 20, help="largest accepted prompt")
@@ -136,7 +157,8 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
     workers = [WorkerClient(a.strip()) for a in args.workers.split(",") if a.strip()]
     if not workers:
         raise SystemExit("--workers: at least one worker address is needed")
-    core = RouterCore(workers, args.queue_mode, args.max_inflight_per_worker)
+    core = RouterCore(workers, args.queue_mode, args.max_inflight_per_worker, be_order=args.be_order,
+                      starvation_threshold=args.starvation_threshold, promotion_rounds=args.promotion_rounds)
     limits = Limits(max_prompt_bytes=args.max_prompt_bytes,
                     default_priority=common_pb2.PRIORITY_LATENCY_SENSITIVE if args.default_priority == "LS"
                     else common_pb2.PRIORITY_BEST_EFFORT)

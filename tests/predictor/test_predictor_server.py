@@ -136,3 +136,25 @@ async def test_concurrent_calls_are_batched():
     finally:
         await channel.close()
         await serving.stop(service, server)
+
+
+async def test_a_failing_ranker_is_internal_not_a_crash():
+    class Broken(LengthRanker):
+        name = "broken"
+        uses_torch = True
+
+        def score(self, prompts):
+            if "boom" in prompts:
+                raise RuntimeError("boom")
+            return [0.0] * len(prompts)
+
+    service, server, channel = await _start(Broken())
+    try:
+        stub = predictor_pb2_grpc.PredictorStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RankLengths(predictor_pb2.RankRequest(prompts=["boom"]))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert list((await stub.RankLengths(predictor_pb2.RankRequest(prompts=["ok"]))).scores) == [0.0]
+    finally:
+        await channel.close()
+        await serving.stop(service, server)
