@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test protos check-protos bench tokenizer clean
+.PHONY: setup run test protos check-protos bench tokenizer train-predictor clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,10 +28,14 @@ test: $(STAMP) check-protos
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
-	$(BIN)/qllm bench --scenario mixed --policies fcfs,priority,qllm --out bench-out
+	$(BIN)/qllm bench --scenario mixed --policies fcfs,priority,qllm --be-rate 1.5 --out bench-out
 
 tokenizer: $(STAMP)
 	$(BIN)/python scripts/build_tokenizer.py
+
+# Reproduces predictor/artefacts/ (the length ranker's head and its report) from ../shared/data, seed 0.
+train-predictor: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/train_predictor.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -107,4 +107,5 @@ def run(args: argparse.Namespace):
                             args.pin_unknown_tools)
     log.info("config", pin_policy=args.pin_policy, pin_ttl_s=args.pin_ttl_s,
              max_pinned_tokens_per_worker=args.max_pinned_tokens_per_worker)
-    return serving.serve_forever(service, args.host, args.port, args.metrics_port)
+    return serving.serve_forever(service, args.host, args.port, args.metrics_port,
+                                   serving.credentials_from(args))

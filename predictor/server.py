@@ -154,4 +154,5 @@ def run(args: argparse.Namespace):
     ranker = load_ranker(None if args.ranker == "auto" else args.ranker, required=args.ranker not in ("auto", "heuristic"))
     log.info("config", ranker=ranker.name, max_prompts=args.max_prompts, max_prompt_chars=args.max_prompt_chars)
     service = build_service(ranker, Limits(args.max_prompts, args.max_prompt_chars))
-    return serving.serve_forever(service, args.host, args.port, args.metrics_port)
+    return serving.serve_forever(service, args.host, args.port, args.metrics_port,
+                                   serving.credentials_from(args))

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from qllm import tls
 from qllm.logs import get_logger
 
 log = get_logger(__name__)
@@ -42,15 +43,24 @@ class Service:
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
 
 
-async def start(service: Service, host: str, port: int, metrics_port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Starts the server and returns it with the port it bound (port 0 picks a free one)."""
+def credentials_from(args) -> grpc.ServerCredentials | None:
+    """TLS server credentials from a service's --tls-* flags (None = plaintext); files are re-read on
+    rotation."""
+    return tls.server_credentials(getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
+                                  getattr(args, "tls_client_ca", None), reload=True)
+
+
+async def start(service: Service, host: str, port: int, metrics_port: int = 0,
+                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    """Starts the server and returns it with the port it bound (port 0 picks a free one); TLS when
+    credentials are given."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     service.register(server)
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     names = [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = tls.add_port(server, f"{host}:{port}", credentials)
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     if service.on_start is not None:
@@ -60,7 +70,8 @@ async def start(service: Service, host: str, port: int, metrics_port: int = 0) -
         await service.health.set(name, health_pb2.HealthCheckResponse.SERVING)
     if metrics_port:
         start_http_server(metrics_port, addr=host)
-    log.info("listening", service=service.name, address=f"{host}:{bound}", metrics_port=metrics_port or None)
+    log.info("listening", service=service.name, address=f"{host}:{bound}", metrics_port=metrics_port or None,
+             tls=credentials is not None)
     return server, bound
 
 
@@ -74,8 +85,9 @@ async def stop(service: Service, server: grpc.aio.Server) -> None:
     log.info("stopped", service=service.name)
 
 
-async def serve_forever(service: Service, host: str, port: int, metrics_port: int = 0) -> None:
-    server, _ = await start(service, host, port, metrics_port)
+async def serve_forever(service: Service, host: str, port: int, metrics_port: int = 0,
+                        credentials: grpc.ServerCredentials | None = None) -> None:
+    server, _ = await start(service, host, port, metrics_port, credentials)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

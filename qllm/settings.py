@@ -38,3 +38,7 @@ def add_service_flags(parser: argparse.ArgumentParser, *, port: int, metrics_por
     add(parser, "--port", type=int, default=port, help="gRPC port")
     add(parser, "--metrics-port", type=int, default=metrics_port, help="Prometheus HTTP port (0 = off)")
     add(parser, "--log-level", default="info", help="log level")
+    add(parser, "--tls-cert", default=None, help="server certificate chain (PEM); with --tls-key turns on TLS")
+    add(parser, "--tls-key", default=None, help="server private key (PEM)")
+    add(parser, "--tls-client-ca", default=None,
+        help="CA of client certificates (PEM): set = mutual TLS, clients must present a certificate")

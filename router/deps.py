@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from qllm import tls
 from qllm.logs import get_logger
 from qllm.v1 import kvmanager_pb2, kvmanager_pb2_grpc, predictor_pb2, predictor_pb2_grpc
 from router import metrics
@@ -18,10 +19,10 @@ log = get_logger(__name__)
 class _Dependency:
     name = "dependency"
 
-    def __init__(self, address: str | None, deadline_s: float):
+    def __init__(self, address: str | None, deadline_s: float, credentials: grpc.ChannelCredentials | None = None):
         self.address = address
         self.deadline_s = deadline_s
-        self.channel = grpc.aio.insecure_channel(address) if address else None
+        self.channel = tls.open_channel(address, credentials) if address else None
         self._down = False
 
     def _mark(self, ok: bool, error: grpc.aio.AioRpcError | None = None) -> None:
@@ -41,8 +42,8 @@ class _Dependency:
 class PredictorClient(_Dependency):
     name = "predictor"
 
-    def __init__(self, address: str | None, deadline_s: float = 0.05):
-        super().__init__(address, deadline_s)
+    def __init__(self, address: str | None, deadline_s: float = 0.3, credentials=None):
+        super().__init__(address, deadline_s, credentials)
         self.stub = predictor_pb2_grpc.PredictorStub(self.channel) if self.channel else None
 
     async def rank(self, prompts: list[str]) -> list[float] | None:
@@ -74,8 +75,8 @@ class PredictorClient(_Dependency):
 class KVManagerClient(_Dependency):
     name = "kvmanager"
 
-    def __init__(self, address: str | None, deadline_s: float = 0.2):
-        super().__init__(address, deadline_s)
+    def __init__(self, address: str | None, deadline_s: float = 0.2, credentials=None):
+        super().__init__(address, deadline_s, credentials)
         self.stub = kvmanager_pb2_grpc.KVManagerStub(self.channel) if self.channel else None
 
     async def report_turn(self, report: kvmanager_pb2.TurnReport) -> kvmanager_pb2.PinDecision | None:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import grpc
 
+from qllm import tls
 from qllm.logs import get_logger
 from qllm.serving import GRPC_OPTIONS
 from qllm.v1 import worker_pb2, worker_pb2_grpc
@@ -22,10 +23,10 @@ EventHandler = Callable[[worker_pb2.WorkerEvent], None]
 
 
 class WorkerClient:
-    def __init__(self, address: str, reconnect_s: float = 1.0):
+    def __init__(self, address: str, reconnect_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None):
         self.address = address
         self.reconnect_s = reconnect_s
-        self.channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channel = tls.open_channel(address, credentials, GRPC_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
         self.healthy = False

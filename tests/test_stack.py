@@ -155,3 +155,47 @@ async def test_router_serves_when_predictor_and_kvmanager_are_down(stack):
         assert msgs[-1].finished and msgs[-1].completion_tokens == 3
     finally:
         await serving.stop(service, server)
+
+
+async def test_api_keys_tenants_and_rate_limits(stack, tmp_path):
+    import json
+
+    from qllm.security import hash_key
+
+    keys = {"chat": "qllm_chat_key", "batch": "qllm_batch_key"}
+    (tmp_path / "keys.json").write_text(json.dumps({
+        "tenants": {"chat": {"priorities": ["LS", "BE"]},
+                    "batch": {"priorities": ["BE"], "rate_limit": {"requests_per_s": 0.01, "burst": 2}}},
+        "keys": [{"id": name, "tenant": name, "sha256": hash_key(key)} for name, key in keys.items()]}))
+    service, _ = await router_server.build(router_args(
+        workers=f"127.0.0.1:{stack['wport']}", predictor="", kvmanager="", api_keys=str(tmp_path / "keys.json")))
+    server, port = await serving.start(service, "127.0.0.1", 0)
+
+    def auth(name):
+        return (("authorization", f"Bearer {keys[name]}"),)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            req = dict(prompt="hello", max_tokens=2, ignore_eos=True)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                [m async for m in stub.Generate(router_pb2.GenerateRequest(**req, priority=LS))]
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = [m async for m in stub.Generate(router_pb2.GenerateRequest(**req, priority=LS),
+                                                 metadata=auth("chat"))]
+            assert ok[-1].finished
+            with pytest.raises(grpc.aio.AioRpcError) as exc:  # a BE-only tenant asking for LS
+                [m async for m in stub.Generate(router_pb2.GenerateRequest(**req, priority=LS),
+                                                metadata=auth("batch"))]
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert exc.value.details().startswith("priority:")
+            # burst 2, one used above: one more BE passes, the next is over the rate at once.
+            ok = [m async for m in stub.Generate(router_pb2.GenerateRequest(**req, priority=BE),
+                                                 metadata=auth("batch"))]
+            assert ok[-1].finished
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                [m async for m in stub.Generate(router_pb2.GenerateRequest(**req, priority=BE),
+                                                metadata=auth("batch"))]
+            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await serving.stop(service, server)

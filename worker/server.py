@@ -211,4 +211,5 @@ def run(args: argparse.Namespace):
     service, _ = build_service(loaded, engine_config(args))
     log.info("model loaded", model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype),
              policy=args.policy, torch_threads=args.torch_threads)
-    return serving.serve_forever(service, args.host, args.port, args.metrics_port)
+    return serving.serve_forever(service, args.host, args.port, args.metrics_port,
+                                   serving.credentials_from(args))
