@@ -1,6 +1,7 @@
 """`qllm bench`: replays real traces against the stack and compares policies.
 
     qllm bench --scenario mixed --policies fcfs,priority,qllm --duration 60 --out bench-out
+    qllm bench --scenario chatbot --policies arrival,ltr,speculative,oracle --duration 60 --out bench-out
 
 For each bench policy (bench/policies.py) a fresh local stack is started, warmed up, and fed the same seeded
 workload; the idle LS floor is measured first on the first stack. `--target HOST:PORT` measures a running
@@ -27,12 +28,20 @@ from bench.client import GrpcSender, replay, replay_sequential
 from bench.openai_client import OpenAISender, parse_priorities
 from bench.stats import percentile, summarize
 from bench.tokens import load_tokenizer
-from bench.workload import BE, LS, ClassSpec, RequestSpec, WorkloadConfig, build_workload
+from bench.workload import (BE, LS, ChatbotConfig, ClassSpec, RequestSpec, WorkloadConfig, build_chatbot_workload,
+                            build_workload)
 from qllm.up import KVMANAGER_PORT, PREDICTOR_PORT, ROUTER_PORT, WORKER_PORT, Stack, StackConfig
 
-SCENARIOS = ("mixed", "idle-ls")
+SCENARIOS = ("mixed", "idle-ls", "chatbot")
 SWEEP_KEYS = ("be-rate", "ls-rate", "rate")
 DEFAULT_POLICIES = "fcfs,priority,qllm"
+# per scenario where it differs from the above
+SCENARIO_POLICIES = {"chatbot": "arrival,ltr,speculative,oracle"}
+# BE requests/s when --be-rate is not given: mixed overloads the worker with long BE work; chatbot's rate
+# overloads one embedded-default worker on a shared 2-core machine moderately, so a queue forms and drains
+# (docs/benchmarks.md, "Scenario chatbot")
+DEFAULT_BE_RATE = {"mixed": 1.0, "idle-ls": 1.0, "chatbot": 1.0}
+DEFAULT_DRAIN_CAP = {"chatbot": 90.0}  # else 30 s
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -68,22 +77,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     g = p.add_argument_group("run")
     g.add_argument("--scenario", choices=SCENARIOS, default="mixed",
-                   help="mixed: LS over an overloading BE background; idle-ls: LS alone, one at a time (the floor)")
+                   help="mixed: LS over an overloading BE background; idle-ls: LS alone, one at a time (the floor); "
+                        "chatbot: BE only, held-out ShareGPT prompts with their real response lengths (BE orders)")
     g.add_argument("--policies", default=None,
                    help=f"comma-separated bench policies, one fresh stack each (known: "
                         f"{', '.join(bench_policies.known())}; combine parts with '+'); "
-                        f"default {DEFAULT_POLICIES}, or a label with --target/--openai-url")
+                        f"default {DEFAULT_POLICIES} ({', '.join(f'{k}: {v}' for k, v in SCENARIO_POLICIES.items())}), "
+                        "or a label with --target/--openai-url")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per policy")
-    g.add_argument("--drain-cap", type=float, default=30.0,
-                   help="seconds after the last arrival until still-running requests are cancelled (and counted)")
+    g.add_argument("--drain-cap", type=float, default=None,
+                   help="seconds after the last arrival until still-running requests are cancelled (and counted); "
+                        f"default 30 ({', '.join(f'{k}: {v:g}' for k, v in DEFAULT_DRAIN_CAP.items())})")
     g.add_argument("--out", default="bench-out", help="output directory")
     g.add_argument("--name", default=None, help="file name stem (default: the scenario)")
     g.add_argument("--seed", type=int, default=0, help="workload seed")
     g.add_argument("--sweep", default=None, help="run each policy at several values, e.g. be-rate=0.5,1,2")
     g.add_argument("--warmup", type=int, default=2, help="unmeasured requests on each fresh stack first")
     g.add_argument("--with-floor", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure the idle LS floor first, in this run (default: on for mixed)")
-    g.add_argument("--floor-requests", type=int, default=20, help="LS requests in the floor measurement")
+                   help="measure the idle floor first, in this run (default: on for mixed): LS requests one at a "
+                        "time (chatbot: its BE requests)")
+    g.add_argument("--floor-requests", type=int, default=20, help="requests in the floor measurement")
     g.add_argument("--dry-run", action="store_true", help="build and describe the workload; send nothing")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     g.add_argument("--save-requests", action=argparse.BooleanOptionalAction, default=True,
@@ -91,9 +104,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     w = p.add_argument_group("workload")
     w.add_argument("--ls-rate", type=float, default=1.0, help="LS mean arrival rate, requests/s")
-    w.add_argument("--be-rate", type=float, default=1.0,
-                   help="BE mean arrival rate, requests/s (the default overloads one embedded-default worker on a "
-                        "shared 2-core machine: docs/benchmarks.md)")
+    w.add_argument("--be-rate", type=float, default=None,
+                   help="BE mean arrival rate, requests/s; default per scenario "
+                        f"({', '.join(f'{k}: {v:g}' for k, v in DEFAULT_BE_RATE.items())}: each overloads one "
+                        "embedded-default worker on a shared 2-core machine, docs/benchmarks.md)")
     w.add_argument("--rate", type=float, default=1.0, help="multiplies both class rates")
     w.add_argument("--time-scale", type=float, default=None,
                    help="multiply the traces' own timestamps by this instead of matching --ls-rate/--be-rate")
@@ -105,6 +119,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     w.add_argument("--be-prompt-tokens", type=_range, default=(512, 2048), help="BE prompt length range LO:HI")
     w.add_argument("--be-output-tokens", type=_range, default=(128, 512), help="BE output length range LO:HI")
     w.add_argument("--context-tokens", type=int, default=4096, help="model context: prompt + output must fit")
+    w.add_argument("--chatbot-trace", default="azure-conv", help="chatbot: trace for the arrivals (only)")
+    w.add_argument("--chatbot-prompt-tokens", type=int, default=1024,
+                   help="chatbot: a longer prompt is cut to its first this-many tokens")
+    w.add_argument("--chatbot-output-tokens", type=_range, default=(8, 1024),
+                   help="chatbot: outputs (response words x 1.3 x --chatbot-output-scale) are clipped to LO:HI")
+    w.add_argument("--chatbot-output-scale", type=float, default=1.0,
+                   help="chatbot: one factor on every real response length (keeps their order)")
+    w.add_argument("--split-seed", type=int, default=0,
+                   help="chatbot: seed of predictor/data.py's train/val/test split; the prompts are its test part "
+                        "(0 = the split the shipped ranker was trained on)")
     w.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (or a directory with one) to count tokens; default: --model's in stack "
                         "mode, else the embedded default's")
@@ -139,8 +163,33 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
+def _be_rate(args) -> float:
+    return DEFAULT_BE_RATE.get(args.scenario, 1.0) if args.be_rate is None else args.be_rate
+
+
+def _drain_cap(args) -> float:
+    return DEFAULT_DRAIN_CAP.get(args.scenario, 30.0) if args.drain_cap is None else args.drain_cap
+
+
+def _chatbot_config(args, sweep: dict | None) -> ChatbotConfig:
+    rates = {"be-rate": _be_rate(args), "rate": args.rate}
+    rates.update(sweep or {})
+    if "ls-rate" in rates:
+        raise ValueError("--sweep ls-rate: the chatbot scenario has no LS class (sweep be-rate or rate)")
+    return ChatbotConfig(duration_s=args.duration, rate=rates["be-rate"] * rates["rate"], seed=args.seed,
+                         trace=args.chatbot_trace, max_prompt_tokens=args.chatbot_prompt_tokens,
+                         output_range=args.chatbot_output_tokens, output_scale=args.chatbot_output_scale,
+                         context_tokens=args.context_tokens, split_seed=args.split_seed, time_scale=args.time_scale)
+
+
+def _build(args, sweep: dict | None, classes: tuple[str, ...], tokenizer):
+    if args.scenario == "chatbot":
+        return build_chatbot_workload(_chatbot_config(args, sweep), tokenizer)
+    return build_workload(_workload_config(args, sweep, classes), tokenizer)
+
+
 def _workload_config(args, sweep: dict | None, classes: tuple[str, ...]) -> WorkloadConfig:
-    rates = {"ls-rate": args.ls_rate, "be-rate": args.be_rate, "rate": args.rate}
+    rates = {"ls-rate": args.ls_rate, "be-rate": _be_rate(args), "rate": args.rate}
     rates.update(sweep or {})
     specs = []
     if LS in classes:
@@ -232,7 +281,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         sweep = parse_sweep(args.sweep)
         if mode == "stack":
-            names = bench_policies.parse_list(args.policies or DEFAULT_POLICIES)
+            names = bench_policies.parse_list(args.policies or SCENARIO_POLICIES.get(args.scenario, DEFAULT_POLICIES))
         else:
             names = [n.strip() for n in (args.policies or "").split(",") if n.strip()] or [
                 f"peer:{args.model}" if mode == "openai" else "target"]
@@ -242,6 +291,7 @@ async def run(args: argparse.Namespace) -> int:
         if mode == "openai" and not args.model:
             raise ValueError("--openai-url needs --model NAME (the served model's name)")
         priorities = parse_priorities(args.openai_priority) if mode == "openai" else None
+        args.drain_cap = _drain_cap(args)
         if args.duration <= 0 or args.drain_cap < 0:
             raise ValueError("--duration must be > 0 and --drain-cap >= 0")
     except ValueError as exc:
@@ -251,7 +301,8 @@ async def run(args: argparse.Namespace) -> int:
     scenario = args.scenario
     name = args.name or scenario
     out_dir = Path(args.out)
-    classes = (LS,) if scenario == "idle-ls" else (LS, BE)
+    classes = {"idle-ls": (LS,), "chatbot": (BE,)}.get(scenario, (LS, BE))
+    floor_cls = BE if scenario == "chatbot" else LS  # the class the floor measures
     with_floor = (scenario == "mixed") if args.with_floor is None else args.with_floor
     if scenario == "idle-ls":
         with_floor = False  # the run is the floor
@@ -260,7 +311,11 @@ async def run(args: argparse.Namespace) -> int:
         print("qllm bench: no tokenizer file found; token counts are word estimates", file=sys.stderr)
 
     points = [None] if sweep is None else [{sweep[0]: v} for v in sweep[1]]
-    workloads = [build_workload(_workload_config(args, point, classes), tokenizer) for point in points]
+    try:
+        workloads = [_build(args, point, classes, tokenizer) for point in points]
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"qllm bench: {exc}", file=sys.stderr)
+        return 2
     first = workloads[0]
     if args.dry_run:
         for point, workload in zip(points, workloads):
@@ -320,7 +375,7 @@ async def run(args: argparse.Namespace) -> int:
                 await replay_sequential(sender, _warmup_specs(workload.requests, args.warmup), per_request_cap_s=cap,
                                         gap_s=0.0, progress=args.progress, label=f"{label} warmup")
             if with_floor and floor_records is None:
-                floor_records = await replay_sequential(sender, first.of_class(LS)[:args.floor_requests],
+                floor_records = await replay_sequential(sender, first.of_class(floor_cls)[:args.floor_requests],
                                                         per_request_cap_s=cap, progress=args.progress,
                                                         label=f"{label} idle floor")
                 floor_policy = policy
@@ -350,7 +405,7 @@ async def run(args: argparse.Namespace) -> int:
     floor_ref = floor_records or (runs[0]["_records"] if scenario == "idle-ls" else None)
     if ls_slo is None:
         slo_source = None
-        ttft = [r.ttft_s for r in floor_ref or () if r.cls == LS and r.ttft_s is not None]
+        ttft = [r.ttft_s for r in floor_ref or () if r.cls == LS and r.ttft_s is not None]  # LS floors only
         if ttft:
             p50 = percentile(ttft, 50) * 1000.0
             ls_slo = args.slo_floor_multiple * p50
@@ -360,7 +415,7 @@ async def run(args: argparse.Namespace) -> int:
                  "source": "--be-ttft-slo-ms" if args.be_ttft_slo_ms is not None else None}}
     floor_doc = None
     if floor_records:
-        floor_doc = {"policy": floor_policy, **summarize(floor_records, slos, classes=(LS,))}
+        floor_doc = {"policy": floor_policy, **summarize(floor_records, slos, classes=(floor_cls,))}
     for run_doc in runs:
         run_doc.update(summarize(run_doc.pop("_records"), slos, classes=classes))
 
@@ -368,7 +423,7 @@ async def run(args: argparse.Namespace) -> int:
         "mode": mode, "target": args.openai_url or args.target or "local stack per policy",
         "model": args.model or "embedded default", "policies": names, "duration_s": args.duration,
         "drain_cap_s": args.drain_cap, "seed": args.seed, "warmup": args.warmup,
-        "rates": {"ls-rate": args.ls_rate, "be-rate": args.be_rate, "rate": args.rate, "time_scale": args.time_scale},
+        "rates": {"ls-rate": args.ls_rate, "be-rate": _be_rate(args), "rate": args.rate, "time_scale": args.time_scale},
         "sweep": {"key": sweep[0], "values": sweep[1]} if sweep else None,
         "slo": slos, "floor": floor_doc, "workload": first.info,
         "openai_priority": priorities if mode == "openai" else None,

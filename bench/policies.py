@@ -1,7 +1,8 @@
 """Bench policy names -> configuration of the whole stack. The one place that mapping lives.
 
 A bench policy names one configuration of the stack: the worker's scheduling policy now; later issues add
-their own names here (BE orders = router `--be-order`, KV pin policies = a kvmanager flag, KV memory
+their own names here (BE orders `arrival`, `ltr`, `speculative`, `oracle` = worker fcfs + router
+`--be-order <name>`; KV pin policies = a kvmanager flag, KV memory
 policies = a worker flag). Names compose with "+": `qllm+ltr` applies both parts; two parts may not set the
 same thing.
 
@@ -20,6 +21,8 @@ from qllm.up import StackConfig
 class Part:
     help: str
     worker_policy: str | None = None  # StackConfig.policy (`qllm worker --policy`)
+    # the worker policy when no other part of the name sets one (`ltr` = fcfs, `qllm+ltr` = qllm)
+    default_worker_policy: str | None = None
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
     kvmanager_args: tuple[str, ...] = ()
@@ -34,7 +37,21 @@ POLICIES: dict[str, Part] = {
                      worker_policy="priority"),
     "qllm": Part("worker: LS preempts a running BE batch at a decoder-layer boundary, BE resumes from the "
                  "saved layer", worker_policy="qllm"),
+    # BE orders (the router's queue decides which BE request a worker starts next; the worker runs fcfs).
+    "arrival": Part("router: BE in arrival order (the baseline of the BE orders); worker: fcfs",
+                    default_worker_policy="fcfs", router_args=("--be-order", "arrival")),
+    "ltr": Part("router: BE shortest predicted output first (vllm-ltr: the predictor's RankLengths score), "
+                "with starvation prevention; worker: fcfs", default_worker_policy="fcfs",
+                router_args=("--be-order", "ltr")),
+    "speculative": Part("router: BE least estimated remaining time first (ALISE: the predictor's EstimateTime); "
+                        "worker: fcfs", default_worker_policy="fcfs", router_args=("--be-order", "speculative")),
+    "oracle": Part("router: BE true output length first (max_tokens, as the bench sends ignore_eos; an upper "
+                   "bound for ltr, benchmarks only); worker: fcfs",
+                   default_worker_policy="fcfs", router_args=("--be-order", "oracle")),
 }
+
+#: the bench policies that are BE orders: `<name>` = worker fcfs + router `--be-order <name>`
+BE_ORDERS = ("arrival", "ltr", "speculative", "oracle")
 
 
 class UnknownPolicy(ValueError):
@@ -42,7 +59,7 @@ class UnknownPolicy(ValueError):
 
 
 def known() -> list[str]:
-    return sorted(POLICIES)
+    return list(POLICIES)  # the order above: baselines first
 
 
 def parts(name: str) -> list[Part]:
@@ -63,22 +80,32 @@ def parse_list(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise UnknownPolicy(f"--policies {text!r} names a policy twice")
     for n in names:
-        parts(n)
+        apply(n, StackConfig())  # unknown names and conflicting parts fail here, before any stack starts
     return names
 
 
 def apply(name: str, base: StackConfig) -> StackConfig:
     """The stack configuration that `name` names, on top of `base` (host, ports, model, logs)."""
-    worker_policy = None
+    worker_policy = default_policy = None
     worker_args, router_args, kv_args = list(base.worker_args), list(base.router_args), []
+    router_flags: dict[str, str] = {}  # flag -> its value, over the parts of this name
     for part in parts(name):
         if part.worker_policy is not None:
             if worker_policy is not None and worker_policy != part.worker_policy:
                 raise UnknownPolicy(f"bench policy {name!r} sets the worker policy twice")
             worker_policy = part.worker_policy
+        default_policy = default_policy or part.default_worker_policy
+        for flag, value in zip(part.router_args[::2], part.router_args[1::2]):
+            if flag in router_flags and router_flags[flag] != value:
+                raise UnknownPolicy(f"bench policy {name!r} sets the router's {flag} twice")
+            router_flags[flag] = value
         worker_args += part.worker_args
         router_args += part.router_args
         kv_args += part.kvmanager_args
+    if router_flags.get("--queue-mode") == "fifo" and router_flags.get("--be-order", "arrival") != "arrival":
+        raise UnknownPolicy(f"bench policy {name!r}: the router's fifo queue (fcfs) serves everything in arrival "
+                            "order, so a BE order has no effect there; use the order alone (worker fcfs)")
+    worker_policy = worker_policy or default_policy
     changes: dict = {"worker_args": worker_args, "router_args": router_args}
     if worker_policy is not None:
         changes["policy"] = worker_policy

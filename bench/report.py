@@ -32,6 +32,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _e2e_mean(run: dict | None) -> float | None:
+    """Mean E2E over the completed requests of every class (each class's mean weighted by its completed)."""
+    total = weight = 0.0
+    for cls in CLASSES:
+        mean, n = _get(run, cls, "e2e_ms", "mean"), _get(run, cls, "completed")
+        if mean is not None and n:
+            total, weight = total + mean * n, weight + n
+    return total / weight if weight else None
+
+
 def comparisons(runs: Sequence[dict], floor: dict | None) -> dict:
     """Ratios within this one run: each run against the idle LS floor, and each policy against the first
     policy (the baseline) at the same sweep point."""
@@ -53,6 +63,10 @@ def comparisons(runs: Sequence[dict], floor: dict | None) -> dict:
         row["be_output_tok_s_vs_baseline"] = _ratio(_get(run, "BE", "output_tok_s"), _get(base, "BE", "output_tok_s"))
         row["total_output_tok_s_vs_baseline"] = _ratio(run.get("total_output_tok_s"),
                                                        (base or {}).get("total_output_tok_s"))
+        # end-to-end latency (what a BE order changes): all classes' mean, and BE's mean and p99
+        row["e2e_mean_vs_baseline"] = _ratio(_e2e_mean(run), _e2e_mean(base))
+        row["be_e2e_mean_vs_baseline"] = _ratio(_get(run, "BE", "e2e_ms", "mean"), _get(base, "BE", "e2e_ms", "mean"))
+        row["be_e2e_p99_vs_baseline"] = _ratio(_get(run, "BE", "e2e_ms", "p99"), _get(base, "BE", "e2e_ms", "p99"))
         rows.append(row)
     return {"baseline": baseline, "rows": rows}
 
@@ -169,14 +183,14 @@ def markdown(doc: dict) -> str:
     lines += [f"- {x}" for x in facts] + [""]
     head = ["policy"] + (["sweep"] if sweeping else []) + [
         "class", "n", "err", "cancel", "no token", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",
-        "E2E p50", "E2E p99", "SLO", "out tok/s"]
+        "E2E p50", "E2E p99", "E2E mean", "SLO", "out tok/s"]
     lines += ["Times in ms.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(label: str, sweep: str, cls: str, c: dict) -> str:
         cells = [label] + ([sweep] if sweeping else []) + [
             cls, str(c["count"]), str(c["errors"]), str(c.get("cancelled", 0)), str(c.get("without_first_token", 0)),
             _f(c["ttft_ms"]["p50"]), _f(c["ttft_ms"]["p90"]), _f(c["ttft_ms"]["p99"]),
-            _f(c["tpot_ms"]["p50"]), _f(c["tpot_ms"]["p99"]), _f(c["e2e_ms"]["p50"]), _f(c["e2e_ms"]["p99"]),
+            _f(c["tpot_ms"]["p50"]), _f(c["tpot_ms"]["p99"]), _f(c["e2e_ms"]["p50"]), _f(c["e2e_ms"]["p99"]), _f(c["e2e_ms"]["mean"]),
             _pct(c["slo_attainment"]), _f(c["output_tok_s"])]
         return "| " + " | ".join(cells) + " |"
 
@@ -197,13 +211,15 @@ def markdown(doc: dict) -> str:
     if comp.get("rows"):
         lines += ["", f"Ratios (baseline `{comp['baseline']}`; floor = idle LS):", "",
                   "| policy" + (" | sweep" if sweeping else "") + " | LS TTFT p50 / floor | LS TTFT p99 / floor "
-                  "| LS TTFT p50 / base | LS TTFT p99 / base | BE tok/s / base | total tok/s / base |",
-                  "|---|" + ("---|" if sweeping else "") + "---|---|---|---|---|---|"]
+                  "| LS TTFT p50 / base | LS TTFT p99 / base | BE tok/s / base | total tok/s / base "
+                  "| E2E mean / base | BE E2E mean / base | BE E2E p99 / base |",
+                  "|---|" + ("---|" if sweeping else "") + "---|---|---|---|---|---|---|---|---|"]
         for r in comp["rows"]:
             lines.append(f"| {r['policy']}" + (f" | {_sweep_label(r)}" if sweeping else "") + " | " + " | ".join(
                 _f(r[k], 2) for k in ("ls_ttft_p50_vs_floor", "ls_ttft_p99_vs_floor", "ls_ttft_p50_vs_baseline",
                                       "ls_ttft_p99_vs_baseline", "be_output_tok_s_vs_baseline",
-                                      "total_output_tok_s_vs_baseline")) + " |")
+                                      "total_output_tok_s_vs_baseline", "e2e_mean_vs_baseline",
+                                      "be_e2e_mean_vs_baseline", "be_e2e_p99_vs_baseline")) + " |")
     timing_runs = [r for r in runs if r.get("worker_timing")]
     if timing_runs:
         lines += ["", "Worker timing (from its histograms; ms). The last two columns give each preemption's latency "

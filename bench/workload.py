@@ -3,7 +3,10 @@
 Arrivals and lengths come from real traces (shared/data/traces); prompt text from real prompts
 (shared/data/prompts), cut or extended to the target token count with the served model's tokenizer.
 
-Scaling, per class:
+The `chatbot` scenario (build_chatbot_workload) is different: one class, real ShareGPT prompts of the length
+ranker's held-out split, each with its own real response length; only the arrivals come from a trace.
+
+Scaling, per class (the `mixed` and `idle-ls` scenarios):
 - time: the trace's inter-arrival gaps are multiplied by `trace mean rate / target rate` (burstiness is kept,
   the mean rate is the target), or by `time_scale` when that is given. The window starts at a seeded random
   row of the trace and wraps around at its end.
@@ -215,6 +218,7 @@ class RequestSpec:
     max_tokens: int
     trace_input_tokens: int
     trace_output_tokens: int
+    response_words: float | None = None  # chatbot: the real response's length in words
 
     def to_dict(self, with_prompt: bool = False) -> dict:
         d = asdict(self)
@@ -309,4 +313,128 @@ def build_workload(cfg: WorkloadConfig, tokenizer: Tokenizer) -> Workload:
             # the load offered: what the server must sustain to keep up (compare with the measured tok/s)
             ci["offered_prompt_tok_s"] = sum(r.prompt_tokens for r in reqs) / cfg.duration_s
             ci["offered_output_tok_s"] = sum(r.max_tokens for r in reqs) / cfg.duration_s
+    return Workload(requests, info)
+
+
+# ----------------------------------------------------------------------------------------------- chatbot
+
+TOKENS_PER_WORD = 1.3  # ShareGPT response words -> tokens (the usual English rule of thumb)
+
+
+@dataclass
+class ChatbotConfig:
+    """The `chatbot` scenario: one class (BE), ShareGPT first turns replayed at Azure conv arrivals.
+
+    Each request is one real prompt of the length ranker's held-out test split (predictor/data.py), whole or
+    cut to `max_prompt_tokens` (its head kept), and its output length (`max_tokens`, sent with ignore_eos) is
+    that prompt's real response length: `response_words x tokens_per_word x output_scale`, clipped to
+    `output_range` and to what the context leaves after the prompt."""
+
+    duration_s: float
+    rate: float  # requests/s (mean), unless time_scale is set
+    seed: int = 0
+    trace: str = "azure-conv"
+    max_prompt_tokens: int = 1024
+    output_range: tuple[int, int] = (8, 1024)
+    output_scale: float = 1.0  # the one global factor on every response length
+    tokens_per_word: float = TOKENS_PER_WORD
+    context_tokens: int = 4096
+    split_seed: int = 0  # predictor/data.py's split seed: the one the shipped ranker was trained with
+    time_scale: float | None = None
+    data_root: str | None = None
+
+
+@lru_cache(maxsize=4)
+def held_out_prompts(root: str | None = None, split_seed: int = 0) -> tuple:
+    """The ranker's held-out ShareGPT test split, as predictor/data.py makes it (Examples: prompt, words).
+
+    `split(load_sharegpt(root)).test` is the same list as `load_split(root).test`: dedupe groups by
+    (source, prompt) and the test part is drawn from ShareGPT alone, so the other sources do not change it
+    (tests/bench/test_chatbot_scenario.py checks this on the real data)."""
+    from predictor.data import load_sharegpt, split
+
+    path = Path(root or data_dir())
+    if not (path / "prompts" / PROMPT_SOURCES["sharegpt"][0]).is_file():
+        raise FileNotFoundError(f"chatbot: {path / 'prompts' / PROMPT_SOURCES['sharegpt'][0]} not found "
+                                "(set QLLM_SHARED_DATA to the shared data folder)")
+    test = split(load_sharegpt(path), seed=split_seed).test
+    if not test:
+        raise ValueError(f"chatbot: the held-out split of {path} is empty")
+    return tuple(test)
+
+
+def response_tokens(words: float, cfg: ChatbotConfig) -> int:
+    """A response's length in tokens before the context cap: monotone in `words`, so the order survives."""
+    lo, hi = cfg.output_range
+    return int(min(hi, max(lo, round(words * cfg.tokens_per_word * cfg.output_scale))))
+
+
+def cut_prompt(text: str, tokenizer: Tokenizer, max_tokens: int) -> tuple[str, int, int]:
+    """(text, its token count, the full text's token count): the text itself when it fits, else its first
+    `max_tokens` tokens (shortened further if decoding and re-encoding the cut grows it)."""
+    ids = tokenizer.encode(text)
+    full = len(ids)
+    if full <= max_tokens:
+        return text, full, full
+    ids = ids[:max_tokens]
+    cut = tokenizer.decode(ids)
+    count = len(tokenizer.encode(cut))
+    for _ in range(8):
+        if count <= max_tokens or len(ids) <= 1:
+            break
+        ids = ids[:max(1, len(ids) - (count - max_tokens))]
+        cut = tokenizer.decode(ids)
+        count = len(tokenizer.encode(cut))
+    return cut, count, full
+
+
+def build_chatbot_workload(cfg: ChatbotConfig, tokenizer: Tokenizer) -> Workload:
+    """The same config, seed and tokenizer give the same workload, byte for byte. Prompts are drawn without
+    replacement (a seeded shuffle of the held-out split; it repeats only after every prompt was used)."""
+    lo, hi = cfg.output_range
+    if not 1 <= lo <= hi:
+        raise ValueError(f"chatbot: bad output range {cfg.output_range}")
+    if cfg.max_prompt_tokens < 1 or cfg.max_prompt_tokens + lo > cfg.context_tokens:
+        raise ValueError(f"chatbot: the longest prompt + shortest output ({cfg.max_prompt_tokens}+{lo}) exceeds "
+                         f"the context ({cfg.context_tokens} tokens)")
+    if cfg.output_scale <= 0 or cfg.tokens_per_word <= 0:
+        raise ValueError("chatbot: output_scale and tokens_per_word must be > 0")
+    trace = load_trace(cfg.trace, cfg.data_root)
+    pool = held_out_prompts(cfg.data_root, cfg.split_seed)
+    info: dict = {"seed": cfg.seed, "duration_s": cfg.duration_s, "context_tokens": cfg.context_tokens,
+                  "time_scale": cfg.time_scale, "tokenizer": getattr(tokenizer, "name", "?"), "classes": {}}
+    if cfg.time_scale is not None:
+        scale = cfg.time_scale
+    elif cfg.rate > 0:
+        scale = trace.mean_rate / cfg.rate
+    else:
+        return Workload([], info)
+    rng = random.Random(f"{cfg.seed}/chatbot/arrivals")
+    order = list(range(len(pool)))
+    random.Random(f"{cfg.seed}/chatbot/prompts").shuffle(order)
+    requests: list[RequestSpec] = []
+    cut = 0
+    for k, (t, row) in enumerate(_arrivals(trace, rng, cfg.duration_s, scale)):
+        example = pool[order[k % len(order)]]
+        prompt, n_tok, full = cut_prompt(example.prompt, tokenizer, cfg.max_prompt_tokens)
+        cut += full > n_tok
+        out = min(response_tokens(example.words, cfg), cfg.context_tokens - n_tok)
+        requests.append(RequestSpec(k, BE, t, prompt, n_tok, out, full,
+                                    round(example.words * cfg.tokens_per_word), response_words=example.words))
+    count = len(requests)
+    info["classes"][BE] = {
+        "trace": cfg.trace, "prompt_source": f"sharegpt held-out test split (predictor/data.py, seed "
+                                             f"{cfg.split_seed}; {len(pool)} prompts)",
+        "target_rate": cfg.rate, "realized_rate": count / cfg.duration_s if cfg.duration_s > 0 else 0.0,
+        "count": count, "time_multiplier": scale, "prompt_range": [1, cfg.max_prompt_tokens],
+        "output_range": [lo, hi], "tokens_per_word": cfg.tokens_per_word, "output_scale": cfg.output_scale,
+        "held_out_prompts": len(pool), "split_seed": cfg.split_seed, "prompts_cut": cut,
+        "distinct_prompts": len({order[k % len(order)] for k in range(count)}),
+    }
+    if requests:
+        ci = info["classes"][BE]
+        ci["prompt_tokens_mean"] = sum(r.prompt_tokens for r in requests) / count
+        ci["max_tokens_mean"] = sum(r.max_tokens for r in requests) / count
+        ci["offered_prompt_tok_s"] = sum(r.prompt_tokens for r in requests) / cfg.duration_s
+        ci["offered_output_tok_s"] = sum(r.max_tokens for r in requests) / cfg.duration_s
     return Workload(requests, info)
