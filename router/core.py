@@ -3,6 +3,12 @@
 LS requests go to the least-loaded worker at once. BE requests (and, in `fifo` mode, everything) are
 released while a worker has fewer than `max_inflight_per_worker` requests; the rest wait in the router's
 queue, where their order is the router's to choose.
+
+When a worker's stream breaks, the requests it held are re-queued and run again from the start on another
+worker (recomputed): sampling is seeded per request, so the replay produces the same tokens and the
+handler skips those the client already has (RESTART marks where a replay begins). A request that finds no
+worker within `requeue_timeout_s`, or is re-queued more than `max_requeues` times, ends with UNAVAILABLE;
+none is dropped silently.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class Job:
     length_score: float | None = None      # ltr: the predictor's rank score (larger = longer)
     est_remaining_s: float | None = None   # speculative: estimated execution time
     true_length: int | None = None         # oracle (benchmarks only): the known output length
+    requeues: int = 0
+    dispatched_at: float | None = None
 
     @property
     def label(self) -> str:
@@ -42,10 +50,27 @@ class NoWorker(Exception):
     pass
 
 
+class Overloaded(Exception):
+    """BE admission control: the queue is past its bound, or the predicted wait past the deadline."""
+
+
+# Put on a job's event queue when it is re-queued: the next events replay the request from its start.
+RESTART = object()
+
+
 class RouterCore:
     def __init__(self, workers: list[WorkerClient], queue_mode: str = "class", max_inflight_per_worker: int = 0,
-                 be_order: str = "arrival", **order_kwargs):
-        self.workers = workers
+                 be_order: str = "arrival", max_requeues: int = 2, requeue_timeout_s: float = 30.0,
+                 max_be_queue: int = 0, **order_kwargs):
+        self.workers = []
+        for w in workers:
+            self.add_worker(w)
+        self.max_requeues = max_requeues
+        self.requeue_timeout_s = requeue_timeout_s
+        self.jobs: dict[str, Job] = {}  # dispatched and not finished, by request id
+        self.max_be_queue = max_be_queue  # 0 = unbounded
+        # EWMA of how long a BE request holds a worker slot, for the predicted wait of a queued one.
+        self.be_service_s: float | None = None
         self.queues: RequestQueues[Job] = RequestQueues(queue_mode, be_order, **order_kwargs)
         # 0 = the worker's own max_num_seqs: everything released can start at once, and the order of what
         # waits is the router's (its BE order), not the worker's arrival order.
@@ -56,16 +81,45 @@ class RouterCore:
             return self.max_inflight
         return worker.info.max_num_seqs if worker.info is not None and worker.info.max_num_seqs else 32
 
+    def add_worker(self, worker: WorkerClient) -> None:
+        worker.on_lost = self._worker_lost
+        worker.on_ready = self._dispatch
+        self.workers.append(worker)
+
+    def remove_worker(self, worker: WorkerClient) -> None:
+        """Stops using a worker (it left the DNS answer); what it runs now finishes or is re-queued."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+
     def healthy_workers(self) -> list[WorkerClient]:
         return [w for w in self.workers if w.healthy]
 
-    def submit(self, job: Job) -> None:
+    def predicted_be_wait_s(self) -> float:
+        """Queued BE ahead x mean BE service time / slots: when a new BE request would start, roughly."""
+        if self.be_service_s is None:
+            return 0.0
+        slots = sum(self.window(w) for w in self.healthy_workers()) or 1
+        return self.queues.counts()[1] * self.be_service_s / slots
+
+    def submit(self, job: Job, deadline_s: float | None = None) -> None:
+        """Queues a job; BE is refused at once (Overloaded) past the queue bound or when its predicted wait
+        is longer than the time it has left; LS is always taken while any worker is up."""
         if not self.healthy_workers():
             raise NoWorker("no worker is available")
+        if not job.is_ls:
+            queued_be = self.queues.counts()[1]
+            if self.max_be_queue and queued_be >= self.max_be_queue:
+                raise Overloaded(f"priority: the best-effort queue is full ({queued_be} requests); retry later")
+            if deadline_s is not None:
+                wait = self.predicted_be_wait_s()
+                if wait > deadline_s:
+                    raise Overloaded(f"priority: predicted best-effort wait {wait:.1f} s exceeds the request's "
+                                     f"deadline ({deadline_s:.1f} s left)")
         self.queues.push(job)
         self._dispatch()
 
     def cancel(self, job: Job) -> None:
+        self.jobs.pop(job.request_id, None)
         if self.queues.remove(job.request_id) is not None:
             self._publish()
             return
@@ -73,6 +127,38 @@ class RouterCore:
             job.worker.cancel(job.request_id)
             job.worker = None
             self._dispatch()
+
+    def _worker_lost(self, worker: WorkerClient, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            job = self.jobs.get(rid)
+            if job is None:
+                continue
+            job.worker = None
+            job.requeues += 1
+            metrics.REQUEUED.inc()
+            if job.requeues > self.max_requeues:
+                self._fail(job, f"worker {worker.address} was lost and the request was already re-queued "
+                                f"{job.requeues - 1} times")
+                continue
+            job.events.put_nowait(RESTART)
+            self.queues.push(job)
+        asyncio.get_running_loop().call_later(self.requeue_timeout_s, self._expire_orphans)
+        self._dispatch()
+
+    def _expire_orphans(self) -> None:
+        """Re-queued requests that still found no worker are failed rather than left waiting forever."""
+        if self.healthy_workers():
+            return
+        for job in [j for j in list(self.jobs.values()) if j.requeues and j.worker is None]:
+            if self.queues.remove(job.request_id) is not None:
+                self._fail(job, "no worker became available for a re-queued request")
+        self._publish()
+
+    def _fail(self, job: Job, message: str) -> None:
+        self.jobs.pop(job.request_id, None)
+        metrics.LOST.inc()
+        job.events.put_nowait(worker_pb2.WorkerEvent(request_id=job.request_id, rejected=worker_pb2.Rejection(
+            code=grpc.StatusCode.UNAVAILABLE.value[0], message=message)))
 
     def _pick(self, job: Job) -> WorkerClient | None:
         candidates = self.healthy_workers()
@@ -89,16 +175,23 @@ class RouterCore:
             self.queues.pop()
             job.worker = worker
             job.worker_address = worker.address
+            self.jobs[job.request_id] = job
+            job.dispatched_at = time.monotonic()
             worker.submit(job.submit, lambda event, job=job: self._on_event(job, event))
         self._publish()
 
     def _on_event(self, job: Job, event: worker_pb2.WorkerEvent) -> None:
         job.events.put_nowait(event)
         terminal = event.WhichOneof("kind") == "rejected" or event.tokens.finished
-        if terminal and job.worker is not None:
-            job.worker.done(job.request_id)
-            job.worker = None
-            self._dispatch()
+        if terminal:
+            self.jobs.pop(job.request_id, None)
+            if not job.is_ls and job.dispatched_at is not None:
+                held = time.monotonic() - job.dispatched_at
+                self.be_service_s = held if self.be_service_s is None else 0.9 * self.be_service_s + 0.1 * held
+            if job.worker is not None:
+                job.worker.done(job.request_id)
+                job.worker = None
+                self._dispatch()
 
     def _publish(self) -> None:
         ls, be = self.queues.counts()

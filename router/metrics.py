@@ -11,5 +11,8 @@ TOKENS = Counter("qllm_router_output_tokens_total", "Tokens streamed to clients"
 TTFT = Histogram("qllm_router_ttft_seconds", "Request arrival to first token sent", ["priority"], buckets=BUCKETS)
 E2E = Histogram("qllm_router_e2e_seconds", "Request arrival to last token sent", ["priority"], buckets=BUCKETS)
 QUEUED = Gauge("qllm_router_queued_requests", "Requests waiting in the router's queues", ["priority"])
+REQUEUED = Counter("qllm_router_requeued_total", "Requests re-queued after their worker was lost")
+LOST = Counter("qllm_router_unavailable_total",
+               "Requests ended with UNAVAILABLE after losing their worker (re-queue limit or no worker)")
 DEPENDENCY_DOWN = Gauge("qllm_router_dependency_down", "1 while a dependency (predictor, kvmanager) is unreachable",
                         ["dependency"])

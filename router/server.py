@@ -16,7 +16,8 @@ from qllm.logs import configure as configure_logging, get_logger
 from qllm.security import AuthError, KeyRing, RateLimiter, load_key_file, open_access
 from qllm.v1 import common_pb2, kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics
-from router.core import Job, NoWorker, RouterCore, status_code
+from router.core import RESTART, Job, NoWorker, Overloaded, RouterCore, status_code
+from router.discovery import WorkerDiscovery
 from router.deps import KVManagerClient, PredictorClient
 from router.validation import InvalidField, Limits, validate
 from router.worker_client import WorkerClient
@@ -73,27 +74,47 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not is_ls:
             await self._set_order_key(job, request)
         try:
-            self.core.submit(job)
+            self.core.submit(job, context.time_remaining())
         except NoWorker as exc:
             metrics.REJECTED.labels("UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Overloaded as exc:
+            metrics.REJECTED.labels("RESOURCE_EXHAUSTED").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         metrics.REQUESTS.labels(label).inc()
         finished = False
         first = True
+        sent = 0       # tokens the client has
+        position = 0   # tokens of the current attempt seen so far (a re-queued request starts over)
         try:
             while True:
                 event = await job.events.get()
+                if event is RESTART:
+                    position = 0
+                    log.info("re-queued after losing its worker; replaying", sent_tokens=sent)
+                    continue
                 if event.WhichOneof("kind") == "rejected":
                     code = status_code(event.rejected.code)
                     metrics.REJECTED.labels(code.name).inc()
                     finished = True
                     await context.abort(code, event.rejected.message)
                 delta = event.tokens
+                token_ids, text = list(delta.token_ids), delta.text
+                if position < sent:
+                    # A replay re-generates (same seed, same tokens) what the client already has: skip it.
+                    skip = min(len(token_ids), sent - position)
+                    position += len(token_ids)
+                    token_ids, text = token_ids[skip:], (text if skip == 0 else "")
+                    if not token_ids and not delta.finished:
+                        continue
+                else:
+                    position += len(token_ids)
+                sent += len(token_ids)
                 now = time.monotonic()
-                if first and delta.token_ids:
+                if first and token_ids:
                     metrics.TTFT.labels(label).observe(now - arrival)
                     first = False
-                metrics.TOKENS.labels(label).inc(len(delta.token_ids))
+                metrics.TOKENS.labels(label).inc(len(token_ids))
                 if delta.finished:
                     finished = True
                     metrics.E2E.labels(label).observe(now - arrival)
@@ -102,7 +123,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         self._spawn(self._report_turn(request, delta.prompt_tokens + delta.completion_tokens,
                                                       job))
                 yield router_pb2.GenerateResponse(
-                    text=delta.text, token_ids=delta.token_ids, finished=delta.finished,
+                    text=text, token_ids=token_ids, finished=delta.finished,
                     finish_reason=delta.finish_reason, request_id=rid, prompt_tokens=delta.prompt_tokens,
                     completion_tokens=delta.completion_tokens)
                 if delta.finished:
@@ -145,7 +166,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add_service_flags(parser, port=50051, metrics_port=9151)
-    settings.add(parser, "--workers", default="127.0.0.1:50061", help="comma-separated worker HOST:PORT list")
+    settings.add(parser, "--workers", default="127.0.0.1:50061",
+                 help="comma-separated worker HOST:PORT list, or dns:///NAME:PORT for every address NAME resolves "
+                      "to (re-resolved every few seconds: a Kubernetes headless Service)")
     settings.add(parser, "--predictor", default="127.0.0.1:50071", help="predictor HOST:PORT ('' = none)")
     settings.add(parser, "--kvmanager", default="127.0.0.1:50081", help="kvmanager HOST:PORT ('' = none)")
     settings.add(parser, "--queue-mode", default="class", choices=["class", "fifo"],
@@ -161,6 +184,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--default-priority", default="BE", choices=["LS", "BE"],
                  help="class of requests that leave priority unspecified")
     settings.add(parser, "--max-prompt-bytes", type=int, default=1 << 20, help="largest accepted prompt")
+    settings.add(parser, "--max-be-queue", type=int, default=4096,
+                 help="BE requests queued in the router at most; more get RESOURCE_EXHAUSTED (0 = unbounded)")
+    settings.add(parser, "--max-requeues", type=int, default=2,
+                 help="times a request whose worker was lost is re-run elsewhere before UNAVAILABLE")
+    settings.add(parser, "--requeue-timeout-s", type=float, default=30.0,
+                 help="how long a re-queued request may wait for a worker before UNAVAILABLE")
+    settings.add(parser, "--drain-grace-s", type=float, default=30.0,
+                 help="on SIGTERM: health NOT_SERVING, in-flight requests get this long to finish")
     settings.add(parser, "--api-keys", default=None,
                  help="API key file (JSON or TOML: tenants, their classes and rate limits); unset = open access")
     settings.add(parser, "--tls-ca", default=None,
@@ -172,11 +203,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServicer]:
     client_creds = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
-    workers = [WorkerClient(a.strip(), credentials=client_creds) for a in args.workers.split(",") if a.strip()]
-    if not workers:
+    targets = [a.strip() for a in args.workers.split(",") if a.strip()]
+    if not targets:
         raise SystemExit("--workers: at least one worker address is needed")
-    core = RouterCore(workers, args.queue_mode, args.max_inflight_per_worker, be_order=args.be_order,
-                      starvation_threshold=args.starvation_threshold, promotion_rounds=args.promotion_rounds)
+    core = RouterCore([], args.queue_mode, args.max_inflight_per_worker, be_order=args.be_order,
+                      max_requeues=args.max_requeues, requeue_timeout_s=args.requeue_timeout_s,
+                      max_be_queue=args.max_be_queue, starvation_threshold=args.starvation_threshold,
+                      promotion_rounds=args.promotion_rounds)
+    discovery = WorkerDiscovery(core, targets, lambda address: WorkerClient(address, credentials=client_creds))
+    workers = core.workers
     limits = Limits(max_prompt_bytes=args.max_prompt_bytes,
                     default_priority=common_pb2.PRIORITY_LATENCY_SENSITIVE if args.default_priority == "LS"
                     else common_pb2.PRIORITY_BEST_EFFORT)
@@ -192,11 +227,11 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
     servicer = RouterServicer(core, limits, predictor, kvmanager, keyring, RateLimiter())
 
     async def on_start():
-        for w in workers:
-            w.start()
+        await discovery.start()
         # Serve as soon as one worker is up; its Describe answer sets the model limits.
-        done, _ = await asyncio.wait([asyncio.create_task(w.wait_connected(60.0)) for w in workers],
-                                     return_when=asyncio.FIRST_COMPLETED)
+        if workers:
+            await asyncio.wait([asyncio.create_task(w.wait_connected(60.0)) for w in workers],
+                               return_when=asyncio.FIRST_COMPLETED)
         connected = [w for w in workers if w.info is not None]
         if connected:
             limits.max_context = connected[0].info.max_context
@@ -204,15 +239,14 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
             log.warning("no worker reachable yet; serving anyway", workers=args.workers)
 
     async def on_stop():
-        for w in workers:
-            await w.close()
+        await discovery.stop()
         await predictor.close()
         await kvmanager.close()
 
     service = serving.Service(
         name="router", service_names=[router_pb2.DESCRIPTOR.services_by_name["Router"].full_name],
         register=lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server),
-        on_start=on_start, on_stop=on_stop)
+        on_start=on_start, on_stop=on_stop, grace_s=args.drain_grace_s)
     return service, servicer
 
 

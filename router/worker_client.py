@@ -31,6 +31,11 @@ class WorkerClient:
         self.info: worker_pb2.WorkerInfo | None = None
         self.healthy = False
         self._handlers: dict[str, EventHandler] = {}
+        # Called with the ids of the requests a broken stream took down, so the router can re-queue them;
+        # without it they are failed with UNAVAILABLE.
+        self.on_lost: Callable[["WorkerClient", list[str]], None] | None = None
+        # Called when the stream (re)opens, so work queued while no worker was up gets released.
+        self.on_ready: Callable[[], None] | None = None
         self._outgoing: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
@@ -67,6 +72,8 @@ class WorkerClient:
                 self._outgoing = outgoing
                 self.healthy = True
                 self._connected.set()
+                if self.on_ready is not None:
+                    self.on_ready()
                 log.info("worker connected", worker=self.address, model=self.info.model_name,
                          policy=self.info.policy)
                 async for event in call:
@@ -75,6 +82,7 @@ class WorkerClient:
                         handler(event)
                 log.warning("worker stream ended", worker=self.address)
             except asyncio.CancelledError:
+                self.on_lost = None  # shutting down: nothing to re-queue onto
                 self._fail_all("router shutting down")
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -96,6 +104,9 @@ class WorkerClient:
 
     def _fail_all(self, message: str) -> None:
         handlers, self._handlers = self._handlers, {}
+        if self.on_lost is not None and handlers:
+            self.on_lost(self, list(handlers))
+            return
         for rid, handler in handlers.items():
             handler(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(
                 code=grpc.StatusCode.UNAVAILABLE.value[0], message=message)))

@@ -199,12 +199,15 @@ class EngineCore:
             if not done:
                 parked.append(state)
                 self.num_layer_preemptions += 1
-                metrics.PREEMPTIONS.labels("layer").inc()
-                if self._ls_arrived_at is not None:
+                # A BE step paused for LS is QLLM's preemption; an LS prefill paused for a newer LS is nesting.
+                metrics.PREEMPTIONS.labels("layer" if state.plan.has_best_effort else "nested").inc()
+                if self._ls_arrived_at is not None and state.plan.has_best_effort:
                     latency = time.monotonic() - self._ls_arrived_at
                     metrics.PREEMPTION_LATENCY.observe(latency)
-                    # In units of this very step's layer time: QLLM's bound is "at most one layer".
-                    metrics.PREEMPTION_LATENCY_LAYERS.observe(latency / layer_s)
+                    # In units of this very step's layer time: QLLM's bound is "at most one layer". (A step
+                    # parked before its first stage has no layer time of its own; its wait was shorter.)
+                    if state.next_stage > stages_before:
+                        metrics.PREEMPTION_LATENCY_LAYERS.observe(latency / layer_s)
                 continue
             if not parked:
                 ls_only_steps = 0

@@ -135,6 +135,9 @@ class ModelRunner:
         """
         self.cache.set_layout(state.layout)
         last = 2 * self.num_layers
+        if state.next_stage == 0 and should_yield is not None and should_yield():
+            state.pauses += 1  # LS arrived while this step was being built: park it before any work
+            return False
         while state.next_stage < last:
             layer = self.layers[state.next_stage // 2]
             if state.next_stage % 2 == 0:
