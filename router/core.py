@@ -40,6 +40,7 @@ class Job:
     true_length: int | None = None         # oracle (benchmarks only): the known output length
     requeues: int = 0
     dispatched_at: float | None = None
+    preferred_worker: str = ""             # affinity: the worker holding this program's previous turn
 
     @property
     def label(self) -> str:
@@ -164,6 +165,12 @@ class RouterCore:
         candidates = self.healthy_workers()
         if not (job.is_ls and self.queues.mode == "class"):
             candidates = [w for w in candidates if w.in_flight < self.window(w)]
+        if job.preferred_worker:
+            # Affinity: the worker that ran the program's previous turn may hold its KV; if it is gone or
+            # full, any other worker takes the turn and recomputes the context.
+            for w in candidates:
+                if w.address == job.preferred_worker:
+                    return w
         return min(candidates, key=lambda w: w.in_flight, default=None)
 
     def _dispatch(self) -> None:

@@ -19,6 +19,7 @@ from router import metrics
 from router.core import RESTART, Job, NoWorker, Overloaded, RouterCore, status_code
 from router.discovery import WorkerDiscovery
 from router.deps import KVManagerClient, PredictorClient
+from router.programs import ProgramTracker
 from router.validation import InvalidField, Limits, validate
 from router.worker_client import WorkerClient
 
@@ -34,6 +35,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.kvmanager = kvmanager
         self.keyring = keyring or open_access()
         self.limiter = limiter or RateLimiter()
+        self.programs = ProgramTracker()
         self._background: set[asyncio.Task] = set()
 
     def _spawn(self, coro) -> None:
@@ -70,6 +72,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 patience=request.patience if request.HasField("patience") else 1.0,
                 length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0))
         job = Job(rid, is_ls, submit, arrival=arrival)
+        turn = None
+        if request.program_id:
+            turn = self.programs.turn_arrived(request.program_id, arrival)
+            job.arrival = turn.order_arrival          # program-level FCFS within the class
+            job.preferred_worker = turn.preferred_worker
         # LS goes first whatever its length, so only BE is ranked.
         if not is_ls:
             await self._set_order_key(job, request)
@@ -120,8 +127,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     metrics.E2E.labels(label).observe(now - arrival)
                     metrics.FINISHED.labels(label, delta.finish_reason).inc()
                     if request.program_id:
+                        self.programs.turn_dispatched(request.program_id, job.worker_address)
+                        self.programs.turn_finished(request.program_id, request.last_turn, request.tool_name)
                         self._spawn(self._report_turn(request, delta.prompt_tokens + delta.completion_tokens,
-                                                      job))
+                                                      job, turn))
                 yield router_pb2.GenerateResponse(
                     text=text, token_ids=token_ids, finished=delta.finished,
                     finish_reason=delta.finish_reason, request_id=rid, prompt_tokens=delta.prompt_tokens,
@@ -156,10 +165,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if scores:
             log.debug("predicted length score", score=scores[0])
 
-    async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, job: Job) -> None:
+    async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, job: Job, turn) -> None:
         decision = await self.kvmanager.report_turn(kvmanager_pb2.TurnReport(
-            program_id=request.program_id, worker=job.worker_address, context_tokens=tokens, last_turn=request.last_turn,
-            tool_name=request.tool_name))
+            program_id=request.program_id, worker=job.worker_address, context_tokens=tokens,
+            last_turn=request.last_turn, tool_name=request.tool_name, turn_index=turn.turn_index,
+            prev_tool_duration_s=turn.prev_tool_duration_s))
         if decision is not None:
             log.info("pin decision", program_id=request.program_id, pin=decision.pin, ttl_s=decision.ttl_s)
 

@@ -34,6 +34,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False
+    # Beam search (worker/beam.py) when num_beams > 1: greedy only, tokens arrive when the search ends.
+    num_beams: int = 1
+    patience: float = 1.0
+    length_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +61,8 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    # A beam-search request's state (worker.beam.BeamSearch); None for everything else.
+    beam: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -84,11 +90,25 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         """Records a sampled token and finishes the request when it hits EOS or max_tokens."""
+        if self.beam is not None:
+            self._beam_step_done(token_id)
+            return
         self.output_token_ids.append(token_id)
         if not self.sampling.ignore_eos and token_id in self.eos_token_ids:
             self.finish(FinishReason.STOP)
         elif len(self.output_token_ids) >= self.sampling.max_tokens:
             self.finish(FinishReason.LENGTH)
+
+    def _beam_step_done(self, token_id: int) -> None:
+        """A beam step ran (the beams live in self.beam; token_id only counts the step): once the search has
+        ended, the output becomes the best finished hypothesis."""
+        beam = self.beam
+        if not beam.done:
+            self.output_token_ids.append(token_id)
+            return
+        best = beam.best()
+        self.output_token_ids = list(best.tokens)
+        self.finish(FinishReason.STOP if best.eos else FinishReason.LENGTH)
 
     def finish(self, reason: FinishReason) -> None:
         self.status = Status.FINISHED
