@@ -1,7 +1,6 @@
 """Losing a worker re-queues its requests; discovery adds and removes workers; BE admission control."""
 
 import asyncio
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -9,56 +8,6 @@ import pytest
 from qllm.v1 import worker_pb2
 from router.core import RESTART, Job, Overloaded, RouterCore
 from router.discovery import WorkerDiscovery, split_target
-
-
-@dataclass(eq=False)
-class FakeWorker:
-    address: str
-    max_num_seqs: int = 4
-    healthy: bool = True
-    sent: list = field(default_factory=list)
-    handlers: dict = field(default_factory=dict)
-    started: bool = False
-    closed: bool = False
-    on_lost: object = None
-    on_ready: object = None
-
-    @property
-    def info(self):
-        return worker_pb2.WorkerInfo(max_num_seqs=self.max_num_seqs)
-
-    @property
-    def in_flight(self):
-        return len(self.handlers)
-
-    def submit(self, submit, handler):
-        self.sent.append(submit.request_id)
-        self.handlers[submit.request_id] = handler
-
-    def done(self, rid):
-        self.handlers.pop(rid, None)
-
-    def cancel(self, rid):
-        self.handlers.pop(rid, None)
-
-    def token(self, rid, finished=False):
-        self.handlers[rid](worker_pb2.WorkerEvent(request_id=rid, tokens=worker_pb2.TokenDelta(
-            token_ids=[7], finished=finished)))
-
-    def die(self):
-        self.healthy = False
-        handlers, self.handlers = self.handlers, {}
-        self.on_lost(self, list(handlers))
-
-    def come_back(self):
-        self.healthy = True
-        self.on_ready()
-
-    def start(self):
-        self.started = True
-
-    async def close(self):
-        self.closed = True
 
 
 def job(rid, ls=False):
@@ -72,8 +21,8 @@ def drain(j):
     return out
 
 
-async def test_lost_worker_requests_are_requeued_on_another():
-    a, b = FakeWorker("a", max_num_seqs=1), FakeWorker("b", max_num_seqs=1)
+async def test_lost_worker_requests_are_requeued_on_another(fake_worker):
+    a, b = fake_worker("a", max_num_seqs=1), fake_worker("b", max_num_seqs=1)
     core = RouterCore([a, b])
     j0, j1 = job("r0"), job("r1")
     core.submit(j0)
@@ -90,8 +39,8 @@ async def test_lost_worker_requests_are_requeued_on_another():
     assert not core.jobs
 
 
-async def test_requeue_limit_and_no_worker_end_with_unavailable():
-    a = FakeWorker("a")
+async def test_requeue_limit_and_no_worker_end_with_unavailable(fake_worker):
+    a = fake_worker("a")
     core = RouterCore([a], max_requeues=0, requeue_timeout_s=0.05)
     j = job("r0")
     core.submit(j)
@@ -99,7 +48,7 @@ async def test_requeue_limit_and_no_worker_end_with_unavailable():
     event = drain(j)[-1]
     assert event.rejected.code == grpc.StatusCode.UNAVAILABLE.value[0]
 
-    b = FakeWorker("b")
+    b = fake_worker("b")
     core = RouterCore([b], max_requeues=3, requeue_timeout_s=0.05)
     j = job("r1")
     core.submit(j)
@@ -109,8 +58,8 @@ async def test_requeue_limit_and_no_worker_end_with_unavailable():
     assert len(core.queues) == 0
 
 
-async def test_worker_that_comes_back_gets_queued_work():
-    a = FakeWorker("a", max_num_seqs=1)
+async def test_worker_that_comes_back_gets_queued_work(fake_worker):
+    a = fake_worker("a", max_num_seqs=1)
     core = RouterCore([a], requeue_timeout_s=5)
     core.submit(job("r0"))
     a.die()
@@ -119,8 +68,8 @@ async def test_worker_that_comes_back_gets_queued_work():
     assert a.sent == ["r0", "r0"] and len(core.queues) == 0
 
 
-async def test_be_admission_control_bound_and_deadline():
-    a = FakeWorker("a", max_num_seqs=1)
+async def test_be_admission_control_bound_and_deadline(fake_worker):
+    a = fake_worker("a", max_num_seqs=1)
     core = RouterCore([a], max_be_queue=2)
     core.submit(job("run"))
     core.submit(job("q1"))
@@ -135,11 +84,11 @@ async def test_be_admission_control_bound_and_deadline():
     core.submit(job("patient"), deadline_s=60.0)
 
 
-async def test_discovery_adds_and_retires_workers():
+async def test_discovery_adds_and_retires_workers(fake_worker):
     made = []
 
     def make(address):
-        w = FakeWorker(address)
+        w = fake_worker(address)
         made.append(w)
         return w
 

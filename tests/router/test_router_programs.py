@@ -35,22 +35,8 @@ def test_tracker_forgets_least_recently_active_programs_beyond_its_bound():
     assert len(tracker) == 2 and tracker.worker_of("a") == ""
 
 
-class W:
-    def __init__(self, address, window=4, healthy=True):
-        self.address, self.healthy, self.handlers, self.sent = address, healthy, {}, []
-        self.info = worker_pb2.WorkerInfo(max_num_seqs=window)
-
-    @property
-    def in_flight(self):
-        return len(self.handlers)
-
-    def submit(self, submit, handler):
-        self.sent.append(submit.request_id)
-        self.handlers[submit.request_id] = handler
-
-
-def test_affinity_prefers_the_previous_worker_and_falls_back_when_it_is_gone():
-    a, b = W("a"), W("b")
+def test_affinity_prefers_the_previous_worker_and_falls_back_when_it_is_gone(fake_worker):
+    a, b = fake_worker("a"), fake_worker("b")
     core = RouterCore([a, b])
     core.submit(Job("x", False, worker_pb2.SubmitRequest(request_id="x")))  # a is now busier than b
     turn = Job("t1", False, worker_pb2.SubmitRequest(request_id="t1"), preferred_worker=a.address)

@@ -1,6 +1,6 @@
 """The router's queues and release of work (pure; fake workers, no gRPC)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -64,42 +64,12 @@ def test_unknown_mode_or_order_rejected():
         RequestQueues("class", be_order="random")
 
 
-@dataclass
-class FakeWorker:
-    address: str
-    max_num_seqs: int = 2
-    healthy: bool = True
-    sent: list = field(default_factory=list)
-    handlers: dict = field(default_factory=dict)
-
-    @property
-    def info(self):
-        return worker_pb2.WorkerInfo(max_num_seqs=self.max_num_seqs)
-
-    @property
-    def in_flight(self):
-        return len(self.handlers)
-
-    def submit(self, submit, handler):
-        self.sent.append(submit.request_id)
-        self.handlers[submit.request_id] = handler
-
-    def done(self, rid):
-        self.handlers.pop(rid, None)
-
-    def cancel(self, rid):
-        self.handlers.pop(rid, None)
-
-    def finish(self, rid):
-        self.handlers[rid](worker_pb2.WorkerEvent(request_id=rid, tokens=worker_pb2.TokenDelta(finished=True)))
-
-
 def job(rid, ls=False):
     return Job(rid, ls, worker_pb2.SubmitRequest(request_id=rid))
 
 
-async def test_be_released_within_the_worker_window_and_ls_at_once():
-    w = FakeWorker("w0", max_num_seqs=2)
+async def test_be_released_within_the_worker_window_and_ls_at_once(fake_worker):
+    w = fake_worker("w0", max_num_seqs=2)
     core = RouterCore([w])
     for rid in ("b0", "b1", "b2"):
         core.submit(job(rid))
@@ -111,8 +81,8 @@ async def test_be_released_within_the_worker_window_and_ls_at_once():
     assert w.sent[-1] == "b2"
 
 
-async def test_fifo_mode_holds_ls_behind_queued_be():
-    w = FakeWorker("w0", max_num_seqs=1)
+async def test_fifo_mode_holds_ls_behind_queued_be(fake_worker):
+    w = fake_worker("w0", max_num_seqs=1)
     core = RouterCore([w], queue_mode="fifo")
     core.submit(job("b0"))
     core.submit(job("b1"))
@@ -122,14 +92,14 @@ async def test_fifo_mode_holds_ls_behind_queued_be():
     assert w.sent == ["b0", "b1"]
 
 
-async def test_least_loaded_healthy_worker_and_cancel_of_queued():
-    a, b, down = FakeWorker("a", 4), FakeWorker("b", 4), FakeWorker("down", 4, healthy=False)
+async def test_least_loaded_healthy_worker_and_cancel_of_queued(fake_worker):
+    a, b, down = fake_worker("a", 4), fake_worker("b", 4), fake_worker("down", 4, healthy=False)
     core = RouterCore([a, b, down])
     for rid in ("r0", "r1", "r2"):
         core.submit(job(rid))
     assert sorted(a.sent + b.sent) == ["r0", "r1", "r2"] and not down.sent
     assert abs(len(a.sent) - len(b.sent)) == 1
-    full = RouterCore([FakeWorker("c", 1)])
+    full = RouterCore([fake_worker("c", 1)])
     j0, j1 = job("x0"), job("x1")
     full.submit(j0)
     full.submit(j1)
