@@ -52,8 +52,12 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
         raise InvalidField("priority", f"unknown value {priority}")
     if req.num_beams > limits.max_beams:
         raise InvalidField("num_beams", f"{req.num_beams} is more than the maximum of {limits.max_beams}")
-    if req.HasField("patience") and not req.patience > 0:
+    if req.HasField("patience") and not (req.patience > 0 and math.isfinite(req.patience)):
         raise InvalidField("patience", f"must be > 0, got {req.patience}")
+    if req.HasField("length_penalty") and not math.isfinite(req.length_penalty):
+        raise InvalidField("length_penalty", f"must be a finite number, got {req.length_penalty}")
+    if req.num_beams > 1 and req.temperature > 0:
+        raise InvalidField("temperature", "beam search is deterministic; num_beams > 1 needs temperature 0")
     if req.last_turn and not req.program_id:
         raise InvalidField("last_turn", "is set but program_id is empty")
     if len(req.request_id) > 256:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from worker import metrics
+from worker import beam, metrics
 from worker.kv_blocks import BlockAllocator
 from worker.model_runner import ModelRunner, StepState
 from worker.request import FinishReason, Priority, Request, SamplingParams
@@ -42,6 +43,7 @@ class EngineConfig:
     ls_reserved_kv_tokens: int = 1024
     ls_reserved_slots: int = 2
     admission_output_fraction: float = 1.0
+    max_num_beams: int = 8
 
 
 @dataclass
@@ -52,6 +54,8 @@ class EngineOutput:
     finish_reason: str = ""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # Beam search only, on the final output: the finished hypotheses, best first, as (token ids, score).
+    beams: list[tuple[list[int], float]] | None = None
 
 
 class RequestRejected(Exception):
@@ -221,6 +225,8 @@ class EngineCore:
             outputs = []
             for req in changed:
                 new = [req.output_token_ids[-1]] if req.request_id in sampled else []
+                if req.beam is not None:  # beams stream nothing until the search ends, then the best sequence
+                    new = list(req.output_token_ids) if req.is_finished else []
                 if req.is_finished:
                     self.runner.release(req.request_id)
                     outputs.append(self._finished_output(req, new))
@@ -247,9 +253,13 @@ class EngineCore:
 
     def _finished_output(self, req: Request, new: list[int]) -> EngineOutput:
         self.runner.release(req.request_id)
+        beams = None
+        if req.beam is not None and req.beam.done:
+            beams = [(h.tokens, h.score) for h in req.beam.ranked()]
         return EngineOutput(req.request_id, new, finished=True,
                             finish_reason=req.finish_reason.value if req.finish_reason else "",
-                            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids))
+                            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+                            beams=beams)
 
     def _publish_gauges(self) -> None:
         metrics.RUNNING.set(len(self.scheduler.running))
@@ -291,6 +301,8 @@ class AsyncEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def check(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
+        if sampling.num_beams > 1:
+            self.check_beams(sampling)
         total = num_prompt_tokens + sampling.max_tokens
         if total > self.max_context:
             raise RequestRejected("INVALID_ARGUMENT",
@@ -301,6 +313,25 @@ class AsyncEngine:
             raise RequestRejected("RESOURCE_EXHAUSTED",
                                   f"max_tokens: prompt + max_tokens ({total} tokens) exceeds the worker's KV "
                                   f"budget ({capacity} tokens)")
+        if sampling.num_beams > 1:
+            need = beam.kv_tokens(num_prompt_tokens, sampling.max_tokens, sampling.num_beams, self.config.block_size)
+            if need > capacity:
+                raise RequestRejected("RESOURCE_EXHAUSTED",
+                                      f"num_beams: {sampling.num_beams} beams of prompt + max_tokens need {need} KV "
+                                      f"tokens, more than the worker's KV budget ({capacity} tokens)")
+
+    def check_beams(self, sampling: SamplingParams) -> None:
+        if sampling.num_beams > self.config.max_num_beams:
+            raise RequestRejected("INVALID_ARGUMENT", f"num_beams: {sampling.num_beams} is more than this "
+                                                      f"worker's maximum of {self.config.max_num_beams}")
+        if not sampling.patience > 0 or not math.isfinite(sampling.patience):
+            raise RequestRejected("INVALID_ARGUMENT", f"patience: must be > 0, got {sampling.patience}")
+        if not math.isfinite(sampling.length_penalty):
+            raise RequestRejected("INVALID_ARGUMENT",
+                                  f"length_penalty: must be a finite number, got {sampling.length_penalty}")
+        if not sampling.greedy:
+            raise RequestRejected("INVALID_ARGUMENT", "temperature: beam search is deterministic; "
+                                                      "num_beams > 1 needs temperature 0")
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                        priority: Priority = Priority.BEST_EFFORT, order_key: float = 0.0
@@ -313,6 +344,8 @@ class AsyncEngine:
             raise RequestRejected("ALREADY_EXISTS", f"request_id: {request_id!r} is already running")
         req = Request(request_id, list(prompt_token_ids), sampling, priority, self.eos_token_ids,
                       order_key=order_key)
+        if sampling.num_beams > 1:
+            req.beam = self.new_beam_search(req)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         finished = False
@@ -328,6 +361,12 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.core.cancel(request_id)
+
+    def new_beam_search(self, req: Request) -> beam.BeamSearch:
+        """The search state of a beam request; with ignore_eos no candidate ever finishes early."""
+        s = req.sampling
+        return beam.BeamSearch(s.num_beams, s.patience, s.length_penalty, s.max_tokens, req.num_prompt_tokens,
+                               self.config.block_size, frozenset() if s.ignore_eos else req.eos_token_ids)
 
     def stats(self) -> dict:
         sched = self.core.scheduler

@@ -37,6 +37,7 @@ class StepState:
     # be parked at any stage boundary (QLLM's finer-grained, expert-level preemption point).
     next_stage: int = 0
     pauses: int = 0
+    has_beams: bool = False              # live beam-search beams are among the decode rows (worker/beam.py)
 
     @property
     def next_layer(self) -> int:
@@ -70,21 +71,28 @@ class ModelRunner:
         decodes = [s for s in plan.scheduled if s.num_tokens == 1 and s.start > 0]
         prefills = [s for s in plan.scheduled if not (s.num_tokens == 1 and s.start > 0)]
         ordered = decodes + prefills
+        rows = decodes
+        has_beams = any(s.request.beam is not None for s in decodes)
+        if has_beams:  # a beam-search request decodes all its live beams, one row each
+            rows = []
+            for s in decodes:
+                beam = s.request.beam
+                rows.extend(beam.rows(s) if beam is not None and beam.started else (s,))
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         bs = self.block_size
-        for s in ordered:
+        for s in (rows + prefills if has_beams else ordered):
             ids.extend(s.token_ids)
             for pos in range(s.start, s.start + s.num_tokens):
                 positions.append(pos)
                 slots.append(s.block_table[pos // bs] * bs + pos % bs)
         dev = self.device
         layout = BatchLayout(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                             num_decode=len(decodes), decode_in_place=[], decode_gather_rows=None,
+                             num_decode=len(rows), decode_in_place=[], decode_gather_rows=None,
                              decode_block_tables=None, decode_mask=None, prefills=[])
         gathered = []
-        for row, s in enumerate(decodes):
+        for row, s in enumerate(rows):
             span = self._span(s.block_table, s.start + 1)
             if span.first_block is not None and span.kv_len >= IN_PLACE_MIN_TOKENS:
                 layout.decode_in_place.append((row, span))
@@ -101,7 +109,7 @@ class ModelRunner:
             layout.decode_block_tables = table.to(dev)
             span_range = torch.arange(max_blocks * bs)
             layout.decode_mask = (span_range[None, :] < kv_lens[:, None]).view(len(gathered), 1, 1, -1).to(dev)
-        row = len(decodes)
+        row = len(rows)
         for s in prefills:
             kv_len = s.start + s.num_tokens
             mask = None
@@ -115,16 +123,25 @@ class ModelRunner:
         plan.scheduled[:] = ordered
         sample_rows, sample_index = [], []
         row = 0
-        for i, s in enumerate(ordered):
-            row += s.num_tokens
-            if s.samples:
-                sample_rows.append(row - 1)
-                sample_index.append(i)
+        if has_beams:
+            index_of = {id(s): i for i, s in enumerate(ordered)}
+            for s in rows + prefills:
+                row += s.num_tokens
+                if s.samples:
+                    sample_rows.append(row - 1)
+                    sample_index.append(index_of[id(getattr(s, "parent", s))])
+        else:
+            for i, s in enumerate(ordered):
+                row += s.num_tokens
+                if s.samples:
+                    sample_rows.append(row - 1)
+                    sample_index.append(i)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
         hidden = self.decoder.embed_tokens(input_ids)
         pos_emb = self.decoder.rotary_emb(hidden, position_ids)
-        return StepState(plan, hidden, position_ids, pos_emb, layout, sample_rows, sample_index)
+        return StepState(plan, hidden, position_ids, pos_emb, layout, sample_rows, sample_index,
+                         has_beams=has_beams or any(s.request.beam is not None and s.samples for s in prefills))
 
     @torch.inference_mode()
     def run_layers(self, state: StepState, should_yield: Callable[[], bool] | None = None) -> bool:
@@ -166,7 +183,33 @@ class ModelRunner:
         scheduled = [state.plan.scheduled[i] for i in state.sample_index]
         ids = [s.request.request_id for s in scheduled]
         tokens = self.sampler.sample(logits, ids, [s.request.sampling for s in scheduled])
-        return dict(zip(ids, tokens))
+        if not state.has_beams:
+            return dict(zip(ids, tokens))
+        return self._beam_steps(logits, scheduled, tokens)
+
+    def _beam_steps(self, logits: torch.Tensor, scheduled: list, tokens: list[int]) -> dict[str, int]:
+        """Plain requests keep their sampled token; each beam request advances its search from its rows'
+        log-probabilities (the token reported for it only counts the step), then its KV blocks are reordered."""
+        out: dict[str, int] = {}
+        groups: dict[str, tuple] = {}
+        for j, s in enumerate(scheduled):
+            if s.request.beam is None:
+                out[s.request.request_id] = tokens[j]
+            else:
+                groups.setdefault(s.request.request_id, (s, []))[1].append(j)
+        copies: list[tuple[int, int]] = []
+        for rid, (s, js) in groups.items():
+            beam = s.request.beam
+            logprobs = torch.log_softmax(logits[js], dim=-1)
+            copies.extend(beam.step(logprobs, s.block_table))
+            out[rid] = beam.beams[0][-1] if beam.beams else 0
+        if copies:
+            src = torch.tensor([a for a, _ in copies], dtype=torch.long, device=self.device)
+            dst = torch.tensor([b for _, b in copies], dtype=torch.long, device=self.device)
+            for layer in self.cache.layers:  # gather first, then scatter: a permutation of regions is safe
+                layer.keys[dst] = layer.keys[src]
+                layer.values[dst] = layer.values[src]
+        return out
 
     def _span(self, block_table: list[int], kv_len: int) -> KVSpan:
         n_blocks = -(-kv_len // self.block_size)

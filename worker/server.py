@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
@@ -31,10 +32,18 @@ def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
         raise RequestRejected("INVALID_ARGUMENT", "temperature: must be >= 0")
     if not 0.0 < msg.top_p <= 1.0:
         raise RequestRejected("INVALID_ARGUMENT", "top_p: must be in (0, 1]")
-    if msg.num_beams > 1:
-        raise RequestRejected("UNIMPLEMENTED", "num_beams: beam search is not supported by this worker yet")
+    num_beams = max(1, msg.num_beams)
+    if num_beams > 1:
+        if msg.patience < 0 or math.isnan(msg.patience):
+            raise RequestRejected("INVALID_ARGUMENT", f"patience: must be > 0, got {msg.patience}")
+        if msg.temperature > 0:
+            raise RequestRejected("INVALID_ARGUMENT", "temperature: beam search is deterministic; "
+                                                      "num_beams > 1 needs temperature 0")
+    # proto3 cannot tell an unset patience from 0: 0 means the default, 1.0 (the router always sends it).
+    # length_penalty is taken as sent (the router sends 1.0 when the client leaves it unset).
     return SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
-                          seed=msg.seed, ignore_eos=msg.ignore_eos)
+                          seed=msg.seed, ignore_eos=msg.ignore_eos, num_beams=num_beams,
+                          patience=msg.patience or 1.0, length_penalty=msg.length_penalty)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):

@@ -106,6 +106,8 @@ class Scheduler:
 
     def reserved_tokens(self, req: Request) -> int:
         """The KV a request is expected to need in all: its prompt and a share of its output budget."""
+        if req.beam is not None:  # beam search reserves its whole layout up front (worker/beam.py)
+            return req.beam.kv_tokens
         expected = req.num_prompt_tokens + int(self.config.admission_output_fraction * req.sampling.max_tokens)
         return min(req.max_total_tokens, max(expected, req.num_tokens))
 
@@ -117,13 +119,13 @@ class Scheduler:
 
     def admission_blocks(self, req: Request, num_tokens: int) -> int:
         """Blocks a waiting request needs to be admitted: all it is expected to need, at least this step's."""
-        total = max(self.reserved_tokens(req), req.num_computed_tokens + num_tokens)
+        total = max(self.reserved_tokens(req), self._kv_tokens(req, num_tokens))
         return self.allocator.extra_blocks_for(req.request_id, total)
 
     def can_admit(self, req: Request, num_tokens: int) -> bool:
         """Whether a waiting request may start now with num_tokens computed this step."""
         return (len(self.running) < self.config.max_num_seqs
-                and self.allocator.can_allocate(req.request_id, req.num_computed_tokens + num_tokens)
+                and self.allocator.can_allocate(req.request_id, self._kv_tokens(req, num_tokens))
                 and self.admission_blocks(req, num_tokens) <= self.headroom_blocks())
 
     # --- requests -------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 continue
-            while not self.allocator.can_allocate(req.request_id, req.num_computed_tokens + n):
+            while not self.allocator.can_allocate(req.request_id, self._kv_tokens(req, n)):
                 candidates = [r for r in self.running if r.request_id not in scheduled_ids
                               and r.request_id not in self.in_flight and r is not req]
                 victim = self.pick_victim(candidates)
@@ -192,7 +194,8 @@ class Scheduler:
                 if ls_only and not req.is_ls:
                     continue
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self.can_admit(req, n):
+                if not self.can_admit(req, n) or (
+                        req.beam is not None and not self.allocator.can_allocate(req.request_id, req.beam.kv_tokens)):
                     break
                 self.waiting.remove(req)
                 req.status = Status.RUNNING
@@ -208,8 +211,14 @@ class Scheduler:
     def _may_preempt(self, victim: Request, for_req: Request) -> bool:
         return True
 
+    def _kv_tokens(self, req: Request, n: int) -> int:
+        """KV tokens the request must hold to compute n more tokens (a beam request: its whole layout)."""
+        if req.beam is not None:
+            return req.beam.kv_tokens
+        return req.num_computed_tokens + n
+
     def _schedule_one(self, req: Request, n: int) -> ScheduledRequest:
-        table = self.allocator.allocate(req.request_id, req.num_computed_tokens + n,
+        table = self.allocator.allocate(req.request_id, self._kv_tokens(req, n),
                                         expected_tokens=self.reserved_tokens(req))
         return ScheduledRequest(req, req.num_computed_tokens, n, list(table))
 
@@ -218,6 +227,9 @@ class Scheduler:
         self.allocator.free(req.request_id)
         self.running.remove(req)
         req.num_computed_tokens = 0
+        if req.beam is not None:  # the beams' KV is gone: the search restarts (deterministically) after prefill
+            req.beam.reset()
+            req.output_token_ids.clear()
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -37,7 +37,7 @@ class PriorityScheduler(Scheduler):
         # its decodes grow into later is taken from BE by preemption, never the other way round.
         if req.is_ls:
             return (len(self.running) < self.config.max_num_seqs
-                    and self.allocator.can_allocate(req.request_id, req.num_computed_tokens + num_tokens))
+                    and self.allocator.can_allocate(req.request_id, self._kv_tokens(req, num_tokens)))
         return super().can_admit(req, num_tokens)
 
     def make_room(self, output: SchedulerOutput) -> None:
