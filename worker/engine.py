@@ -33,16 +33,12 @@ SLOW_LS_S = 0.1
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(SchedulerConfig):
+    """The scheduler's settings plus what the engine itself needs."""
+
     policy: str = "fcfs"
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
     kv_budget_tokens: int = 32768
     block_size: int = 16
-    max_be_deferral_steps: int = 1
-    ls_reserved_kv_tokens: int = 1024
-    ls_reserved_slots: int = 2
-    admission_output_fraction: float = 1.0
     max_num_beams: int = 8
 
 
@@ -73,11 +69,7 @@ class EngineCore:
         self.config = config
         num_blocks = max(1, config.kv_budget_tokens // config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        self.scheduler = make_scheduler(config.policy, SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_be_deferral_steps=config.max_be_deferral_steps, ls_reserved_kv_tokens=config.ls_reserved_kv_tokens,
-            ls_reserved_slots=config.ls_reserved_slots, admission_output_fraction=config.admission_output_fraction),
-            self.allocator)
+        self.scheduler = make_scheduler(config.policy, config, self.allocator)
         self._on_outputs = on_outputs
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
