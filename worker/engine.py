@@ -140,15 +140,14 @@ class EngineCore:
         return self._ls_arrived_at is not None
 
     def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception:  # the engine must never die silently: log and fail every request it holds
-            log.exception("engine core crashed")
-            outputs = []
-            for req in list(self.scheduler.requests.values()):
-                req.finish(FinishReason.ERROR)
-                outputs.append(self._finished_output(req, []))
-            self._on_outputs(outputs)
+        while not self._stop:
+            try:
+                self._loop()
+            except Exception:  # never die silently: fail what the engine held, then keep serving
+                log.exception("engine step failed; failing the requests it held")
+                outputs = [self._finished_output(req, []) for req in self.scheduler.fail_all()]
+                if outputs:
+                    self._on_outputs(outputs)
 
     def _loop(self) -> None:
         parked: list[StepState] = []

@@ -19,7 +19,9 @@ class Sampler:
         """logits: [n, vocab] float32, one row per request."""
         tokens = torch.argmax(logits, dim=-1).tolist()
         for i, (rid, p) in enumerate(zip(request_ids, params)):
-            if p.greedy:
+            # A temperature this small is argmax; logits / it would overflow to inf and softmax give NaN,
+            # which multinomial refuses (an exception that would take the engine thread down).
+            if p.greedy or p.temperature < 1e-5:
                 continue
             gen = self._generators.get(rid)
             if gen is None:

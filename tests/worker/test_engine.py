@@ -151,3 +151,30 @@ def test_long_contexts_read_in_place_match_generate(loaded, make_runner, referen
     assert max(seen_in_place) == 2
     for r, ids in zip(reqs, ps):
         assert r.output_token_ids == reference_tokens(ids, 8), r.request_id
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(loaded, make_runner, reference_tokens):
+    runner = make_runner()
+    done = []
+    core = EngineCore(runner, EngineConfig(), done.extend)
+    core.start()
+    try:
+        real_finish = runner.finish
+        runner.finish = lambda state: (_ for _ in ()).throw(RuntimeError("boom"))
+        core.submit(greedy("bad", [5, 6, 7], 4))
+        for _ in range(200):
+            if done:
+                break
+            time.sleep(0.02)
+        assert done and done[0].finished and done[0].finish_reason == "error"
+        assert core.allocator.free_tokens == core.allocator.capacity_tokens
+        runner.finish = real_finish
+        ok = greedy("good", [5, 6, 7], 4)
+        core.submit(ok)
+        for _ in range(300):
+            if any(o.request_id == "good" and o.finished for o in done):
+                break
+            time.sleep(0.02)
+        assert ok.output_token_ids == reference_tokens([5, 6, 7], 4)
+    finally:
+        core.stop()

@@ -153,6 +153,16 @@ class Scheduler:
         self._finish(req, FinishReason.CANCELLED)
         return req
 
+    def fail_all(self) -> list[Request]:
+        """Ends every request with ERROR and frees all KV: what the engine does after a step failed, so one
+        bad step costs the requests it held, never the worker."""
+        failed = list(self.requests.values())
+        for req in failed:
+            self._finish(req, FinishReason.ERROR)
+        self.in_flight.clear()
+        self._cancel_pending.clear()
+        return failed
+
     # --- scheduling -----------------------------------------------------------------------------------
     def schedule(self, ls_only: bool = False) -> SchedulerOutput:
         out = SchedulerOutput()
