@@ -40,7 +40,7 @@ SCENARIO_POLICIES = {"chatbot": "arrival,ltr,speculative,oracle"}
 # BE requests/s when --be-rate is not given: mixed overloads the worker with long BE work; chatbot's rate
 # overloads one embedded-default worker on a shared 2-core machine moderately, so a queue forms and drains
 # (docs/benchmarks.md, "Scenario chatbot")
-DEFAULT_BE_RATE = {"mixed": 1.0, "idle-ls": 1.0, "chatbot": 1.0}
+DEFAULT_BE_RATE = {"mixed": 1.0, "idle-ls": 1.0, "chatbot": 2.0}
 DEFAULT_DRAIN_CAP = {"chatbot": 90.0}  # else 30 s
 
 
@@ -126,6 +126,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="chatbot: outputs (response words x 1.3 x --chatbot-output-scale) are clipped to LO:HI")
     w.add_argument("--chatbot-output-scale", type=float, default=1.0,
                    help="chatbot: one factor on every real response length (keeps their order)")
+    w.add_argument("--chatbot-max-num-seqs", type=int, default=8,
+                   help="chatbot, stack mode: the worker's --max-num-seqs (0 = the worker's own default, 32); the "
+                        "router releases BE only up to it, so the rest waits in the router's BE order")
     w.add_argument("--split-seed", type=int, default=0,
                    help="chatbot: seed of predictor/data.py's train/val/test split; the prompts are its test part "
                         "(0 = the split the shipped ranker was trained on)")
@@ -328,8 +331,11 @@ async def run(args: argparse.Namespace) -> int:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     base_cfg = None
     if mode == "stack":
+        worker_args = list(args.worker_arg)
+        if scenario == "chatbot" and args.chatbot_max_num_seqs > 0:
+            worker_args = ["--max-num-seqs", str(args.chatbot_max_num_seqs), *worker_args]  # --worker-arg wins
         base_cfg = StackConfig(workers=args.workers, model=args.model, port_offset=args.port_offset,
-                               worker_args=list(args.worker_arg), router_args=list(args.router_arg),
+                               worker_args=worker_args, router_args=list(args.router_arg),
                                log_dir=str(Path(args.log_dir or out_dir / "logs")))
         ports = [base_cfg.port(p) for p in (ROUTER_PORT, PREDICTOR_PORT, KVMANAGER_PORT)]
         ports += [base_cfg.port(WORKER_PORT) + i for i in range(args.workers)]

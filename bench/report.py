@@ -190,7 +190,8 @@ def markdown(doc: dict) -> str:
         cells = [label] + ([sweep] if sweeping else []) + [
             cls, str(c["count"]), str(c["errors"]), str(c.get("cancelled", 0)), str(c.get("without_first_token", 0)),
             _f(c["ttft_ms"]["p50"]), _f(c["ttft_ms"]["p90"]), _f(c["ttft_ms"]["p99"]),
-            _f(c["tpot_ms"]["p50"]), _f(c["tpot_ms"]["p99"]), _f(c["e2e_ms"]["p50"]), _f(c["e2e_ms"]["p99"]), _f(c["e2e_ms"]["mean"]),
+            _f(c["tpot_ms"]["p50"]), _f(c["tpot_ms"]["p99"]), _f(c["e2e_ms"]["p50"]), _f(c["e2e_ms"]["p99"]),
+            _f(c["e2e_ms"]["mean"]),
             _pct(c["slo_attainment"]), _f(c["output_tok_s"])]
         return "| " + " | ".join(cells) + " |"
 

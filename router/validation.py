@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qllm.limits import MAX_ABS_LENGTH_PENALTY, MAX_PATIENCE
 from qllm.v1 import common_pb2, router_pb2
 
 MAX_PROMPT_BYTES = 1 << 20
@@ -52,10 +53,11 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
         raise InvalidField("priority", f"unknown value {priority}")
     if req.num_beams > limits.max_beams:
         raise InvalidField("num_beams", f"{req.num_beams} is more than the maximum of {limits.max_beams}")
-    if req.HasField("patience") and not (req.patience > 0 and math.isfinite(req.patience)):
-        raise InvalidField("patience", f"must be > 0, got {req.patience}")
-    if req.HasField("length_penalty") and not math.isfinite(req.length_penalty):
-        raise InvalidField("length_penalty", f"must be a finite number, got {req.length_penalty}")
+    if req.HasField("patience") and not (0 < req.patience <= MAX_PATIENCE):
+        raise InvalidField("patience", f"must be in (0, {MAX_PATIENCE:g}], got {req.patience}")
+    if req.HasField("length_penalty") and not abs(req.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
+        raise InvalidField("length_penalty", f"must be a number in [-{MAX_ABS_LENGTH_PENALTY:g}, "
+                                             f"{MAX_ABS_LENGTH_PENALTY:g}], got {req.length_penalty}")
     if req.num_beams > 1 and req.temperature > 0:
         raise InvalidField("temperature", "beam search is deterministic; num_beams > 1 needs temperature 0")
     if req.last_turn and not req.program_id:

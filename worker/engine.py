@@ -23,6 +23,7 @@ from worker.kv_blocks import BlockAllocator
 from worker.model_runner import ModelRunner, StepState
 from worker.request import FinishReason, Priority, Request, SamplingParams
 from worker.scheduler import SchedulerConfig, make_scheduler
+from qllm.limits import MAX_ABS_LENGTH_PENALTY, MAX_PATIENCE
 from qllm.logs import get_logger
 
 log = get_logger(__name__)
@@ -315,11 +316,13 @@ class AsyncEngine:
         if sampling.num_beams > self.config.max_num_beams:
             raise RequestRejected("INVALID_ARGUMENT", f"num_beams: {sampling.num_beams} is more than this "
                                                       f"worker's maximum of {self.config.max_num_beams}")
-        if not sampling.patience > 0 or not math.isfinite(sampling.patience):
-            raise RequestRejected("INVALID_ARGUMENT", f"patience: must be > 0, got {sampling.patience}")
-        if not math.isfinite(sampling.length_penalty):
+        if not 0 < sampling.patience <= MAX_PATIENCE:
             raise RequestRejected("INVALID_ARGUMENT",
-                                  f"length_penalty: must be a finite number, got {sampling.length_penalty}")
+                                  f"patience: must be in (0, {MAX_PATIENCE:g}], got {sampling.patience}")
+        if not abs(sampling.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
+            raise RequestRejected("INVALID_ARGUMENT",
+                                  f"length_penalty: must be a number in [-{MAX_ABS_LENGTH_PENALTY:g}, "
+                                  f"{MAX_ABS_LENGTH_PENALTY:g}], got {sampling.length_penalty}")
         if not sampling.greedy:
             raise RequestRejected("INVALID_ARGUMENT", "temperature: beam search is deterministic; "
                                                       "num_beams > 1 needs temperature 0")

@@ -220,3 +220,41 @@ async def test_cli_chatbot_run_against_a_router(fake_router, chat_data, tiny_tok
     assert all(any(p.startswith(s.prompt) for p in test_prompts) for s in sent)
     assert {s.priority for s in sent} == {2} and all(s.ignore_eos for s in sent)  # PRIORITY_BEST_EFFORT
     assert doc["comparisons"]["rows"][0]["e2e_mean_vs_baseline"] == pytest.approx(1.0)
+
+
+async def test_cli_chatbot_stack_mode_default_policies(fake_router, chat_data, tiny_tokenizer, monkeypatch, tmp_path):
+    """Stack mode with Stack replaced by the fake router: the four BE orders by default, one stack each, every
+    worker limited to --chatbot-max-num-seqs and every router given its --be-order."""
+    address, _ = fake_router
+    port = int(address.rsplit(":", 1)[1])
+    started = []
+
+    class FakeStack:
+        def __init__(self, cfg):
+            self.config = cfg
+
+        def start(self, timeout_s):
+            started.append(self.config)
+            return self
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(bench_cli, "Stack", FakeStack)
+    monkeypatch.setattr(bench_cli, "_port_free", lambda host, port: True)
+    monkeypatch.setenv("QLLM_SHARED_DATA", str(chat_data))
+    tok = tmp_path / "tok.json"
+    tok.write_text(open(tiny_tokenizer.name).read())
+    out = tmp_path / "out"
+    rc = await bench_cli.run(_args([
+        "--scenario", "chatbot", "--port-offset", str(port - 50051), "--tokenizer", str(tok), "--out", str(out),
+        "--duration", "1", "--drain-cap", "3", "--be-rate", "3", "--chatbot-output-tokens", "2:4",
+        "--chatbot-output-scale", "0.01", "--warmup", "0", "--no-progress"]))
+    assert rc == 0
+    assert [(c.policy, c.router_args, c.worker_args) for c in started] == [
+        ("fcfs", ["--be-order", name], ["--max-num-seqs", "8"]) for name in ("arrival", "ltr", "speculative", "oracle")]
+    doc = json.loads((out / "chatbot.json").read_text())
+    assert [r["policy"] for r in doc["runs"]] == ["arrival", "ltr", "speculative", "oracle"]
+    assert doc["comparisons"]["baseline"] == "arrival"
+    assert {r["policy"] for r in doc["comparisons"]["rows"] if r["e2e_mean_vs_baseline"] is not None} == {
+        "arrival", "ltr", "speculative", "oracle"}
