@@ -39,6 +39,9 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
     on_start: Callable[[], Awaitable[None]] | None = None
     on_stop: Callable[[], Awaitable[None]] | None = None
+    # Called once health says NOT_SERVING and before the server stops: a service that holds long-lived
+    # streams (the worker) stops taking new work on them here and ends them once their work is done.
+    on_drain: Callable[[], Awaitable[None]] | None = None
     grace_s: float = 5.0
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
 
@@ -79,6 +82,8 @@ async def stop(service: Service, server: grpc.aio.Server) -> None:
     """Stops admitting (health NOT_SERVING), lets in-flight calls finish within the grace period, then stops."""
     for name in ("", *service.service_names):
         await service.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if service.on_drain is not None:
+        await service.on_drain()
     await server.stop(service.grace_s)
     if service.on_stop is not None:
         await service.on_stop()

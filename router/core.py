@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from qllm.v1 import worker_pb2
+from qllm.wire import DRAINING
 from router import metrics
 from router.queues import RequestQueues
 from router.worker_client import WorkerClient
@@ -132,19 +133,20 @@ class RouterCore:
     def _worker_lost(self, worker: WorkerClient, request_ids: list[str]) -> None:
         for rid in request_ids:
             job = self.jobs.get(rid)
-            if job is None:
-                continue
-            job.worker = None
-            job.requeues += 1
-            metrics.REQUEUED.inc()
-            if job.requeues > self.max_requeues:
-                self._fail(job, f"worker {worker.address} was lost and the request was already re-queued "
-                                f"{job.requeues - 1} times")
-                continue
-            job.events.put_nowait(RESTART)
-            self.queues.push(job)
+            if job is not None:
+                self._requeue(job, f"worker {worker.address} was lost")
         asyncio.get_running_loop().call_later(self.requeue_timeout_s, self._expire_orphans)
         self._dispatch()
+
+    def _requeue(self, job: Job, why: str) -> None:
+        job.worker = None
+        job.requeues += 1
+        metrics.REQUEUED.inc()
+        if job.requeues > self.max_requeues:
+            self._fail(job, f"{why} and the request was already re-queued {job.requeues - 1} times")
+            return
+        job.events.put_nowait(RESTART)
+        self.queues.push(job)
 
     def _expire_orphans(self) -> None:
         """Re-queued requests that still found no worker are failed rather than left waiting forever."""
@@ -188,6 +190,16 @@ class RouterCore:
         self._publish()
 
     def _on_event(self, job: Job, event: worker_pb2.WorkerEvent) -> None:
+        if (event.WhichOneof("kind") == "rejected" and event.rejected.message == DRAINING
+                and job.worker is not None):
+            # The worker is shutting down: stop sending it work, run this request elsewhere.
+            worker = job.worker
+            worker.healthy = False
+            worker.done(job.request_id)
+            self._requeue(job, f"worker {worker.address} is draining")
+            asyncio.get_running_loop().call_later(self.requeue_timeout_s, self._expire_orphans)
+            self._dispatch()
+            return
         job.events.put_nowait(event)
         terminal = event.WhichOneof("kind") == "rejected" or event.tokens.finished
         if terminal:

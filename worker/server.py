@@ -15,6 +15,7 @@ import structlog
 from qllm import serving, settings
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.v1 import worker_pb2, worker_pb2_grpc
+from qllm.wire import DRAINING
 from worker import metrics
 from worker.detokenizer import IncrementalDetokenizer
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
@@ -50,6 +51,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine, info: worker_pb2.WorkerInfo):
         self.engine = engine
         self.info = info
+        self.draining = asyncio.Event()
 
     async def Describe(self, request, context):
         info = worker_pb2.WorkerInfo()
@@ -70,6 +72,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     kind = command.WhichOneof("kind")
                     if kind == "submit":
                         rid = command.submit.request_id
+                        if self.draining.is_set():
+                            # The router re-queues this elsewhere and stops sending here.
+                            events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(
+                                code=grpc.StatusCode.UNAVAILABLE.value[0], message=DRAINING)))
+                            continue
                         if rid in tasks:
                             events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(
                                 code=grpc.StatusCode.ALREADY_EXISTS.value[0],
@@ -88,13 +95,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             finally:
                 events.put_nowait(None)
 
+        async def end_when_drained():
+            await self.draining.wait()
+            while tasks:
+                await asyncio.wait(list(tasks.values()))
+            events.put_nowait(None)
+
         reader = asyncio.create_task(read_commands())
+        drainer = asyncio.create_task(end_when_drained())
         try:
             while (event := await events.get()) is not None:
                 yield event
         finally:
             # Stream gone (router disconnected or cancelled): cancel its requests so their KV is freed.
             reader.cancel()
+            drainer.cancel()
             for task in list(tasks.values()):
                 task.cancel()
 
@@ -192,13 +207,16 @@ def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncE
     async def on_start():
         engine.start()
 
+    async def on_drain():
+        servicer.draining.set()
+
     async def on_stop():
         engine.stop()
 
     service = serving.Service(
         name="worker", service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
         register=lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
-        on_start=on_start, on_stop=on_stop)
+        on_start=on_start, on_stop=on_stop, on_drain=on_drain)
     return service, engine
 
 

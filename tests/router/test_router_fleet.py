@@ -115,3 +115,18 @@ def test_split_target():
     assert split_target("[::1]:50061") == ("::1", 50061)
     with pytest.raises(ValueError, match="--workers"):
         split_target("nohost")
+
+
+async def test_draining_worker_rejection_requeues_elsewhere(fake_worker):
+    from qllm.wire import DRAINING
+
+    a, b = fake_worker("a", max_num_seqs=1), fake_worker("b", max_num_seqs=1)
+    core = RouterCore([a, b])
+    j = job("r0")
+    core.submit(j)
+    first = a if a.sent else b
+    other = b if first is a else a
+    first.handlers["r0"](worker_pb2.WorkerEvent(request_id="r0", rejected=worker_pb2.Rejection(
+        code=grpc.StatusCode.UNAVAILABLE.value[0], message=DRAINING)))
+    assert not first.healthy and other.sent == ["r0"]
+    assert drain(j) == [RESTART]
