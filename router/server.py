@@ -211,6 +211,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="predictor call deadline (a merged batch of 64 prompts takes ~130 ms on 2 CPU cores)")
 
 
+def default_args(**overrides) -> argparse.Namespace:
+    """The router's settings as its flags' defaults, with overrides (for in-process stacks and tests)."""
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
 async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServicer]:
     client_creds = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
     targets = [a.strip() for a in args.workers.split(",") if a.strip()]

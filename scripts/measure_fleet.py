@@ -68,13 +68,7 @@ def rss_kib() -> int:
     return 0
 
 
-def router_args(**overrides) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    router_server.configure_parser(parser)
-    args = parser.parse_args([])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
+router_args = router_server.default_args
 
 
 @dataclass

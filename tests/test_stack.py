@@ -1,6 +1,5 @@
 """The four services in-process on free ports: a Generate streamed end to end through router and worker."""
 
-import argparse
 import asyncio
 
 import grpc
@@ -23,13 +22,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 LS, BE = 1, 2
 
 
-def router_args(**overrides) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    router_server.configure_parser(parser)
-    args = parser.parse_args([])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
+router_args = router_server.default_args
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
