@@ -107,15 +107,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     await context.abort(code, event.rejected.message)
                 delta = event.tokens
                 token_ids, text = list(delta.token_ids), delta.text
-                if position < sent:
-                    # A replay re-generates (same seed, same tokens) what the client already has: skip it.
-                    skip = min(len(token_ids), sent - position)
-                    position += len(token_ids)
-                    token_ids, text = token_ids[skip:], (text if skip == 0 else "")
+                # A replay re-generates (same seed, same tokens) what the client already has: skip it.
+                skip = max(0, min(len(token_ids), sent - position))
+                position += len(token_ids)
+                if skip:
+                    token_ids, text = token_ids[skip:], ""
                     if not token_ids and not delta.finished:
                         continue
-                else:
-                    position += len(token_ids)
                 sent += len(token_ids)
                 now = time.monotonic()
                 if first and token_ids:
