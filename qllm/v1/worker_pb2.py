@@ -25,31 +25,45 @@ _sym_db = _symbol_database.Default()
 from qllm.v1 import common_pb2 as qllm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qllm/v1/worker.proto\x12\x07qllm.v1\x1a\x14qllm/v1/common.proto\"\xa7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x11\n\tnum_beams\x18\x06 \x01(\r\x12\x10\n\x08patience\x18\x07 \x01(\x02\x12\x16\n\x0elength_penalty\x18\x08 \x01(\x02\"\xc0\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.qllm.v1.SamplingParams\x12#\n\x08priority\x18\x04 \x01(\x0e\x32\x11.qllm.v1.Priority\x12\x12\n\nprogram_id\x18\x05 \x01(\t\x12\x11\n\tlast_turn\x18\x06 \x01(\x08\x12\x14\n\x0clength_score\x18\x07 \x01(\x02\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"k\n\rWorkerCommand\x12(\n\x06submit\x18\x01 \x01(\x0b\x32\x16.qllm.v1.SubmitRequestH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.qllm.v1.CancelRequestH\x00\x42\x06\n\x04kind\"\x88\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"x\n\x0bWorkerEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.qllm.v1.TokenDeltaH\x00\x12&\n\x08rejected\x18\x03 \x01(\x0b\x32\x12.qllm.v1.RejectionH\x00\x42\x06\n\x04kind\"\x11\n\x0f\x44\x65scribeRequest\"\xf1\x01\n\nWorkerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x08 \x01(\x04\x12\x16\n\x0ekv_free_tokens\x18\t \x01(\x04\x12\x13\n\x0bnum_running\x18\n \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0b \x01(\r2~\n\x06Worker\x12\x39\n\x05Serve\x12\x16.qllm.v1.WorkerCommand\x1a\x14.qllm.v1.WorkerEvent(\x01\x30\x01\x12\x39\n\x08\x44\x65scribe\x12\x18.qllm.v1.DescribeRequest\x1a\x13.qllm.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qllm/v1/worker.proto\x12\x07qllm.v1\x1a\x14qllm/v1/common.proto\"F\n\rSetPinRequest\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\x12\n\nkeep_score\x18\x03 \x01(\x02\".\n\x0eSetPinResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\x0e\n\x06tokens\x18\x02 \x01(\r\")\n\x12ReleasePinsRequest\x12\x13\n\x0bprogram_ids\x18\x01 \x03(\t\"7\n\x13ReleasePinsResponse\x12\x10\n\x08released\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\"\x17\n\x15ListWorkerPinsRequest\"Y\n\tWorkerPin\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x03 \x01(\x01\x12\x12\n\nkeep_score\x18\x04 \x01(\x02\":\n\x16ListWorkerPinsResponse\x12 \n\x04pins\x18\x01 \x03(\x0b\x32\x12.qllm.v1.WorkerPin\"\xa7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x11\n\tnum_beams\x18\x06 \x01(\r\x12\x10\n\x08patience\x18\x07 \x01(\x02\x12\x16\n\x0elength_penalty\x18\x08 \x01(\x02\"\xc0\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.qllm.v1.SamplingParams\x12#\n\x08priority\x18\x04 \x01(\x0e\x32\x11.qllm.v1.Priority\x12\x12\n\nprogram_id\x18\x05 \x01(\t\x12\x11\n\tlast_turn\x18\x06 \x01(\x08\x12\x14\n\x0clength_score\x18\x07 \x01(\x02\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"k\n\rWorkerCommand\x12(\n\x06submit\x18\x01 \x01(\x0b\x32\x16.qllm.v1.SubmitRequestH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.qllm.v1.CancelRequestH\x00\x42\x06\n\x04kind\"\xa6\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"x\n\x0bWorkerEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.qllm.v1.TokenDeltaH\x00\x12&\n\x08rejected\x18\x03 \x01(\x0b\x32\x12.qllm.v1.RejectionH\x00\x42\x06\n\x04kind\"\x11\n\x0f\x44\x65scribeRequest\"\x9d\x02\n\nWorkerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x08 \x01(\x04\x12\x16\n\x0ekv_free_tokens\x18\t \x01(\x04\x12\x13\n\x0bnum_running\x18\n \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0b \x01(\r\x12\x18\n\x10kv_pinned_tokens\x18\x0c \x01(\x04\x12\x10\n\x08num_pins\x18\r \x01(\r2\xd0\x02\n\x06Worker\x12\x39\n\x05Serve\x12\x16.qllm.v1.WorkerCommand\x1a\x14.qllm.v1.WorkerEvent(\x01\x30\x01\x12\x39\n\x08\x44\x65scribe\x12\x18.qllm.v1.DescribeRequest\x1a\x13.qllm.v1.WorkerInfo\x12\x39\n\x06SetPin\x12\x16.qllm.v1.SetPinRequest\x1a\x17.qllm.v1.SetPinResponse\x12H\n\x0bReleasePins\x12\x1b.qllm.v1.ReleasePinsRequest\x1a\x1c.qllm.v1.ReleasePinsResponse\x12K\n\x08ListPins\x12\x1e.qllm.v1.ListWorkerPinsRequest\x1a\x1f.qllm.v1.ListWorkerPinsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qllm.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLINGPARAMS']._serialized_start=56
-  _globals['_SAMPLINGPARAMS']._serialized_end=223
-  _globals['_SUBMITREQUEST']._serialized_start=226
-  _globals['_SUBMITREQUEST']._serialized_end=418
-  _globals['_CANCELREQUEST']._serialized_start=420
-  _globals['_CANCELREQUEST']._serialized_end=455
-  _globals['_WORKERCOMMAND']._serialized_start=457
-  _globals['_WORKERCOMMAND']._serialized_end=564
-  _globals['_TOKENDELTA']._serialized_start=567
-  _globals['_TOKENDELTA']._serialized_end=703
-  _globals['_REJECTION']._serialized_start=705
-  _globals['_REJECTION']._serialized_end=747
-  _globals['_WORKEREVENT']._serialized_start=749
-  _globals['_WORKEREVENT']._serialized_end=869
-  _globals['_DESCRIBEREQUEST']._serialized_start=871
-  _globals['_DESCRIBEREQUEST']._serialized_end=888
-  _globals['_WORKERINFO']._serialized_start=891
-  _globals['_WORKERINFO']._serialized_end=1132
-  _globals['_WORKER']._serialized_start=1134
-  _globals['_WORKER']._serialized_end=1260
+  _globals['_SETPINREQUEST']._serialized_start=55
+  _globals['_SETPINREQUEST']._serialized_end=125
+  _globals['_SETPINRESPONSE']._serialized_start=127
+  _globals['_SETPINRESPONSE']._serialized_end=173
+  _globals['_RELEASEPINSREQUEST']._serialized_start=175
+  _globals['_RELEASEPINSREQUEST']._serialized_end=216
+  _globals['_RELEASEPINSRESPONSE']._serialized_start=218
+  _globals['_RELEASEPINSRESPONSE']._serialized_end=273
+  _globals['_LISTWORKERPINSREQUEST']._serialized_start=275
+  _globals['_LISTWORKERPINSREQUEST']._serialized_end=298
+  _globals['_WORKERPIN']._serialized_start=300
+  _globals['_WORKERPIN']._serialized_end=389
+  _globals['_LISTWORKERPINSRESPONSE']._serialized_start=391
+  _globals['_LISTWORKERPINSRESPONSE']._serialized_end=449
+  _globals['_SAMPLINGPARAMS']._serialized_start=452
+  _globals['_SAMPLINGPARAMS']._serialized_end=619
+  _globals['_SUBMITREQUEST']._serialized_start=622
+  _globals['_SUBMITREQUEST']._serialized_end=814
+  _globals['_CANCELREQUEST']._serialized_start=816
+  _globals['_CANCELREQUEST']._serialized_end=851
+  _globals['_WORKERCOMMAND']._serialized_start=853
+  _globals['_WORKERCOMMAND']._serialized_end=960
+  _globals['_TOKENDELTA']._serialized_start=963
+  _globals['_TOKENDELTA']._serialized_end=1129
+  _globals['_REJECTION']._serialized_start=1131
+  _globals['_REJECTION']._serialized_end=1173
+  _globals['_WORKEREVENT']._serialized_start=1175
+  _globals['_WORKEREVENT']._serialized_end=1295
+  _globals['_DESCRIBEREQUEST']._serialized_start=1297
+  _globals['_DESCRIBEREQUEST']._serialized_end=1314
+  _globals['_WORKERINFO']._serialized_start=1317
+  _globals['_WORKERINFO']._serialized_end=1602
+  _globals['_WORKER']._serialized_start=1605
+  _globals['_WORKER']._serialized_end=1941
 # @@protoc_insertion_point(module_scope)

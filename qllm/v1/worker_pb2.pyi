@@ -7,6 +7,60 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SetPinRequest(_message.Message):
+    __slots__ = ("program_id", "ttl_s", "keep_score")
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SCORE_FIELD_NUMBER: _ClassVar[int]
+    program_id: str
+    ttl_s: float
+    keep_score: float
+    def __init__(self, program_id: _Optional[str] = ..., ttl_s: _Optional[float] = ..., keep_score: _Optional[float] = ...) -> None: ...
+
+class SetPinResponse(_message.Message):
+    __slots__ = ("held", "tokens")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    held: bool
+    tokens: int
+    def __init__(self, held: _Optional[bool] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ReleasePinsRequest(_message.Message):
+    __slots__ = ("program_ids",)
+    PROGRAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    program_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, program_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleasePinsResponse(_message.Message):
+    __slots__ = ("released", "tokens")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    tokens: int
+    def __init__(self, released: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ListWorkerPinsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerPin(_message.Message):
+    __slots__ = ("program_id", "tokens", "expires_in_s", "keep_score")
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SCORE_FIELD_NUMBER: _ClassVar[int]
+    program_id: str
+    tokens: int
+    expires_in_s: float
+    keep_score: float
+    def __init__(self, program_id: _Optional[str] = ..., tokens: _Optional[int] = ..., expires_in_s: _Optional[float] = ..., keep_score: _Optional[float] = ...) -> None: ...
+
+class ListWorkerPinsResponse(_message.Message):
+    __slots__ = ("pins",)
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    pins: _containers.RepeatedCompositeFieldContainer[WorkerPin]
+    def __init__(self, pins: _Optional[_Iterable[_Union[WorkerPin, _Mapping]]] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos", "num_beams", "patience", "length_penalty")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -60,20 +114,22 @@ class WorkerCommand(_message.Message):
     def __init__(self, submit: _Optional[_Union[SubmitRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
-    __slots__ = ("token_ids", "text", "finished", "finish_reason", "prompt_tokens", "completion_tokens")
+    __slots__ = ("token_ids", "text", "finished", "finish_reason", "prompt_tokens", "completion_tokens", "cached_prompt_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finished: bool
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("code", "message")
@@ -98,7 +154,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model_name", "max_context", "vocab_size", "num_layers", "policy", "device", "max_num_seqs", "kv_capacity_tokens", "kv_free_tokens", "num_running", "num_waiting")
+    __slots__ = ("model_name", "max_context", "vocab_size", "num_layers", "policy", "device", "max_num_seqs", "kv_capacity_tokens", "kv_free_tokens", "num_running", "num_waiting", "kv_pinned_tokens", "num_pins")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +166,8 @@ class WorkerInfo(_message.Message):
     KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_PINNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PINS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_context: int
     vocab_size: int
@@ -121,4 +179,6 @@ class WorkerInfo(_message.Message):
     kv_free_tokens: int
     num_running: int
     num_waiting: int
-    def __init__(self, model_name: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ...) -> None: ...
+    kv_pinned_tokens: int
+    num_pins: int
+    def __init__(self, model_name: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_pinned_tokens: _Optional[int] = ..., num_pins: _Optional[int] = ...) -> None: ...

@@ -46,6 +46,21 @@ class WorkerStub:
                 request_serializer=qllm_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=qllm_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.SetPin = channel.unary_unary(
+                '/qllm.v1.Worker/SetPin',
+                request_serializer=qllm_dot_v1_dot_worker__pb2.SetPinRequest.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_worker__pb2.SetPinResponse.FromString,
+                _registered_method=True)
+        self.ReleasePins = channel.unary_unary(
+                '/qllm.v1.Worker/ReleasePins',
+                request_serializer=qllm_dot_v1_dot_worker__pb2.ReleasePinsRequest.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_worker__pb2.ReleasePinsResponse.FromString,
+                _registered_method=True)
+        self.ListPins = channel.unary_unary(
+                '/qllm.v1.Worker/ListPins',
+                request_serializer=qllm_dot_v1_dot_worker__pb2.ListWorkerPinsRequest.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_worker__pb2.ListWorkerPinsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -66,6 +81,30 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPin(self, request, context):
+        """Agent-program KV pins (the kvmanager's side). When a non-final turn of a program ends, the worker keeps
+        its KV (the prompt and output tokens it computed) under the program id, for `provisional_pin_s` until
+        the kvmanager says more: SetPin keeps it for ttl_s from now (0 = free it now); ReleasePins frees pins
+        at once (expired in the ledger, or memory pressure). The next turn of the program reuses the longest
+        matching token prefix of the pin and computes only the rest. A pin never blocks LS admission: the
+        worker evicts pins, lowest keep_score first, when an LS request needs their memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleasePins(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPins(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +117,21 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=qllm_dot_v1_dot_worker__pb2.DescribeRequest.FromString,
                     response_serializer=qllm_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'SetPin': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPin,
+                    request_deserializer=qllm_dot_v1_dot_worker__pb2.SetPinRequest.FromString,
+                    response_serializer=qllm_dot_v1_dot_worker__pb2.SetPinResponse.SerializeToString,
+            ),
+            'ReleasePins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePins,
+                    request_deserializer=qllm_dot_v1_dot_worker__pb2.ReleasePinsRequest.FromString,
+                    response_serializer=qllm_dot_v1_dot_worker__pb2.ReleasePinsResponse.SerializeToString,
+            ),
+            'ListPins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPins,
+                    request_deserializer=qllm_dot_v1_dot_worker__pb2.ListWorkerPinsRequest.FromString,
+                    response_serializer=qllm_dot_v1_dot_worker__pb2.ListWorkerPinsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +190,87 @@ class Worker:
             '/qllm.v1.Worker/Describe',
             qllm_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
             qllm_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Worker/SetPin',
+            qllm_dot_v1_dot_worker__pb2.SetPinRequest.SerializeToString,
+            qllm_dot_v1_dot_worker__pb2.SetPinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Worker/ReleasePins',
+            qllm_dot_v1_dot_worker__pb2.ReleasePinsRequest.SerializeToString,
+            qllm_dot_v1_dot_worker__pb2.ReleasePinsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Worker/ListPins',
+            qllm_dot_v1_dot_worker__pb2.ListWorkerPinsRequest.SerializeToString,
+            qllm_dot_v1_dot_worker__pb2.ListWorkerPinsResponse.FromString,
             options,
             channel_credentials,
             insecure,
