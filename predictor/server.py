@@ -20,6 +20,8 @@ from predictor.estimate import estimate
 from predictor.latency_model import LatencyModel
 from predictor.limits import InvalidInput, Limits
 from predictor.ranker import LengthRanker, load_ranker
+from predictor.tool_durations import (DEFAULT_LEVELS, ToolDurationModel, check_levels, check_observations,
+                                      check_times, check_tool_name)
 from qllm import logs, serving, settings
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc
 
@@ -34,16 +36,20 @@ MODEL_BATCH = Histogram("qllm_predictor_model_batch_size", "Prompts per model ca
 LATENCY = Histogram("qllm_predictor_latency_seconds", "Predictor RPC handling time", ["rpc"],
                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5))
 LATENCY_MODEL = Gauge("qllm_predictor_latency_model", "Latency model parameters (seconds)", ["param"])
+TOOL_CALLS = Counter("qllm_predictor_tool_calls_total", "Tool-call durations learned")
+TOOLS = Gauge("qllm_predictor_tools", "Tools whose call durations the predictor knows")
 
 
 CHARS_PER_TOKEN = 4.0  # prompt_tokens when the caller gives only the text
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
-    def __init__(self, ranker: LengthRanker, limits: Limits = Limits(), latency: LatencyModel | None = None):
+    def __init__(self, ranker: LengthRanker, limits: Limits = Limits(), latency: LatencyModel | None = None,
+                 tool_durations: ToolDurationModel | None = None):
         self.ranker = ranker
         self.limits = limits
         self.latency = latency if latency is not None else LatencyModel()
+        self.tool_durations = tool_durations if tool_durations is not None else ToolDurationModel()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker") if ranker.uses_torch else None
         self._batcher = (MicroBatcher(ranker.score, self._executor, max(64, limits.max_prompts), MODEL_BATCH.observe)
                          if self._executor else None)
@@ -119,6 +125,40 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
             prefill_fixed_s=st.prefill_fixed_s, prefill_s_per_token=st.prefill_s_per_token,
             decode_base_s=st.decode_base_s, decode_per_seq_s=st.decode_per_seq_s,
             prefill_samples=st.prefill_samples, decode_samples=st.decode_samples)
+
+    async def ObserveToolCalls(self, request: predictor_pb2.ToolCallReport, context: grpc.aio.ServicerContext):
+        calls = [(c.tool_name, c.duration_s) for c in request.calls]
+        try:
+            check_observations(calls)
+        except InvalidInput as exc:
+            REQUESTS.labels("ObserveToolCalls", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        accepted = sum(self.tool_durations.observe(tool, duration_s) for tool, duration_s in calls)
+        TOOL_CALLS.inc(accepted)
+        TOOLS.set(len(self.tool_durations.tools()))
+        REQUESTS.labels("ObserveToolCalls", "OK").inc()
+        return predictor_pb2.ToolCallReportResponse(accepted=accepted, tools=len(self.tool_durations.tools()))
+
+    async def PredictToolDuration(self, request: predictor_pb2.ToolDurationRequest,
+                                  context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        levels, times = list(request.quantiles) or list(DEFAULT_LEVELS), list(request.within_s)
+        try:
+            check_tool_name(request.tool_name)
+            check_levels(levels)
+            check_times(times)
+        except InvalidInput as exc:
+            REQUESTS.labels("PredictToolDuration", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        dist = self.tool_durations.predict(request.tool_name)
+        reply = predictor_pb2.ToolDurationPrediction(
+            quantiles=levels, durations_s=[dist.quantile(q) for q in levels], mean_s=dist.mean(),
+            samples=dist.samples, prior=dist.prior, observed_mean_s=dist.observed_mean_s,
+            p_within=[dist.cdf(t) for t in times], pooled_samples=dist.pooled_samples,
+            recompute_s=self.latency.prefill_s(request.context_tokens))
+        REQUESTS.labels("PredictToolDuration", "OK").inc()
+        LATENCY.labels("PredictToolDuration").observe(time.perf_counter() - start)
+        return reply
 
     def close(self) -> None:
         if self._executor is not None:

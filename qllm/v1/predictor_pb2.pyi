@@ -95,3 +95,59 @@ class LatencyModelState(_message.Message):
     prefill_samples: int
     decode_samples: int
     def __init__(self, prefill_fixed_s: _Optional[float] = ..., prefill_s_per_token: _Optional[float] = ..., decode_base_s: _Optional[float] = ..., decode_per_seq_s: _Optional[float] = ..., prefill_samples: _Optional[int] = ..., decode_samples: _Optional[int] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("tool_name", "duration_s")
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    tool_name: str
+    duration_s: float
+    def __init__(self, tool_name: _Optional[str] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class ToolCallReport(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ...) -> None: ...
+
+class ToolCallReportResponse(_message.Message):
+    __slots__ = ("accepted", "tools")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    tools: int
+    def __init__(self, accepted: _Optional[int] = ..., tools: _Optional[int] = ...) -> None: ...
+
+class ToolDurationRequest(_message.Message):
+    __slots__ = ("tool_name", "quantiles", "within_s", "context_tokens")
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_S_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tool_name: str
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    within_s: _containers.RepeatedScalarFieldContainer[float]
+    context_tokens: int
+    def __init__(self, tool_name: _Optional[str] = ..., quantiles: _Optional[_Iterable[float]] = ..., within_s: _Optional[_Iterable[float]] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+
+class ToolDurationPrediction(_message.Message):
+    __slots__ = ("quantiles", "durations_s", "mean_s", "samples", "prior", "observed_mean_s", "p_within", "recompute_s", "pooled_samples")
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    DURATIONS_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    P_WITHIN_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    POOLED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    durations_s: _containers.RepeatedScalarFieldContainer[float]
+    mean_s: float
+    samples: int
+    prior: bool
+    observed_mean_s: float
+    p_within: _containers.RepeatedScalarFieldContainer[float]
+    recompute_s: float
+    pooled_samples: int
+    def __init__(self, quantiles: _Optional[_Iterable[float]] = ..., durations_s: _Optional[_Iterable[float]] = ..., mean_s: _Optional[float] = ..., samples: _Optional[int] = ..., prior: _Optional[bool] = ..., observed_mean_s: _Optional[float] = ..., p_within: _Optional[_Iterable[float]] = ..., recompute_s: _Optional[float] = ..., pooled_samples: _Optional[int] = ...) -> None: ...

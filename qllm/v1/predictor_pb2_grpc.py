@@ -50,6 +50,16 @@ class PredictorStub:
                 request_serializer=qllm_dot_v1_dot_predictor__pb2.LatencyReport.SerializeToString,
                 response_deserializer=qllm_dot_v1_dot_predictor__pb2.LatencyModelState.FromString,
                 _registered_method=True)
+        self.ObserveToolCalls = channel.unary_unary(
+                '/qllm.v1.Predictor/ObserveToolCalls',
+                request_serializer=qllm_dot_v1_dot_predictor__pb2.ToolCallReport.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_predictor__pb2.ToolCallReportResponse.FromString,
+                _registered_method=True)
+        self.PredictToolDuration = channel.unary_unary(
+                '/qllm.v1.Predictor/PredictToolDuration',
+                request_serializer=qllm_dot_v1_dot_predictor__pb2.ToolDurationRequest.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_predictor__pb2.ToolDurationPrediction.FromString,
+                _registered_method=True)
 
 
 class PredictorServicer:
@@ -78,6 +88,22 @@ class PredictorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ObserveToolCalls(self, request, context):
+        """Agent programs (Continuum): tool calls observed (the kvmanager forwards the gaps the router measures),
+        learned per tool online.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictToolDuration(self, request, context):
+        """The distribution of the next call of a tool (quantiles, mean, P(duration <= t)), and the seconds a
+        context of `context_tokens` takes to recompute (prefill) under the latency model: what a KV pin saves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PredictorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +121,16 @@ def add_PredictorServicer_to_server(servicer, server):
                     servicer.ReportLatency,
                     request_deserializer=qllm_dot_v1_dot_predictor__pb2.LatencyReport.FromString,
                     response_serializer=qllm_dot_v1_dot_predictor__pb2.LatencyModelState.SerializeToString,
+            ),
+            'ObserveToolCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ObserveToolCalls,
+                    request_deserializer=qllm_dot_v1_dot_predictor__pb2.ToolCallReport.FromString,
+                    response_serializer=qllm_dot_v1_dot_predictor__pb2.ToolCallReportResponse.SerializeToString,
+            ),
+            'PredictToolDuration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictToolDuration,
+                    request_deserializer=qllm_dot_v1_dot_predictor__pb2.ToolDurationRequest.FromString,
+                    response_serializer=qllm_dot_v1_dot_predictor__pb2.ToolDurationPrediction.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +215,60 @@ class Predictor:
             '/qllm.v1.Predictor/ReportLatency',
             qllm_dot_v1_dot_predictor__pb2.LatencyReport.SerializeToString,
             qllm_dot_v1_dot_predictor__pb2.LatencyModelState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObserveToolCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Predictor/ObserveToolCalls',
+            qllm_dot_v1_dot_predictor__pb2.ToolCallReport.SerializeToString,
+            qllm_dot_v1_dot_predictor__pb2.ToolCallReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictToolDuration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Predictor/PredictToolDuration',
+            qllm_dot_v1_dot_predictor__pb2.ToolDurationRequest.SerializeToString,
+            qllm_dot_v1_dot_predictor__pb2.ToolDurationPrediction.FromString,
             options,
             channel_credentials,
             insecure,
