@@ -48,7 +48,20 @@ POLICIES: dict[str, Part] = {
     "oracle": Part("router: BE true output length first (max_tokens, as the bench sends ignore_eos; an upper "
                    "bound for ltr, benchmarks only); worker: fcfs",
                    default_worker_policy="fcfs", router_args=("--be-order", "oracle")),
+    # KV pin policies for agent programs (the kvmanager decides whether and how long a finished turn's KV stays
+    # pinned on its worker; `qllm kvmanager --pin-policy <name>`).
+    "no-pin": Part("kvmanager: never pin, a turn's KV is freed when it ends (vLLM)",
+                   kvmanager_args=("--pin-policy", "no-pin")),
+    "fixed-ttl": Part("kvmanager: pin for a fixed 2 s when the next tool's mean duration is <= 2 s (Continuum's "
+                      "baseline)", kvmanager_args=("--pin-policy", "fixed-ttl")),
+    "ttl": Part("kvmanager: pin with a TTL from the predicted tool duration, the recompute cost, the turn count "
+                "and memory pressure (ours)", kvmanager_args=("--pin-policy", "ttl")),
+    "pin-forever": Part("kvmanager: pin every non-final turn until the program's next turn (the oracle)",
+                        kvmanager_args=("--pin-policy", "pin-forever")),
 }
+
+#: the bench policies that are KV pin policies: `<name>` = kvmanager `--pin-policy <name>`
+PIN_POLICIES = ("no-pin", "fixed-ttl", "ttl", "pin-forever")
 
 #: the bench policies that are BE orders: `<name>` = worker fcfs + router `--be-order <name>`
 BE_ORDERS = ("arrival", "ltr", "speculative", "oracle")
@@ -89,6 +102,7 @@ def apply(name: str, base: StackConfig) -> StackConfig:
     worker_policy = default_policy = None
     worker_args, router_args, kv_args = list(base.worker_args), list(base.router_args), []
     router_flags: dict[str, str] = {}  # flag -> its value, over the parts of this name
+    kv_flags: dict[str, str] = {}
     for part in parts(name):
         if part.worker_policy is not None:
             if worker_policy is not None and worker_policy != part.worker_policy:
@@ -99,6 +113,10 @@ def apply(name: str, base: StackConfig) -> StackConfig:
             if flag in router_flags and router_flags[flag] != value:
                 raise UnknownPolicy(f"bench policy {name!r} sets the router's {flag} twice")
             router_flags[flag] = value
+        for flag, value in zip(part.kvmanager_args[::2], part.kvmanager_args[1::2]):
+            if flag in kv_flags and kv_flags[flag] != value:
+                raise UnknownPolicy(f"bench policy {name!r} sets the kvmanager's {flag} twice")
+            kv_flags[flag] = value
         worker_args += part.worker_args
         router_args += part.router_args
         kv_args += part.kvmanager_args
