@@ -132,7 +132,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 yield router_pb2.GenerateResponse(
                     text=text, token_ids=token_ids, finished=delta.finished,
                     finish_reason=delta.finish_reason, request_id=rid, prompt_tokens=delta.prompt_tokens,
-                    completion_tokens=delta.completion_tokens)
+                    completion_tokens=delta.completion_tokens,
+                    cached_prompt_tokens=delta.cached_prompt_tokens if delta.finished else 0)
                 if delta.finished:
                     return
         finally:

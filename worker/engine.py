@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import math
 import threading
 import time
@@ -51,6 +52,8 @@ class EngineOutput:
     finish_reason: str = ""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # Prompt tokens whose KV came from the agent program's pin (set from the first output on).
+    cached_prompt_tokens: int = 0
     # Beam search only, on the final output: the finished hypotheses, best first, as (token ids, score).
     beams: list[tuple[list[int], float]] | None = None
 
@@ -80,6 +83,8 @@ class EngineCore:
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self.num_steps = 0
         self.num_layer_preemptions = 0
+        self._published_pin_ends: dict[str, int] = {}
+        self._published_reused = 0
         metrics.KV_CAPACITY.set(self.allocator.capacity_tokens)
 
     # --- called from other threads ----------------------------------------------------------------------
@@ -111,6 +116,9 @@ class EngineCore:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)
+        for kind, item in list(self._inbox):  # nobody will run these now: do not leave callers waiting
+            if kind == "call" and not item[1].done():
+                item[1].set_exception(RuntimeError("the engine has stopped"))
 
     def submit(self, req: Request) -> None:
         self._inbox.append(("submit", req))
@@ -124,6 +132,13 @@ class EngineCore:
         self._inbox.append(("cancel", request_id))
         self._wake.set()
 
+    def call(self, fn) -> concurrent.futures.Future:
+        """Runs fn() on the core thread between steps (the scheduler's state is the core's alone)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.append(("call", (fn, future)))
+        self._wake.set()
+        return future
+
     # --- the core thread ----------------------------------------------------------------------------------
     def _drain_inbox(self) -> list[EngineOutput]:
         outputs = []
@@ -131,6 +146,12 @@ class EngineCore:
             kind, item = self._inbox.popleft()
             if kind == "submit":
                 self.scheduler.add_request(item)
+            elif kind == "call":
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # the caller gets it; the core goes on
+                    future.set_exception(exc)
             else:
                 req = self.scheduler.abort(item)
                 if req is not None:
@@ -224,7 +245,8 @@ class EngineCore:
                     outputs.append(self._finished_output(req, new))
                 elif new:
                     outputs.append(EngineOutput(req.request_id, new, num_prompt_tokens=req.num_prompt_tokens,
-                                                num_output_tokens=len(req.output_token_ids)))
+                                                num_output_tokens=len(req.output_token_ids),
+                                                cached_prompt_tokens=req.num_cached_tokens))
             if outputs:
                 self._on_outputs(outputs)
             self._publish_gauges()
@@ -251,12 +273,23 @@ class EngineCore:
         return EngineOutput(req.request_id, new, finished=True,
                             finish_reason=req.finish_reason.value if req.finish_reason else "",
                             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
-                            beams=beams)
+                            cached_prompt_tokens=req.num_cached_tokens, beams=beams)
 
     def _publish_gauges(self) -> None:
         metrics.RUNNING.set(len(self.scheduler.running))
         metrics.WAITING.set(len(self.scheduler.waiting))
         metrics.KV_USED.set(self.allocator.capacity_tokens - self.allocator.free_tokens)
+        pins = self.scheduler.pins
+        metrics.KV_PINNED.set(pins.pinned_tokens)
+        metrics.PINS.set(len(pins))
+        for reason, count in pins.ended.items():
+            seen = self._published_pin_ends.get(reason, 0)
+            if count > seen:
+                metrics.PINS_ENDED.labels(reason).inc(count - seen)
+                self._published_pin_ends[reason] = count
+        if pins.reused_tokens > self._published_reused:
+            metrics.PREFIX_REUSED_TOKENS.inc(pins.reused_tokens - self._published_reused)
+            self._published_reused = pins.reused_tokens
 
 
 class AsyncEngine:
@@ -328,8 +361,8 @@ class AsyncEngine:
                                                       "num_beams > 1 needs temperature 0")
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                       priority: Priority = Priority.BEST_EFFORT, order_key: float = 0.0
-                       ) -> AsyncIterator[EngineOutput]:
+                       priority: Priority = Priority.BEST_EFFORT, order_key: float = 0.0, program_id: str = "",
+                       last_turn: bool = False) -> AsyncIterator[EngineOutput]:
         """Streams outputs of one request; closing the iterator early cancels it and frees its KV."""
         if not prompt_token_ids:
             raise RequestRejected("INVALID_ARGUMENT", "prompt: the prompt has no tokens")
@@ -337,7 +370,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise RequestRejected("ALREADY_EXISTS", f"request_id: {request_id!r} is already running")
         req = Request(request_id, list(prompt_token_ids), sampling, priority, self.eos_token_ids,
-                      order_key=order_key)
+                      order_key=order_key, program_id=program_id, last_turn=last_turn)
         if sampling.num_beams > 1:
             req.beam = self.new_beam_search(req)
         queue: asyncio.Queue = asyncio.Queue()
@@ -362,8 +395,33 @@ class AsyncEngine:
         return beam.BeamSearch(s.num_beams, s.patience, s.length_penalty, s.max_tokens, req.num_prompt_tokens,
                                self.config.block_size, frozenset() if s.ignore_eos else req.eos_token_ids)
 
+    # --- agent-program pins (worker/kv_pins.py), applied on the core thread ------------------------------
+    async def set_pin(self, program_id: str, ttl_s: float, keep_score: float) -> tuple[bool, int]:
+        """Keeps the program's pinned KV for ttl_s from now (<= 0 frees it): (held, tokens)."""
+        def apply():
+            pin = self.core.scheduler.pins.set(program_id, ttl_s, keep_score)
+            return (pin is not None, pin.tokens if pin is not None else 0)
+        return await asyncio.wrap_future(self.core.call(apply))
+
+    async def release_pins(self, program_ids: list[str]) -> tuple[int, int]:
+        """Frees the programs' pins now: (pins released, tokens freed)."""
+        def apply():
+            pins = self.core.scheduler.pins
+            freed = [pins.release(pid, "released") for pid in program_ids]
+            return (sum(1 for t in freed if t), sum(freed))
+        return await asyncio.wrap_future(self.core.call(apply))
+
+    async def list_pins(self) -> list[tuple[str, int, float, float]]:
+        """(program id, tokens, seconds until expiry, keep score) of every pin."""
+        def apply():
+            pins = self.core.scheduler.pins
+            now = pins.clock()
+            return [(p.program_id, p.tokens, p.expires_at - now, p.keep_score) for p in pins.pins()]
+        return await asyncio.wrap_future(self.core.call(apply))
+
     def stats(self) -> dict:
         sched = self.core.scheduler
         return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
                 "kv_capacity_tokens": self.core.allocator.capacity_tokens,
-                "kv_free_tokens": self.core.allocator.free_tokens}
+                "kv_free_tokens": self.core.allocator.free_tokens,
+                "kv_pinned_tokens": sched.pins.pinned_tokens, "num_pins": len(sched.pins)}

@@ -69,6 +69,13 @@ class BlockAllocator:
             if start >= 0:
                 self._take(table, range(start, start + run))
                 return table
+        if extra and table:
+            # Grow in place when the blocks right after the table's last one are free: the context stays
+            # one run (a request that took over a pinned prefix grows past it this way).
+            nxt = table[-1] + 1
+            if self._flags[nxt:nxt + extra] == bytes([FREE]) * extra:
+                self._take(table, range(nxt, nxt + extra))
+                return table
         if extra:
             start = self._flags.find(bytes([FREE]) * extra)
             if start >= 0:
@@ -94,6 +101,22 @@ class BlockAllocator:
             self._flags[b] = FREE
         self._num_free += len(table)
         return len(table)
+
+    def transfer(self, src_id: str, dst_id: str, num_blocks: int | None = None) -> list[int]:
+        """Hands the first num_blocks blocks (all when None) of src's table to dst, which must hold none, and
+        frees the rest of src's. The KV in the moved blocks stays where it is: this is how a finished agent
+        turn's KV becomes a pin, and a pin's prefix becomes the next turn's."""
+        if self._tables.get(dst_id):
+            raise ValueError(f"{dst_id} already holds blocks")
+        table = self._tables.pop(src_id, [])
+        keep = len(table) if num_blocks is None else max(0, min(num_blocks, len(table)))
+        moved, rest = table[:keep], table[keep:]
+        for b in rest:
+            self._flags[b] = FREE
+        self._num_free += len(rest)
+        if moved:
+            self._tables[dst_id] = moved
+        return moved
 
     def holders(self) -> list[str]:
         return list(self._tables)

@@ -31,3 +31,10 @@ RUNNING = Gauge("qllm_worker_running_requests", "Requests holding KV and running
 WAITING = Gauge("qllm_worker_waiting_requests", "Requests waiting for admission")
 KV_USED = Gauge("qllm_worker_kv_used_tokens", "KV cache tokens allocated")
 KV_CAPACITY = Gauge("qllm_worker_kv_capacity_tokens", "KV cache budget in tokens")
+KV_PINNED = Gauge("qllm_worker_kv_pinned_tokens", "KV tokens held by agent-program pins between turns")
+PINS = Gauge("qllm_worker_pins", "Agent-program KV pins held")
+PINS_ENDED = Counter("qllm_worker_pins_ended_total", "Pins that ended, by why (claimed by the next turn, expired, "
+                     "unpinned/released by the kvmanager, evicted for ls/pressure/idle, last_turn, replaced)",
+                     ["reason"])
+PREFIX_REUSED_TOKENS = Counter("qllm_worker_prefix_reused_tokens_total",
+                               "Prompt tokens whose KV came from the program's pin instead of a prefill")

@@ -63,6 +63,12 @@ class Request:
     first_scheduled_time: float | None = None
     # A beam-search request's state (worker.beam.BeamSearch); None for everything else.
     beam: object | None = None
+    # Agent programs: the program this request is a turn of ("" = none), whether it is the last turn (a
+    # non-final turn's KV is pinned when it ends, worker/kv_pins.py), and how many prompt tokens came
+    # from the program's pin instead of being computed.
+    program_id: str = ""
+    last_turn: bool = False
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -83,6 +89,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def keeps_kv_for_next_turn(self) -> bool:
+        """A non-final agent turn that ended normally: its KV is worth keeping for the program's next turn."""
+        return (bool(self.program_id) and not self.last_turn and self.beam is None
+                and self.finish_reason in (FinishReason.STOP, FinishReason.LENGTH))
 
     @property
     def is_ls(self) -> bool:

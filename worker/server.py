@@ -61,6 +61,33 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             setattr(info, key, value)
         return info
 
+    # --- agent-program pins: the kvmanager's side -------------------------------------------------------
+    async def SetPin(self, request: worker_pb2.SetPinRequest, context: grpc.aio.ServicerContext):
+        if not request.program_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "program_id: must not be empty")
+        if math.isnan(request.ttl_s) or math.isnan(request.keep_score):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl_s/keep_score: must be numbers, not NaN")
+        held, tokens = await self._on_core(self.engine.set_pin(request.program_id, request.ttl_s,
+                                                               request.keep_score), context)
+        return worker_pb2.SetPinResponse(held=held, tokens=tokens)
+
+    async def ReleasePins(self, request: worker_pb2.ReleasePinsRequest, context: grpc.aio.ServicerContext):
+        released, tokens = await self._on_core(self.engine.release_pins(list(request.program_ids)), context)
+        return worker_pb2.ReleasePinsResponse(released=released, tokens=tokens)
+
+    async def ListPins(self, request, context: grpc.aio.ServicerContext):
+        pins = await self._on_core(self.engine.list_pins(), context)
+        return worker_pb2.ListWorkerPinsResponse(pins=[
+            worker_pb2.WorkerPin(program_id=pid, tokens=tokens, expires_in_s=left, keep_score=score)
+            for pid, tokens, left, score in pins])
+
+    async def _on_core(self, call, context: grpc.aio.ServicerContext, timeout_s: float = 10.0):
+        """Awaits an operation the engine thread runs between steps; UNAVAILABLE if it does not come back."""
+        try:
+            return await asyncio.wait_for(call, timeout_s)
+        except (asyncio.TimeoutError, RuntimeError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine did not answer: {exc or 'timeout'}")
+
     async def Serve(self, request_iterator, context):
         """One long-lived stream per router: commands in, token events out, many requests multiplexed."""
         events: asyncio.Queue = asyncio.Queue()
@@ -129,7 +156,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             sampling = sampling_from_wire(submit.sampling)
             prompt_ids = self.engine.encode(submit.prompt)
             detok = IncrementalDetokenizer(self.engine.tokenizer)
-            stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score)
+            stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score,
+                                          program_id=submit.program_id, last_turn=submit.last_turn)
             metrics.REQUESTS.labels(label).inc()
             async for out in stream:
                 now = time.monotonic()
@@ -143,11 +171,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     metrics.E2E.labels(label).observe(now - arrival)
                     metrics.FINISHED.labels(label, out.finish_reason).inc()
                     log.info("finished", reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
-                             output_tokens=out.num_output_tokens, seconds=round(now - arrival, 4))
+                             cached_prompt_tokens=out.cached_prompt_tokens, output_tokens=out.num_output_tokens,
+                             seconds=round(now - arrival, 4))
                 events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, tokens=worker_pb2.TokenDelta(
                     token_ids=out.new_token_ids, text=text, finished=out.finished,
                     finish_reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
-                    completion_tokens=out.num_output_tokens)))
+                    completion_tokens=out.num_output_tokens, cached_prompt_tokens=out.cached_prompt_tokens)))
         except RequestRejected as exc:
             metrics.REJECTED.labels(label, exc.code).inc()
             log.info("rejected", code=exc.code, reason=exc.message)
@@ -181,6 +210,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="qllm: running slots BE admission leaves free for LS")
     settings.add(parser, "--admission-output-fraction", type=float, default=1.0,
                  help="share of max_tokens whose KV admission reserves (0 = vLLM's optimistic admission)")
+    settings.add(parser, "--provisional-pin-s", type=float, default=1.0,
+                 help="agent programs: seconds a finished turn's KV stays pinned until the kvmanager decides")
     settings.add(parser, "--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                  help="torch intra-op threads (leave the control plane a core)")
 
@@ -190,7 +221,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_budget_tokens=args.kv_budget_tokens,
                         block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps,
                         ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots,
-                        admission_output_fraction=args.admission_output_fraction)
+                        admission_output_fraction=args.admission_output_fraction,
+                        provisional_pin_s=args.provisional_pin_s)
 
 
 def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncEngine]:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from worker.kv_blocks import BlockAllocator
+from worker.kv_pins import PinStore
 from worker.request import FinishReason, Request, Status
 
 
@@ -31,6 +32,9 @@ class SchedulerConfig:
     # running requests may still grow into. Chunked prefill otherwise admits far more long prompts than the
     # cache holds and then thrashes (preempt, recompute, repeat) as their chunks and decodes arrive.
     admission_output_fraction: float = 1.0
+    # Agent programs: how long a finished non-final turn's KV stays pinned before the kvmanager's word
+    # arrives (worker/kv_pins.py); it is also all a pin gets when no kvmanager answers.
+    provisional_pin_s: float = 1.0
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Scheduler:
         self.in_flight: set[str] = set()
         self._cancel_pending: set[str] = set()
         self.num_preemptions = 0
+        self.pins = PinStore(allocator, config.provisional_pin_s)
 
     # --- policy hooks -------------------------------------------------------------------------------
     def waiting_key(self, req: Request):
@@ -159,6 +164,7 @@ class Scheduler:
         failed = list(self.requests.values())
         for req in failed:
             self._finish(req, FinishReason.ERROR)
+        self.pins.release_all("error")
         self.in_flight.clear()
         self._cancel_pending.clear()
         return failed
@@ -166,6 +172,8 @@ class Scheduler:
     # --- scheduling -----------------------------------------------------------------------------------
     def schedule(self, ls_only: bool = False) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.pins:
+            self.pins.expire()
         self.make_room(out)
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
@@ -180,6 +188,9 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 continue
+            # Pinned KV of agent programs between turns goes before any running request's.
+            self._evict_pins_while(lambda: not self.allocator.can_allocate(req.request_id, self._kv_tokens(req, n)),
+                                   "pressure")
             while not self.allocator.can_allocate(req.request_id, self._kv_tokens(req, n)):
                 candidates = [r for r in self.running if r.request_id not in scheduled_ids
                               and r.request_id not in self.in_flight and r is not req]
@@ -203,10 +214,22 @@ class Scheduler:
                     break
                 if ls_only and not req.is_ls:
                     continue
+                cached = self._claim_pinned_prefix(req)
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if self.pins and len(self.running) < self.config.max_num_seqs and (req.is_ls or not self.running):
+                    # A pin never blocks LS, nor leaves the worker idle; a BE request waits for it (its TTL
+                    # bounds the wait): the pin's program came first.
+                    self._evict_pins_while(lambda: not self.can_admit(req, n), "ls" if req.is_ls else "idle",
+                                           keep=req.program_id)
                 if not self.can_admit(req, n) or (
                         req.beam is not None and not self.allocator.can_allocate(req.request_id, req.beam.kv_tokens)):
+                    if cached:
+                        self.pins.unclaim(req.request_id)
+                        req.num_computed_tokens = 0
                     break
+                if cached:
+                    self.pins.confirm(req.request_id)
+                    req.num_cached_tokens = cached
                 self.waiting.remove(req)
                 req.status = Status.RUNNING
                 if req.first_scheduled_time is None:
@@ -220,6 +243,21 @@ class Scheduler:
 
     def _may_preempt(self, victim: Request, for_req: Request) -> bool:
         return True
+
+    def _evict_pins_while(self, blocked, reason: str, keep: str = "") -> None:
+        """Frees pins, least worth keeping first (never `keep`'s, the program about to use it), while
+        blocked() holds."""
+        while self.pins and blocked():
+            if not self.pins.evict_one(reason, keep=keep):
+                return
+
+    def _claim_pinned_prefix(self, req: Request) -> int:
+        """An agent turn starting afresh takes over its program's pinned KV for the longest common prefix."""
+        if not (req.program_id and req.num_computed_tokens == 0 and req.beam is None and self.pins):
+            return 0
+        cached = self.pins.claim(req.program_id, req.request_id, req.prompt_token_ids)
+        req.num_computed_tokens = cached
+        return cached
 
     def _kv_tokens(self, req: Request, n: int) -> int:
         """KV tokens the request must hold to compute n more tokens (a beam request: its whole layout)."""
@@ -275,7 +313,12 @@ class Scheduler:
         self._release(req)
 
     def _release(self, req: Request) -> None:
-        self.allocator.free(req.request_id)
+        if req.keeps_kv_for_next_turn:
+            self.pins.retain(req.program_id, req.request_id, req.all_token_ids[:req.num_computed_tokens])
+        else:
+            self.allocator.free(req.request_id)
+            if req.program_id and req.last_turn:
+                self.pins.release(req.program_id, "last_turn")
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:

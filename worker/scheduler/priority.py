@@ -48,6 +48,8 @@ class PriorityScheduler(Scheduler):
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 break
+            # Pinned agent KV goes first (never the pin this request is about to take over), then running BE.
+            self._evict_pins_while(lambda: not self.can_admit(req, n), "ls", keep=req.program_id)
             while not self.can_admit(req, n):
                 victims = [r for r in self.running if not r.is_ls and r.request_id not in self.in_flight]
                 victim = self.pick_victim(victims)
