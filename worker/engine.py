@@ -21,9 +21,11 @@ from typing import AsyncIterator
 
 from worker import beam, metrics
 from worker.kv_blocks import BlockAllocator
+from worker.kv_store import KVTierStore
 from worker.model_runner import ModelRunner, StepState
 from worker.request import FinishReason, Priority, Request, SamplingParams
 from worker.scheduler import SchedulerConfig, make_scheduler
+from worker.scheduler.base import int8_owner_id
 from qllm.limits import MAX_ABS_LENGTH_PENALTY, MAX_PATIENCE
 from qllm.logs import get_logger
 
@@ -85,6 +87,15 @@ class EngineCore:
         self.num_layer_preemptions = 0
         self._published_pin_ends: dict[str, int] = {}
         self._published_reused = 0
+        # --kv-policy alise: where offloaded KV lives, and the step timings its cost model needs.
+        self.kv_store: KVTierStore | None = None
+        if self.scheduler.alise:
+            self.kv_store = KVTierStore(runner.cache, config.block_size, config.kv_host_budget_tokens, runner.device)
+            self.scheduler.host_capacity_blocks = self.kv_store.host.capacity_blocks
+        self.prefill_s_per_token = self.scheduler.cost_model.prefill_s_per_token
+        self.decode_step_s = self.scheduler.cost_model.decode_step_s
+        self._published_moves: dict[str, int] = {}
+        self._tier_clock: float | None = None
         metrics.KV_CAPACITY.set(self.allocator.capacity_tokens)
 
     # --- called from other threads ----------------------------------------------------------------------
@@ -106,10 +117,16 @@ class EngineCore:
             self.scheduler.add_request(r)
         started = time.monotonic()
         while self.scheduler.has_unfinished():
-            plan = self.scheduler.schedule()
-            self.scheduler.update(plan, self.runner.execute(plan))
+            plan = self._schedule()
+            step_started = time.monotonic()
+            sampled = self.runner.execute(plan)
+            self._observe_step(plan, time.monotonic() - step_started, warm=True)
+            self.scheduler.update(plan, sampled)
         for r in reqs:
             self.runner.release(r.request_id)
+        if self.kv_store is not None:
+            self.kv_store.calibrate(num_blocks=max(1, min(64, self.allocator.num_blocks // 4)))
+            self._refresh_cost_model()
         log.info("engine warmed up", seconds=round(time.monotonic() - started, 3))
 
     def stop(self) -> None:
@@ -158,6 +175,61 @@ class EngineCore:
                     outputs.append(self._finished_output(req, []))
         return outputs
 
+    # --- KV under pressure (--kv-policy) ------------------------------------------------------------------
+    def _schedule(self, ls_only: bool = False):
+        """One schedule, then the KV moves it decided (swap-outs before the freed blocks are written)."""
+        plan = self.scheduler.schedule(ls_only=ls_only)
+        moves = self.scheduler.take_moves()
+        if moves and self.kv_store is not None:
+            self.kv_store.apply(moves)
+        return plan
+
+    def _observe_step(self, plan, seconds: float, warm: bool = False) -> None:
+        """Keeps the decode step time and the per-token prefill time the cost model uses (moving averages;
+        the warm-up's first, cold steps only set them when nothing better is known)."""
+        prefill = sum(s.num_tokens for s in plan.scheduled if not (s.num_tokens == 1 and s.start > 0))
+        alpha = 0.5 if warm else 0.05
+        if prefill == 0:
+            self.decode_step_s += alpha * (seconds - self.decode_step_s)
+        elif prefill >= 64:
+            per_token = max(0.0, seconds - self.decode_step_s) / prefill
+            self.prefill_s_per_token += alpha * (per_token - self.prefill_s_per_token)
+        if self.kv_store is not None and not warm and self.num_steps % 64 == 0:
+            self._refresh_cost_model()
+
+    def _refresh_cost_model(self) -> None:
+        store = self.kv_store
+        self.scheduler.cost_model = store.cost_model(self.prefill_s_per_token, self.decode_step_s)
+        metrics.KV_COPY_RATE.labels("swap_out").set(store.host.swap_out_bytes_per_s)
+        metrics.KV_COPY_RATE.labels("swap_in").set(store.host.swap_in_bytes_per_s)
+        metrics.KV_COPY_RATE.labels("quantize").set(store.quantizer.quantize_rate.bytes_per_s)
+        metrics.KV_COPY_RATE.labels("dequantize").set(store.quantizer.dequantize_rate.bytes_per_s)
+
+    def tier_bytes(self) -> dict[str, int]:
+        """KV bytes per tier now: gpu (the block pool, int8 charges excluded), host, int8."""
+        store = self.kv_store
+        block_bytes = store.block_bytes if store is not None else self.runner.cache.bytes // max(
+            1, self.allocator.num_blocks)
+        used = self.allocator.num_blocks - self.allocator.num_free_blocks
+        if store is None:
+            return {"gpu": used * block_bytes, "host": 0, "int8": 0}
+        int8_blocks = sum(len(self.allocator.block_table(int8_owner_id(rid))) for rid in self.scheduler.offloaded)
+        return {"gpu": (used - int8_blocks) * block_bytes, "host": store.host.used_bytes, "int8": store.int8_bytes}
+
+    def _publish_tiers(self) -> None:
+        now = time.monotonic()
+        tiers = self.tier_bytes()
+        for tier, nbytes in tiers.items():
+            metrics.KV_TIER_BYTES.labels(tier).set(nbytes)
+            if self._tier_clock is not None and nbytes:
+                metrics.KV_TIER_BYTE_HOURS.labels(tier).inc(nbytes * (now - self._tier_clock) / 3600.0)
+        self._tier_clock = now
+        for kind, count in self.scheduler.move_counts.items():
+            seen = self._published_moves.get(kind, 0)
+            if count > seen:
+                metrics.KV_MOVES.labels(kind).inc(count - seen)
+                self._published_moves[kind] = count
+
     def _should_yield(self) -> bool:
         return self._ls_arrived_at is not None
 
@@ -168,6 +240,9 @@ class EngineCore:
             except Exception:  # never die silently: fail what the engine held, then keep serving
                 log.exception("engine step failed; failing the requests it held")
                 outputs = [self._finished_output(req, []) for req in self.scheduler.fail_all()]
+                self.scheduler.take_moves()
+                if self.kv_store is not None:
+                    self.kv_store.reset()
                 if outputs:
                     self._on_outputs(outputs)
 
@@ -186,7 +261,7 @@ class EngineCore:
             # otherwise LS-only steps run while parked BE has been deferred for fewer than the setting allows.
             fresh_ls = arrived_at is not None
             if parked and (fresh_ls or ls_only_steps < self.config.max_be_deferral_steps):
-                plan = self.scheduler.schedule(ls_only=True)
+                plan = self._schedule(ls_only=True)
                 if plan:
                     state = self.runner.begin(plan)
                     ls_only_steps += 1
@@ -195,11 +270,11 @@ class EngineCore:
             if state is None and yields and self.scheduler.has_waiting_ls():
                 # LS work that arrived between steps gets a step of its own too, rather than riding a full
                 # iteration with BE prefill chunks; its decodes join the next full iteration.
-                plan = self.scheduler.schedule(ls_only=True)
+                plan = self._schedule(ls_only=True)
                 if plan:
                     state = self.runner.begin(plan)
             if state is None:
-                plan = self.scheduler.schedule()
+                plan = self._schedule()
                 if not plan:
                     self._publish_gauges()
                     self._wake.wait(timeout=0.5)
@@ -230,6 +305,8 @@ class EngineCore:
                 ls_only_steps = 0
             sampled = self.runner.finish(state)
             metrics.STEP.labels("mixed" if state.plan.has_best_effort else "ls").observe(time.monotonic() - started)
+            if state.pauses == 0:
+                self._observe_step(state.plan, time.monotonic() - started)
             if state.plan.preempted:
                 metrics.PREEMPTIONS.labels("recompute").inc(len(state.plan.preempted))
             self._note_slow_ls(state, parked)
@@ -279,6 +356,7 @@ class EngineCore:
         metrics.RUNNING.set(len(self.scheduler.running))
         metrics.WAITING.set(len(self.scheduler.waiting))
         metrics.KV_USED.set(self.allocator.capacity_tokens - self.allocator.free_tokens)
+        self._publish_tiers()
         pins = self.scheduler.pins
         metrics.KV_PINNED.set(pins.pinned_tokens)
         metrics.PINS.set(len(pins))

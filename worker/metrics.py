@@ -38,3 +38,12 @@ PINS_ENDED = Counter("qllm_worker_pins_ended_total", "Pins that ended, by why (c
                      ["reason"])
 PREFIX_REUSED_TOKENS = Counter("qllm_worker_prefix_reused_tokens_total",
                                "Prompt tokens whose KV came from the program's pin instead of a prefill")
+# KV memory under pressure (--kv-policy): where KV bytes live, how they moved, what the moves cost.
+KV_TIER_BYTES = Gauge("qllm_worker_kv_tier_bytes", "KV bytes per tier: gpu (the block pool), host (swapped out), "
+                      "int8 (quantized copies)", ["tier"])
+KV_TIER_BYTE_HOURS = Counter("qllm_worker_kv_tier_byte_hours_total", "KV bytes held per tier, integrated over time",
+                             ["tier"])
+KV_MOVES = Counter("qllm_worker_kv_moves_total", "KV moves by kind (swap_out, swap_in, quantize, dequantize, "
+                   "recompute = a preempted request's computed KV dropped)", ["kind"])
+KV_COPY_RATE = Gauge("qllm_worker_kv_move_bytes_per_second", "Measured rate of each KV move kind, bytes of "
+                     "full-precision KV per second", ["kind"])

@@ -212,6 +212,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="share of max_tokens whose KV admission reserves (0 = vLLM's optimistic admission)")
     settings.add(parser, "--provisional-pin-s", type=float, default=1.0,
                  help="agent programs: seconds a finished turn's KV stays pinned until the kvmanager decides")
+    settings.add(parser, "--kv-policy", default="recompute", choices=["recompute", "alise"],
+                 help="KV under pressure: recompute (drop a preempted request's KV, vLLM V1) or alise (per victim "
+                      "the cheapest of swap to host, int8, recompute; worker/kv_tiers.py)")
+    settings.add(parser, "--kv-int8", default="be", choices=["off", "be", "all"],
+                 help="alise: classes whose KV may be quantized to int8 (lossy)")
+    settings.add(parser, "--kv-host-budget-tokens", type=int, default=65536,
+                 help="alise: host pool for swapped-out KV, in tokens (0 = no swapping)")
     settings.add(parser, "--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                  help="torch intra-op threads (leave the control plane a core)")
 
@@ -222,7 +229,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps,
                         ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots,
                         admission_output_fraction=args.admission_output_fraction,
-                        provisional_pin_s=args.provisional_pin_s)
+                        provisional_pin_s=args.provisional_pin_s, kv_policy=args.kv_policy,
+                        kv_int8=args.kv_int8, kv_host_budget_tokens=args.kv_host_budget_tokens)
 
 
 def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncEngine]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from worker import kv_tiers
 from worker.kv_blocks import BlockAllocator
 from worker.kv_pins import PinStore
 from worker.request import FinishReason, Request, Status
@@ -35,6 +36,35 @@ class SchedulerConfig:
     # Agent programs: how long a finished non-final turn's KV stays pinned before the kvmanager's word
     # arrives (worker/kv_pins.py); it is also all a pin gets when no kvmanager answers.
     provisional_pin_s: float = 1.0
+    # What a preempted request's KV becomes: `recompute` drops it (vLLM V1); `alise` picks victims and, per
+    # victim, the cheapest of swap to host, int8 or recompute (worker/kv_tiers.py).
+    kv_policy: str = "recompute"
+    # alise: which classes may have their KV quantized to int8 (kv_tiers.QualityBound: off, be, all).
+    kv_int8: str = "be"
+    # alise: the host pool for swapped-out KV, in tokens of this cache's blocks (0 = no swapping).
+    kv_host_budget_tokens: int = 65536
+
+
+KV_POLICIES = ("recompute", "alise")
+
+
+@dataclass
+class KVMove:
+    """A copy the engine must make before the next step runs (the scheduler itself never touches torch).
+
+    kind: swap_out / quantize (the victim's blocks, about to be reused), swap_in / dequantize (into the
+    request's new blocks), drop (forget a host or int8 copy: the request ended while offloaded).
+    """
+
+    kind: str
+    request_id: str
+    block_ids: list[int]
+    num_tokens: int
+
+
+def int8_owner_id(request_id: str) -> str:
+    """The allocator table that charges an int8 copy's bytes against the KV budget."""
+    return "\0int8:" + request_id
 
 
 @dataclass
@@ -94,6 +124,23 @@ class Scheduler:
         self._cancel_pending: set[str] = set()
         self.num_preemptions = 0
         self.pins = PinStore(allocator, config.provisional_pin_s)
+        # ALISE (config.kv_policy == "alise"): offloaded requests, the host pool's books in blocks, the moves
+        # the engine has yet to make, and the cost model the engine keeps measured.
+        if config.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy: expected one of {', '.join(KV_POLICIES)}, got {config.kv_policy!r}")
+        self.alise = config.kv_policy == "alise"
+        if config.kv_int8 not in [q.value for q in kv_tiers.QualityBound]:
+            raise ValueError(f"kv_int8: expected one of off, be, all, got {config.kv_int8!r}")
+        self.quality = kv_tiers.QualityBound(config.kv_int8)
+        self.offloaded: dict[str, tuple[kv_tiers.Action, int]] = {}   # request -> (tier, blocks)
+        self.host_capacity_blocks = max(0, config.kv_host_budget_tokens // allocator.block_size)
+        self.host_used_blocks = 0
+        self.kv_moves: list[KVMove] = []
+        self.move_counts: dict[str, int] = {}
+        self.cost_model = kv_tiers.CostModel(
+            block_bytes=allocator.block_size * 8192, int8_block_bytes=allocator.block_size * 2176,
+            prefill_s_per_token=1e-4, decode_step_s=0.02, swap_out_bytes_per_s=2e9, swap_in_bytes_per_s=2e9,
+            quantize_bytes_per_s=5e8, dequantize_bytes_per_s=5e8)  # priors; the engine replaces them
 
     # --- policy hooks -------------------------------------------------------------------------------
     def waiting_key(self, req: Request):
@@ -113,6 +160,10 @@ class Scheduler:
         """The KV a request is expected to need in all: its prompt and a share of its output budget."""
         if req.beam is not None:  # beam search reserves its whole layout up front (worker/beam.py)
             return req.beam.kv_tokens
+        if self.config.admission_output_fraction <= 0:
+            # vLLM V1's optimistic admission: nothing is reserved beyond the tokens this step computes (its
+            # allocate_slots); growth that does not fit is met by preemption.
+            return req.num_computed_tokens
         expected = req.num_prompt_tokens + int(self.config.admission_output_fraction * req.sampling.max_tokens)
         return min(req.max_total_tokens, max(expected, req.num_tokens))
 
@@ -194,7 +245,7 @@ class Scheduler:
             while not self.allocator.can_allocate(req.request_id, self._kv_tokens(req, n)):
                 candidates = [r for r in self.running if r.request_id not in scheduled_ids
                               and r.request_id not in self.in_flight and r is not req]
-                victim = self.pick_victim(candidates)
+                victim = self.choose_victim(candidates)
                 if victim is None or not self._may_preempt(victim, req):
                     victim = req
                 self._preempt(victim, out)
@@ -266,12 +317,100 @@ class Scheduler:
         return req.num_computed_tokens + n
 
     def _schedule_one(self, req: Request, n: int) -> ScheduledRequest:
+        if req.request_id in self.offloaded and self.offloaded[req.request_id][0] is kv_tiers.Action.INT8:
+            self.allocator.free(int8_owner_id(req.request_id))  # the copy is about to become blocks again
         table = self.allocator.allocate(req.request_id, self._kv_tokens(req, n),
                                         expected_tokens=self.reserved_tokens(req))
+        if req.request_id in self.offloaded:
+            self._restore(req, table)
         return ScheduledRequest(req, req.num_computed_tokens, n, list(table))
 
+    def choose_victim(self, candidates: list[Request]) -> Request | None:
+        """The policy's victim (pick_victim), or under alise kv_tiers' (class, then longest remaining time,
+        keeping one that would be back before its KV finished moving)."""
+        if not self.alise or not candidates:
+            return self.pick_victim(candidates)
+        by_id = {r.request_id: r for r in candidates}
+        cands = [self._candidate(r) for r in candidates]
+        plan = kv_tiers.plan_evictions(cands, 1, self.cost_model, self._host_free_bytes(), self.quality)
+        return by_id[plan[0].request_id] if plan else self.pick_victim(candidates)
+
+    def _candidate(self, req: Request) -> kv_tiers.Candidate:
+        cls = kv_tiers.VictimClass.LS if req.is_ls else kv_tiers.VictimClass.BE
+        return kv_tiers.Candidate(req.request_id, cls, self._computed_blocks(req), req.num_computed_tokens,
+                                  max(0, req.sampling.max_tokens - len(req.output_token_ids)),
+                                  order_key=req.order_key, arrival_time=req.arrival_time)
+
+    def _computed_blocks(self, req: Request) -> int:
+        return self.allocator.blocks_needed(req.num_computed_tokens)
+
+    def _host_free_bytes(self) -> int:
+        return (self.host_capacity_blocks - self.host_used_blocks) * self.cost_model.block_bytes
+
+    def _add_move(self, kind: str, req: Request, block_ids: list[int]) -> None:
+        self.kv_moves.append(KVMove(kind, req.request_id, list(block_ids), req.num_computed_tokens))
+        self.move_counts[kind] = self.move_counts.get(kind, 0) + 1
+
+    def take_moves(self) -> list[KVMove]:
+        """The copies to make before the next step, in order (a swap-out before any reuse of its blocks)."""
+        moves, self.kv_moves = self.kv_moves, []
+        return moves
+
+    def _offload(self, req: Request) -> bool:
+        """alise: moves a victim's KV to the host pool or to int8 per the cost model; False = recompute."""
+        if not self.alise or req.beam is not None or req.num_computed_tokens == 0:
+            return False
+        decision = kv_tiers.choose_action(self._candidate(req), self.cost_model, self._host_free_bytes(),
+                                          self.quality)
+        n = self._computed_blocks(req)
+        blocks = self.allocator.block_table(req.request_id)[:n]
+        if decision.action is kv_tiers.Action.SWAP:
+            self._add_move("swap_out", req, blocks)
+            self.host_used_blocks += n
+        elif decision.action is kv_tiers.Action.INT8:
+            self._add_move("quantize", req, blocks)
+        else:
+            return False
+        self.allocator.free(req.request_id)
+        if decision.action is kv_tiers.Action.INT8:  # its compact copy stays charged against the budget
+            retained = self.cost_model.int8_retained_blocks(n)
+            self.allocator.allocate(int8_owner_id(req.request_id), retained * self.allocator.block_size)
+        self.offloaded[req.request_id] = (decision.action, n)
+        return True
+
+    def _restore(self, req: Request, table: list[int]) -> None:
+        """An offloaded request runs again: its KV comes back into the first blocks of its new table."""
+        action, n = self.offloaded.pop(req.request_id)
+        if action is kv_tiers.Action.SWAP:
+            self._add_move("swap_in", req, table[:n])
+            self.host_used_blocks -= n
+        else:
+            self._add_move("dequantize", req, table[:n])
+
+    def _forget_offloaded(self, req: Request) -> None:
+        entry = self.offloaded.pop(req.request_id, None)
+        if entry is None:
+            return
+        action, n = entry
+        self.kv_moves.append(KVMove("drop", req.request_id, [], 0))
+        if action is kv_tiers.Action.SWAP:
+            self.host_used_blocks -= n
+        else:
+            self.allocator.free(int8_owner_id(req.request_id))
+
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        """Recompute-style preemption (vLLM V1): drop the KV, keep the tokens, requeue."""
+        """Preemption: recompute-style (vLLM V1: drop the KV, keep the tokens, requeue), or under alise the
+        KV may instead go to the host pool or to int8 and come back when the request runs again."""
+        if self._offload(req):
+            self.running.remove(req)
+            req.status = Status.WAITING
+            req.num_preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.append(req)
+            out.preempted.append(req.request_id)
+            return
+        if req.num_computed_tokens:
+            self.move_counts["recompute"] = self.move_counts.get("recompute", 0) + 1
         self.allocator.free(req.request_id)
         self.running.remove(req)
         req.num_computed_tokens = 0
@@ -313,6 +452,7 @@ class Scheduler:
         self._release(req)
 
     def _release(self, req: Request) -> None:
+        self._forget_offloaded(req)
         if req.keeps_kv_for_next_turn:
             self.pins.retain(req.program_id, req.request_id, req.all_token_ids[:req.num_computed_tokens])
         else:

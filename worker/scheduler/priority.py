@@ -52,7 +52,7 @@ class PriorityScheduler(Scheduler):
             self._evict_pins_while(lambda: not self.can_admit(req, n), "ls", keep=req.program_id)
             while not self.can_admit(req, n):
                 victims = [r for r in self.running if not r.is_ls and r.request_id not in self.in_flight]
-                victim = self.pick_victim(victims)
+                victim = self.choose_victim(victims)
                 if victim is None:
                     return
                 self._preempt(victim, output)
