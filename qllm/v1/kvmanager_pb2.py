@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qllm/v1/kvmanager.proto\x12\x07qllm.v1\"\xa0\x01\n\nTurnReport\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x11\n\tlast_turn\x18\x04 \x01(\x08\x12\x11\n\ttool_name\x18\x05 \x01(\t\x12\x12\n\nturn_index\x18\x06 \x01(\r\x12\x1c\n\x14prev_tool_duration_s\x18\x07 \x01(\x01\"T\n\x0bPinDecision\x12\x0b\n\x03pin\x18\x01 \x01(\x08\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpires_at_unix_s\x18\x04 \x01(\x01\"!\n\x0fListPinsRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"T\n\x03Pin\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x19\n\x11\x65xpires_at_unix_s\x18\x04 \x01(\x01\".\n\x10ListPinsResponse\x12\x1a\n\x04pins\x18\x01 \x03(\x0b\x32\x0c.qllm.v1.Pin\"\'\n\x11ReleasePinRequest\x12\x12\n\nprogram_id\x18\x01 \x01(\t\"&\n\x12ReleasePinResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xcc\x01\n\tKVManager\x12\x37\n\nReportTurn\x12\x13.qllm.v1.TurnReport\x1a\x14.qllm.v1.PinDecision\x12?\n\x08ListPins\x12\x18.qllm.v1.ListPinsRequest\x1a\x19.qllm.v1.ListPinsResponse\x12\x45\n\nReleasePin\x12\x1a.qllm.v1.ReleasePinRequest\x1a\x1b.qllm.v1.ReleasePinResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qllm/v1/kvmanager.proto\x12\x07qllm.v1\"\xbe\x01\n\nTurnReport\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x11\n\tlast_turn\x18\x04 \x01(\x08\x12\x11\n\ttool_name\x18\x05 \x01(\t\x12\x12\n\nturn_index\x18\x06 \x01(\r\x12\x1c\n\x14prev_tool_duration_s\x18\x07 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\r\"h\n\x0bPinDecision\x12\x0b\n\x03pin\x18\x01 \x01(\x08\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpires_at_unix_s\x18\x04 \x01(\x01\x12\x12\n\nkeep_score\x18\x05 \x01(\x02\"!\n\x0fListPinsRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"h\n\x03Pin\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x19\n\x11\x65xpires_at_unix_s\x18\x04 \x01(\x01\x12\x12\n\nkeep_score\x18\x05 \x01(\x02\".\n\x10ListPinsResponse\x12\x1a\n\x04pins\x18\x01 \x03(\x0b\x32\x0c.qllm.v1.Pin\"\'\n\x11ReleasePinRequest\x12\x12\n\nprogram_id\x18\x01 \x01(\t\"&\n\x12ReleasePinResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xcc\x01\n\tKVManager\x12\x37\n\nReportTurn\x12\x13.qllm.v1.TurnReport\x1a\x14.qllm.v1.PinDecision\x12?\n\x08ListPins\x12\x18.qllm.v1.ListPinsRequest\x1a\x19.qllm.v1.ListPinsResponse\x12\x45\n\nReleasePin\x12\x1a.qllm.v1.ReleasePinRequest\x1a\x1b.qllm.v1.ReleasePinResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qllm.v1.kvmanager_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TURNREPORT']._serialized_start=37
-  _globals['_TURNREPORT']._serialized_end=197
-  _globals['_PINDECISION']._serialized_start=199
-  _globals['_PINDECISION']._serialized_end=283
-  _globals['_LISTPINSREQUEST']._serialized_start=285
-  _globals['_LISTPINSREQUEST']._serialized_end=318
-  _globals['_PIN']._serialized_start=320
-  _globals['_PIN']._serialized_end=404
-  _globals['_LISTPINSRESPONSE']._serialized_start=406
-  _globals['_LISTPINSRESPONSE']._serialized_end=452
-  _globals['_RELEASEPINREQUEST']._serialized_start=454
-  _globals['_RELEASEPINREQUEST']._serialized_end=493
-  _globals['_RELEASEPINRESPONSE']._serialized_start=495
-  _globals['_RELEASEPINRESPONSE']._serialized_end=533
-  _globals['_KVMANAGER']._serialized_start=536
-  _globals['_KVMANAGER']._serialized_end=740
+  _globals['_TURNREPORT']._serialized_end=227
+  _globals['_PINDECISION']._serialized_start=229
+  _globals['_PINDECISION']._serialized_end=333
+  _globals['_LISTPINSREQUEST']._serialized_start=335
+  _globals['_LISTPINSREQUEST']._serialized_end=368
+  _globals['_PIN']._serialized_start=370
+  _globals['_PIN']._serialized_end=474
+  _globals['_LISTPINSRESPONSE']._serialized_start=476
+  _globals['_LISTPINSRESPONSE']._serialized_end=522
+  _globals['_RELEASEPINREQUEST']._serialized_start=524
+  _globals['_RELEASEPINREQUEST']._serialized_end=563
+  _globals['_RELEASEPINRESPONSE']._serialized_start=565
+  _globals['_RELEASEPINRESPONSE']._serialized_end=603
+  _globals['_KVMANAGER']._serialized_start=606
+  _globals['_KVMANAGER']._serialized_end=810
 # @@protoc_insertion_point(module_scope)

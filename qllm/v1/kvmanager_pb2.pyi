@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TurnReport(_message.Message):
-    __slots__ = ("program_id", "worker", "context_tokens", "last_turn", "tool_name", "turn_index", "prev_tool_duration_s")
+    __slots__ = ("program_id", "worker", "context_tokens", "last_turn", "tool_name", "turn_index", "prev_tool_duration_s", "cached_prompt_tokens")
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class TurnReport(_message.Message):
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     TURN_INDEX_FIELD_NUMBER: _ClassVar[int]
     PREV_TOOL_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     program_id: str
     worker: str
     context_tokens: int
@@ -22,19 +23,22 @@ class TurnReport(_message.Message):
     tool_name: str
     turn_index: int
     prev_tool_duration_s: float
-    def __init__(self, program_id: _Optional[str] = ..., worker: _Optional[str] = ..., context_tokens: _Optional[int] = ..., last_turn: _Optional[bool] = ..., tool_name: _Optional[str] = ..., turn_index: _Optional[int] = ..., prev_tool_duration_s: _Optional[float] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, program_id: _Optional[str] = ..., worker: _Optional[str] = ..., context_tokens: _Optional[int] = ..., last_turn: _Optional[bool] = ..., tool_name: _Optional[str] = ..., turn_index: _Optional[int] = ..., prev_tool_duration_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class PinDecision(_message.Message):
-    __slots__ = ("pin", "ttl_s", "reason", "expires_at_unix_s")
+    __slots__ = ("pin", "ttl_s", "reason", "expires_at_unix_s", "keep_score")
     PIN_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SCORE_FIELD_NUMBER: _ClassVar[int]
     pin: bool
     ttl_s: float
     reason: str
     expires_at_unix_s: float
-    def __init__(self, pin: _Optional[bool] = ..., ttl_s: _Optional[float] = ..., reason: _Optional[str] = ..., expires_at_unix_s: _Optional[float] = ...) -> None: ...
+    keep_score: float
+    def __init__(self, pin: _Optional[bool] = ..., ttl_s: _Optional[float] = ..., reason: _Optional[str] = ..., expires_at_unix_s: _Optional[float] = ..., keep_score: _Optional[float] = ...) -> None: ...
 
 class ListPinsRequest(_message.Message):
     __slots__ = ("worker",)
@@ -43,16 +47,18 @@ class ListPinsRequest(_message.Message):
     def __init__(self, worker: _Optional[str] = ...) -> None: ...
 
 class Pin(_message.Message):
-    __slots__ = ("program_id", "worker", "tokens", "expires_at_unix_s")
+    __slots__ = ("program_id", "worker", "tokens", "expires_at_unix_s", "keep_score")
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SCORE_FIELD_NUMBER: _ClassVar[int]
     program_id: str
     worker: str
     tokens: int
     expires_at_unix_s: float
-    def __init__(self, program_id: _Optional[str] = ..., worker: _Optional[str] = ..., tokens: _Optional[int] = ..., expires_at_unix_s: _Optional[float] = ...) -> None: ...
+    keep_score: float
+    def __init__(self, program_id: _Optional[str] = ..., worker: _Optional[str] = ..., tokens: _Optional[int] = ..., expires_at_unix_s: _Optional[float] = ..., keep_score: _Optional[float] = ...) -> None: ...
 
 class ListPinsResponse(_message.Message):
     __slots__ = ("pins",)

@@ -58,7 +58,9 @@ class KVManagerServicer:
 
     def ReportTurn(self, request, context):
         """The router reports each finished turn of an agent program; the answer says whether and how long
-        the worker should keep the turn's KV cache pinned.
+        the worker should keep the turn's KV cache pinned. The kvmanager tells the worker itself (SetPin at
+        the reported worker address, after answering), frees lapsed pins there (ReleasePins) and unpins the
+        least likely to return first when pins on a worker exceed its budget.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,10 +40,12 @@ def test_release_and_last_turn():
     assert ledger.release("a").program_id == "a"
     assert ledger.release("a") is None
     ledger.pin("a", "w0", 10, 2.0, now=0.0)
-    assert ledger.turn_ended("a", "ls", last_turn=False, now=0.0) == ""
-    assert ledger.turn_ended("a", "cat", last_turn=False, now=1.0) == "ls"
-    assert ledger.turn_ended("a", "", last_turn=True, now=2.0) == "cat"
-    assert len(ledger) == 0 and ledger.programs() == 0
+    assert ledger.turn_ended("a", "ls", last_turn=False, now=0.0, turn_index=0) is None
+    prev = ledger.turn_ended("a", "cat", last_turn=False, now=1.0, turn_index=1)
+    assert (prev.tool, prev.turn_index) == ("ls", 0)
+    assert ledger.turn_ended("a", "", last_turn=True, now=2.0, turn_index=2).tool == "cat"
+    assert ledger.programs() == 0
+    assert ledger.release("a").program_id == "a"  # the manager drops the pin, the ledger only counts
 
 
 def test_idle_programs_are_forgotten():
@@ -52,6 +54,22 @@ def test_idle_programs_are_forgotten():
     ledger.turn_ended("b", "ls", False, now=5.0)
     ledger.expire(now=12.0)
     assert ledger.programs() == 1
+    assert [p.tool for p in ledger.take_abandoned()] == ["ls"] and ledger.take_abandoned() == []
     ledger.turn_ended("c", "ls", False, now=12.0)
     ledger.turn_ended("d", "ls", False, now=12.0)
     assert ledger.programs() == 2
+
+
+def test_learned_budgets_and_release_by_seq():
+    ledger = Ledger()
+    assert ledger.budget("w0") == 0 and ledger.fits("w0", 10**9)
+    ledger.learned_budgets["w0"] = 100
+    assert ledger.fits("w0", 100) and not ledger.fits("w0", 101)
+    first = ledger.pin("a", "w0", 80, 2.0, now=0.0)
+    assert ledger.fits("w0", 100, program_id="a")  # its own pin would be replaced
+    assert ledger.pin("b", "w0", 30, 2.0, now=0.0) is None
+    assert ledger.pin("b", "w0", 30, 2.0, now=0.0, enforce_budget=False) is not None
+    second = ledger.pin("a", "w0", 50, 2.0, now=1.0)
+    assert second.seq != first.seq
+    assert ledger.release("a", seq=first.seq) is None and ledger.release("a", seq=second.seq) == second
+    assert Ledger(max_tokens_per_worker=7).budget("w0") == 7

@@ -1,0 +1,75 @@
+"""The kvmanager's calls to workers: SetPin, ReleasePins and Describe at the address the router reported.
+
+One cached channel per worker (the least recently used closed past `max_workers`), a short deadline per
+call. Pins are advice: a failed call is logged (once per worker until it answers again) and answered as
+None, never raised; the worker's own clock expires its pins and it evicts them for LS requests anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+import grpc
+
+from qllm import tls
+from qllm.logs import get_logger
+from qllm.v1 import worker_pb2, worker_pb2_grpc
+
+log = get_logger(__name__)
+
+
+class WorkerPins:
+    def __init__(self, deadline_s: float = 0.5, credentials: grpc.ChannelCredentials | None = None,
+                 max_workers: int = 1024):
+        self.deadline_s = deadline_s
+        self.credentials = credentials
+        self.max_workers = max_workers
+        self.failures = 0
+        self._stubs: OrderedDict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = OrderedDict()
+        self._down: set[str] = set()
+        self._closing: set[asyncio.Task] = set()
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        hit = self._stubs.get(address)
+        if hit is not None:
+            self._stubs.move_to_end(address)
+            return hit[1]
+        channel = tls.open_channel(address, self.credentials)
+        self._stubs[address] = (channel, worker_pb2_grpc.WorkerStub(channel))
+        while len(self._stubs) > self.max_workers:
+            _, (old, _) = self._stubs.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return self._stubs[address][1]
+
+    async def _call(self, address: str, rpc: str, request):
+        try:
+            reply = await getattr(self._stub(address), rpc)(request, timeout=self.deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            self.failures += 1
+            if address not in self._down:
+                self._down.add(address)
+                log.warning("worker call failed", worker=address, rpc=rpc, code=exc.code().name)
+            return None
+        if address in self._down:
+            self._down.discard(address)
+            log.info("worker reachable again", worker=address)
+        return reply
+
+    async def set_pin(self, address: str, program_id: str, ttl_s: float,
+                      keep_score: float) -> worker_pb2.SetPinResponse | None:
+        return await self._call(address, "SetPin", worker_pb2.SetPinRequest(
+            program_id=program_id, ttl_s=ttl_s, keep_score=keep_score))
+
+    async def release(self, address: str, program_ids: list[str]) -> worker_pb2.ReleasePinsResponse | None:
+        return await self._call(address, "ReleasePins", worker_pb2.ReleasePinsRequest(program_ids=program_ids))
+
+    async def describe(self, address: str) -> worker_pb2.WorkerInfo | None:
+        return await self._call(address, "Describe", worker_pb2.DescribeRequest())
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
