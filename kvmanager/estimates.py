@@ -3,15 +3,18 @@
 `LocalEstimator` (pure) answers from an in-process predictor.tool_durations model and the default latency
 model. `PredictorEstimator` asks the predictor service (`PredictToolDuration`, which also prices the
 recompute with the predictor's live latency model) under a short deadline, and falls back to its local
-estimator when the predictor is unset, down or late: a turn always gets a decision, never an error. Every
-observation goes to both (to the predictor in the background), so the local model is warm when needed; of
-two answers the better informed one (more observations of the tool, then of all tools) gives the
+estimator when the predictor is unset, down or late: a turn always gets a decision, never an error (after a
+failure the local model answers alone for `retry_after_s`, so a slow predictor does not cost every turn its
+deadline). Every observation goes to both (to the predictor in the background), so the local model is warm
+when needed; of two answers the better informed one (more observations of the tool, then of all tools) gives the
 distribution, and the predictor's recompute time is used whenever it answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import grpc
 
@@ -24,6 +27,9 @@ from qllm.logs import get_logger
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = get_logger(__name__)
+
+# For turns that are never pinned (the last one): nothing to predict.
+NOT_NEEDED = Estimate(DurationQuantiles((0.5,), (0.0,), 0.0), 0.0, "none")
 
 
 def _quantiles(levels, values, mean_s, samples, prior, observed_mean_s) -> DurationQuantiles:
@@ -56,7 +62,8 @@ class LocalEstimator:
 
 class PredictorEstimator:
     def __init__(self, address: str | None, local: LocalEstimator | None = None, deadline_s: float = 0.05,
-                 credentials: grpc.ChannelCredentials | None = None, max_pending: int = 256):
+                 credentials: grpc.ChannelCredentials | None = None, max_pending: int = 256,
+                 retry_after_s: float = 2.0, clock=time.monotonic):
         self.address = address or None
         self.local = local if local is not None else LocalEstimator()
         self.deadline_s = deadline_s
@@ -64,6 +71,9 @@ class PredictorEstimator:
         self.stub = predictor_pb2_grpc.PredictorStub(self.channel) if self.channel else None
         self.max_pending = max_pending
         self.down = False
+        self.retry_after_s = retry_after_s  # after a failed prediction, answer locally this long
+        self.clock = clock
+        self._skip_until = -math.inf
         self.fallbacks = 0  # estimates answered locally because the predictor failed
         self._pending: list[predictor_pb2.ToolCall] = []
         self._flushing: asyncio.Task | None = None
@@ -99,19 +109,22 @@ class PredictorEstimator:
             self._mark(True)
 
     async def estimate(self, tool: str, context_tokens: int) -> Estimate:
-        local = self.local.estimate(tool, context_tokens)
         if self.stub is None:
-            return local
+            return self.local.estimate(tool, context_tokens)
+        if self.clock() < self._skip_until:  # a predictor that just failed is not waited for on every turn
+            self.fallbacks += 1
+            return self.local.estimate(tool, context_tokens)
         try:
             reply = await self.stub.PredictToolDuration(predictor_pb2.ToolDurationRequest(
                 tool_name=tool, quantiles=self.local.levels, context_tokens=context_tokens), timeout=self.deadline_s)
         except grpc.aio.AioRpcError as exc:
             self._mark(False, exc)
+            self._skip_until = self.clock() + self.retry_after_s
             self.fallbacks += 1
-            return local
+            return self.local.estimate(tool, context_tokens)
         self._mark(True)
         if (reply.samples, reply.pooled_samples) < self.local.informed(tool):
-            return Estimate(local.durations, reply.recompute_s, "local")
+            return Estimate(self.local.estimate(tool, 0).durations, reply.recompute_s, "local")
         durations = _quantiles(reply.quantiles, reply.durations_s, reply.mean_s, reply.samples, reply.prior,
                                reply.observed_mean_s)
         return Estimate(durations, reply.recompute_s, "predictor")

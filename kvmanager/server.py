@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from kvmanager.continuation import ContinuationModel
-from kvmanager.estimates import PredictorEstimator
+from kvmanager.estimates import NOT_NEEDED, PredictorEstimator
 from kvmanager.ledger import Ledger, PinEntry
 from kvmanager.manager import InvalidReport, Outcome, PinManager
 from kvmanager.ttl import DEFAULT_POLICY, POLICIES, TTLParams, Turn, make_policy
@@ -86,7 +86,7 @@ class KVManagerServicer(kvmanager_pb2_grpc.KVManagerServicer):
             REUSED_TOKENS.inc(request.cached_prompt_tokens)
         self._know(turn.worker)
         if turn.last_turn:  # never pinned: no need to ask the predictor
-            estimate = self.estimator.local.estimate(turn.tool_name, 0)
+            estimate = NOT_NEEDED
         else:
             estimate = await self.estimator.estimate(turn.tool_name, turn.context_tokens)
         ESTIMATES.labels(estimate.source).inc()

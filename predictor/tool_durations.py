@@ -107,6 +107,10 @@ class Empirical:
     def mean(self) -> float:
         return max(0.0, self._sum / len(self._sorted))
 
+    def at_or_below(self, t: float) -> float | None:
+        i = bisect.bisect_right(self._sorted, t)
+        return self._sorted[i - 1] if i else None
+
     def expected_min(self, t: float) -> float:
         i = bisect.bisect_right(self._sorted, t)
         beyond = len(self._sorted) - i
@@ -153,6 +157,11 @@ class DurationDistribution:
                 hi = mid
             else:
                 lo = mid
+        for _, c in self._parts:  # the answer is a sample exactly when it falls on one
+            if isinstance(c, Empirical):
+                atom = c.at_or_below(hi)
+                if atom is not None and atom >= lo and self.cdf(atom) >= q:
+                    hi = atom
         return hi
 
     def quantiles(self, levels: tuple[float, ...] | list[float] = DEFAULT_LEVELS) -> list[float]:
