@@ -73,6 +73,7 @@ class Stack:
                                                             *c.predictor_args])
         self._spawn("kvmanager", f"{c.host}:{kv_port}", ["kvmanager", *common, "--port", str(kv_port),
                                                           "--metrics-port", str(c.metrics_port(kv_port)),
+                                                          "--predictor", f"{c.host}:{pred_port}",
                                                           *c.kvmanager_args])
         worker_addrs = []
         for i in range(c.workers):

@@ -128,7 +128,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         self.programs.turn_dispatched(request.program_id, job.worker_address)
                         self.programs.turn_finished(request.program_id, request.last_turn, request.tool_name)
                         self._spawn(self._report_turn(request, delta.prompt_tokens + delta.completion_tokens,
-                                                      job, turn))
+                                                      delta.cached_prompt_tokens, job, turn))
                 yield router_pb2.GenerateResponse(
                     text=text, token_ids=token_ids, finished=delta.finished,
                     finish_reason=delta.finish_reason, request_id=rid, prompt_tokens=delta.prompt_tokens,
@@ -164,11 +164,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if scores:
             log.debug("predicted length score", score=scores[0])
 
-    async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, job: Job, turn) -> None:
+    async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, cached_tokens: int, job: Job,
+                           turn) -> None:
         decision = await self.kvmanager.report_turn(kvmanager_pb2.TurnReport(
             program_id=request.program_id, worker=job.worker_address, context_tokens=tokens,
             last_turn=request.last_turn, tool_name=request.tool_name, turn_index=turn.turn_index,
-            prev_tool_duration_s=turn.prev_tool_duration_s))
+            prev_tool_duration_s=turn.prev_tool_duration_s, cached_prompt_tokens=cached_tokens))
         if decision is not None:
             log.info("pin decision", program_id=request.program_id, pin=decision.pin, ttl_s=decision.ttl_s)
 
