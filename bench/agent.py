@@ -173,7 +173,7 @@ class ProgramSpec:
 @dataclass
 class AgentConfig:
     duration_s: float
-    rate: float = 0.2                    # programs/s (Poisson)
+    rate: float = 0.35                   # programs/s (Poisson)
     seed: int = 0
     mix: tuple[str, ...] = SOURCES       # round-robin over these trace agents
     max_turns: int = 8
@@ -181,9 +181,9 @@ class AgentConfig:
     max_piece_tokens: int = 640          # cap of one piece (the first prompt, a tool result)
     min_piece_tokens: int = 8
     max_context_tokens: int = 3584       # the final turn's prompt + output fits this
-    output_scale: float = 0.25
-    output_range: tuple[int, int] = (8, 64)
-    gap_scale: float = 1.0               # multiplies the real tool gaps
+    output_scale: float = 0.15
+    output_range: tuple[int, int] = (8, 32)
+    gap_scale: float = 0.5               # multiplies the real tool gaps (the scenario default: half)
     min_gap_s: float = 0.05
     max_gap_s: float = 20.0
     context_tokens: int = 4096           # the model's window

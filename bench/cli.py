@@ -2,6 +2,7 @@
 
     qllm bench --scenario mixed --policies fcfs,priority,qllm --duration 60 --out bench-out
     qllm bench --scenario chatbot --policies arrival,ltr,speculative,oracle --duration 60 --out bench-out
+    qllm bench --scenario agent --policies no-pin,fixed-ttl,ttl,pin-forever --duration 60 --out bench-out
 
 For each bench policy (bench/policies.py) a fresh local stack is started, warmed up, and fed the same seeded
 workload; the idle LS floor is measured first on the first stack. `--target HOST:PORT` measures a running
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import agent as bench_agent
 from bench import metrics, report
 from bench import policies as bench_policies
 from bench.client import GrpcSender, replay, replay_sequential
@@ -32,16 +34,22 @@ from bench.workload import (BE, LS, ChatbotConfig, ClassSpec, RequestSpec, Workl
                             build_workload)
 from qllm.up import KVMANAGER_PORT, PREDICTOR_PORT, ROUTER_PORT, WORKER_PORT, Stack, StackConfig
 
-SCENARIOS = ("mixed", "idle-ls", "chatbot")
+SCENARIOS = ("mixed", "idle-ls", "chatbot", "agent", "memory-pressure")
 SWEEP_KEYS = ("be-rate", "ls-rate", "rate")
 DEFAULT_POLICIES = "fcfs,priority,qllm"
 # per scenario where it differs from the above
-SCENARIO_POLICIES = {"chatbot": "arrival,ltr,speculative,oracle"}
+SCENARIO_POLICIES = {"memory-pressure": "recompute,alise",
+                     "chatbot": "arrival,ltr,speculative,oracle", "agent": "no-pin,fixed-ttl,ttl,pin-forever"}
 # BE requests/s when --be-rate is not given: mixed overloads the worker with long BE work; chatbot's rate
 # overloads one embedded-default worker on a shared 2-core machine moderately, so a queue forms and drains
 # (docs/benchmarks.md, "Scenario chatbot")
-DEFAULT_BE_RATE = {"mixed": 1.0, "idle-ls": 1.0, "chatbot": 2.0}
-DEFAULT_DRAIN_CAP = {"chatbot": 90.0}  # else 30 s
+DEFAULT_BE_RATE = {"memory-pressure": 2.0, "mixed": 1.0, "idle-ls": 1.0, "chatbot": 2.0}
+DEFAULT_DRAIN_CAP = {"chatbot": 90.0, "agent": 120.0}  # else 30 s
+
+# memory-pressure: a KV budget small against the load (a few BE requests' worth) and vLLM V1's optimistic
+# admission (nothing reserved beyond this step), the same for every policy; the policies differ only in what
+# a preempted request's KV becomes (docs/benchmarks.md, "Scenario memory-pressure")
+MEMORY_PRESSURE_WORKER_ARGS = ("--kv-budget-tokens", "8192", "--admission-output-fraction", "0")
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -78,7 +86,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--scenario", choices=SCENARIOS, default="mixed",
                    help="mixed: LS over an overloading BE background; idle-ls: LS alone, one at a time (the floor); "
-                        "chatbot: BE only, held-out ShareGPT prompts with their real response lengths (BE orders)")
+                        "chatbot: BE only, held-out ShareGPT prompts with their real response lengths (BE orders); "
+                        "agent: multi-turn agent programs from the LMCache agent trace (KV pin policies); "
+                        "memory-pressure: BE-heavy with an LS stream under a small KV budget (KV policies)")
     g.add_argument("--policies", default=None,
                    help=f"comma-separated bench policies, one fresh stack each (known: "
                         f"{', '.join(bench_policies.known())}; combine parts with '+'); "
@@ -136,6 +146,28 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json (or a directory with one) to count tokens; default: --model's in stack "
                         "mode, else the embedded default's")
 
+    a = p.add_argument_group("agent scenario (bench/agent.py; docs/benchmarks.md, \"Scenario agent\")")
+    a.add_argument("--agent-rate", type=float, default=0.35, help="agent: programs/s (Poisson), x --rate")
+    a.add_argument("--agent-mix", default=",".join(bench_agent.SOURCES),
+                   help="agent: trace agents the programs are drawn from, round-robin (miniswe, magagent)")
+    a.add_argument("--agent-max-turns", type=int, default=8, help="agent: a program's turns = its session's first N calls")
+    a.add_argument("--agent-context-scale", type=float, default=0.5,
+                   help="agent: tokens of each real text piece (first prompt, tool result) x this")
+    a.add_argument("--agent-max-piece-tokens", type=int, default=640, help="agent: cap of one text piece")
+    a.add_argument("--agent-max-context-tokens", type=int, default=3584,
+                   help="agent: a program's final prompt + output fits this (pieces shrink by one factor)")
+    a.add_argument("--agent-output-scale", type=float, default=0.15,
+                   help="agent: max_tokens = the real output's tokens x this, clipped to --agent-output-tokens")
+    a.add_argument("--agent-output-tokens", type=_range, default=(8, 32), help="agent: output length range LO:HI")
+    a.add_argument("--agent-gap-scale", type=float, default=0.5,
+                   help="agent: multiplies the real tool gaps (trace gap - the traced LLM's time)")
+    a.add_argument("--agent-max-gap-s", type=float, default=20.0, help="agent: real tool gaps are clipped to this")
+    a.add_argument("--agent-priority", choices=(LS, BE), default=BE, help="agent: the class the turns are sent as")
+    a.add_argument("--pin-sample-s", type=float, default=0.5,
+                   help="agent: seconds between polls of the workers' Describe (KV held by pins)")
+    a.add_argument("--agent-worker", action="append", default=[],
+                   help="agent with --target: worker HOST:PORT(s) to poll for pinned KV (stack mode finds its own)")
+
     s = p.add_argument_group("SLOs")
     s.add_argument("--ls-ttft-slo-ms", type=float, default=None,
                    help="LS TTFT SLO (default: --slo-floor-multiple x the idle floor's TTFT p50)")
@@ -185,7 +217,23 @@ def _chatbot_config(args, sweep: dict | None) -> ChatbotConfig:
                          context_tokens=args.context_tokens, split_seed=args.split_seed, time_scale=args.time_scale)
 
 
+def _agent_config(args, sweep: dict | None) -> bench_agent.AgentConfig:
+    rates = {"rate": args.rate}
+    rates.update(sweep or {})
+    if set(rates) - {"rate"}:
+        raise ValueError("--sweep: the agent scenario sweeps rate only (programs/s = --agent-rate x rate)")
+    return bench_agent.AgentConfig(
+        duration_s=args.duration, rate=args.agent_rate * rates["rate"], seed=args.seed,
+        mix=tuple(a.strip() for a in args.agent_mix.split(",") if a.strip()), max_turns=args.agent_max_turns,
+        context_scale=args.agent_context_scale, max_piece_tokens=args.agent_max_piece_tokens,
+        max_context_tokens=args.agent_max_context_tokens, output_scale=args.agent_output_scale,
+        output_range=args.agent_output_tokens, gap_scale=args.agent_gap_scale, max_gap_s=args.agent_max_gap_s,
+        context_tokens=args.context_tokens)
+
+
 def _build(args, sweep: dict | None, classes: tuple[str, ...], tokenizer):
+    if args.scenario == "agent":
+        return bench_agent.build_agent_workload(_agent_config(args, sweep), tokenizer)
     if args.scenario == "chatbot":
         return build_chatbot_workload(_chatbot_config(args, sweep), tokenizer)
     return build_workload(_workload_config(args, sweep, classes), tokenizer)
@@ -291,6 +339,9 @@ async def run(args: argparse.Namespace) -> int:
             if len(names) != 1:
                 raise ValueError(f"--policies: with --{'openai-url' if mode == 'openai' else 'target'} the server "
                                  "is already configured; give one label at most")
+        if args.scenario == "agent" and mode == "openai":
+            raise ValueError("the agent scenario needs the qllm router (program_id, last_turn, tool_name); "
+                             "--openai-url is not supported")
         if mode == "openai" and not args.model:
             raise ValueError("--openai-url needs --model NAME (the served model's name)")
         priorities = parse_priorities(args.openai_priority) if mode == "openai" else None
@@ -304,8 +355,8 @@ async def run(args: argparse.Namespace) -> int:
     scenario = args.scenario
     name = args.name or scenario
     out_dir = Path(args.out)
-    classes = {"idle-ls": (LS,), "chatbot": (BE,)}.get(scenario, (LS, BE))
-    floor_cls = BE if scenario == "chatbot" else LS  # the class the floor measures
+    classes = {"idle-ls": (LS,), "chatbot": (BE,), "agent": (args.agent_priority,)}.get(scenario, (LS, BE))
+    floor_cls = {"chatbot": BE, "agent": args.agent_priority}.get(scenario, LS)  # the class the floor measures
     with_floor = (scenario == "mixed") if args.with_floor is None else args.with_floor
     if scenario == "idle-ls":
         with_floor = False  # the run is the floor
@@ -332,6 +383,8 @@ async def run(args: argparse.Namespace) -> int:
     base_cfg = None
     if mode == "stack":
         worker_args = list(args.worker_arg)
+        if scenario == "memory-pressure":
+            worker_args = [*MEMORY_PRESSURE_WORKER_ARGS, *worker_args]  # --worker-arg wins
         if scenario == "chatbot" and args.chatbot_max_num_seqs > 0:
             worker_args = ["--max-num-seqs", str(args.chatbot_max_num_seqs), *worker_args]  # --worker-arg wins
         base_cfg = StackConfig(workers=args.workers, model=args.model, port_offset=args.port_offset,
@@ -347,6 +400,7 @@ async def run(args: argparse.Namespace) -> int:
 
     runs: list[dict] = []
     run_records: dict[str, list] = {}
+    program_records: dict[str, list] = {}
     floor_records = None
     floor_policy = None
     failure = None
@@ -355,6 +409,7 @@ async def run(args: argparse.Namespace) -> int:
         label = policy + (f" {next(iter(point))}={next(iter(point.values())):g}" if point else "")
         stack = None
         metrics_urls = list(args.metrics_url)
+        worker_addresses = list(args.agent_worker)
         stack_info: dict = {}
         address = args.target
         if mode == "stack":
@@ -362,6 +417,7 @@ async def run(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, log_dir=str(Path(base_cfg.log_dir) / label.replace(" ", "_")))
             stack = Stack(cfg)
             metrics_urls = _stack_metrics_urls(cfg)
+            worker_addresses = [f"{cfg.host}:{cfg.port(WORKER_PORT) + i}" for i in range(cfg.workers)]
             stack_info = {"address": cfg.router_address, **bench_policies.describe(policy, base_cfg),
                           "log_dir": cfg.log_dir}
             address = cfg.router_address
@@ -386,7 +442,23 @@ async def run(args: argparse.Namespace) -> int:
                                                         label=f"{label} idle floor")
                 floor_policy = policy
             before = await _scrape_all(metrics_urls)
-            if scenario == "idle-ls":
+            agent_doc = None
+            if scenario == "agent":
+                agent_sender = bench_agent.AgentSender(address, request_id_prefix=f"agent-{label.replace(' ', '-')}",
+                                                       priority=args.agent_priority)
+                sampler = bench_agent.PinSampler(worker_addresses, args.pin_sample_s)
+                sampler.start()
+                try:
+                    programs = await bench_agent.run_programs(
+                        agent_sender, workload.programs, duration_s=args.duration, drain_cap_s=args.drain_cap,
+                        tokenizer=tokenizer, context_tokens=args.context_tokens, progress=args.progress, label=label)
+                finally:
+                    samples = await sampler.stop()
+                    await agent_sender.close()
+                records = [t for p in programs for t in p.turns]
+                program_records[label] = programs
+                agent_doc = bench_agent.summarize_programs(programs, samples)
+            elif scenario == "idle-ls":
                 records = await replay_sequential(sender, workload.requests, duration_s=args.duration,
                                                   per_request_cap_s=cap, progress=args.progress, label=label)
             else:
@@ -400,7 +472,7 @@ async def run(args: argparse.Namespace) -> int:
         run_records[label] = records
         runs.append({"policy": policy, **({"sweep": point} if point else {}), "stack": stack_info or None,
                      "worker_metrics": _metric_deltas(before, after),
-                     "worker_timing": _worker_timing(before, after), "_records": records})
+                     "worker_timing": _worker_timing(before, after), "_records": records, **(agent_doc or {})})
     if failure:
         print(f"qllm bench: {failure}", file=sys.stderr)
         if not runs:
@@ -440,8 +512,14 @@ async def run(args: argparse.Namespace) -> int:
     if sweep:
         params["workload_by_sweep"] = [{"sweep": pt, **w.info} for pt, w in zip(points, workloads)]
     doc = {"scenario": scenario, "params": params, "runs": runs, "comparisons": report.comparisons(runs, floor_doc)}
+    if scenario == "agent":
+        doc["jct_ratios"] = bench_agent.ratios(runs)
     written = report.write(out_dir, name, doc, run_records, floor_records,
                            sweep_key=sweep[0] if sweep else None, save_requests=args.save_requests)
+    if program_records:
+        path = out_dir / f"{name}.programs.jsonl"
+        bench_agent.write_programs(path, program_records)
+        written.append(path)
     print(report.markdown(doc))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 1 if failure else 0

@@ -50,14 +50,23 @@ POLICIES: dict[str, Part] = {
                    default_worker_policy="fcfs", router_args=("--be-order", "oracle")),
     # KV pin policies for agent programs (the kvmanager decides whether and how long a finished turn's KV stays
     # pinned on its worker; `qllm kvmanager --pin-policy <name>`).
-    "no-pin": Part("kvmanager: never pin, a turn's KV is freed when it ends (vLLM)",
-                   kvmanager_args=("--pin-policy", "no-pin")),
+    # no-pin also sets the worker's provisional pin (kept until the kvmanager's answer arrives) to 0 s, so a
+    # tool that returns within that window does not find its KV: the baseline frees it at the turn's end.
+    "no-pin": Part("kvmanager: never pin; worker: no provisional pin either, a turn's KV is freed when it ends "
+                   "(vLLM)", kvmanager_args=("--pin-policy", "no-pin"), worker_args=("--provisional-pin-s", "0")),
     "fixed-ttl": Part("kvmanager: pin for a fixed 2 s when the next tool's mean duration is <= 2 s (Continuum's "
                       "baseline)", kvmanager_args=("--pin-policy", "fixed-ttl")),
     "ttl": Part("kvmanager: pin with a TTL from the predicted tool duration, the recompute cost, the turn count "
                 "and memory pressure (ours)", kvmanager_args=("--pin-policy", "ttl")),
     "pin-forever": Part("kvmanager: pin every non-final turn until the program's next turn (the oracle)",
                         kvmanager_args=("--pin-policy", "pin-forever")),
+    # KV memory under pressure (`qllm worker --kv-policy <name>`, issue 7); both run the worker's `priority`
+    # policy (vLLM V1's --scheduling-policy priority) unless another part of the name sets one.
+    "recompute": Part("worker: a preempted request's KV is dropped and recomputed later (vLLM V1); worker policy "
+                      "priority", default_worker_policy="priority", worker_args=("--kv-policy", "recompute")),
+    "alise": Part("worker: KV victims by class then longest remaining time, each swapped to host, quantized to "
+                  "int8 (BE only) or recomputed, whichever the measured cost model finds cheapest (ALISE); worker "
+                  "policy priority", default_worker_policy="priority", worker_args=("--kv-policy", "alise")),
 }
 
 #: the bench policies that are KV pin policies: `<name>` = kvmanager `--pin-policy <name>`
