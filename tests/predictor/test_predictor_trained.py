@@ -56,3 +56,15 @@ def test_calibration_is_monotone(ranker):
     grid = np.linspace(-5, 5, 41)
     tokens = ranker.calibration(grid)
     assert np.all(np.diff(tokens) >= 0) and tokens[-1] > tokens[0]
+
+
+def test_served_score_is_the_blend_of_the_neural_and_lexical_parts(ranker, held_out):
+    assert ranker.lexical is not None and 0 <= ranker.blend["lexical_weight"] <= 1
+    prompts = [e.prompt for e in held_out[:16]]
+    lexical = ranker.lexical.score(ranker.encoder.bodies(prompts))
+    blend, ranker.lexical = ranker.lexical, None
+    try:
+        neural = np.array(ranker.score(prompts))
+    finally:
+        ranker.lexical = blend
+    assert np.allclose(ranker.score(prompts), ranker.combine(neural, lexical), atol=1e-5)
