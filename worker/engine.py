@@ -308,7 +308,12 @@ class EngineCore:
             if state.pauses == 0:
                 self._observe_step(state.plan, time.monotonic() - started)
             if state.plan.preempted:
-                metrics.PREEMPTIONS.labels("recompute").inc(len(state.plan.preempted))
+                # a victim whose KV went to the host pool or to int8 (--kv-policy alise) is not recomputed
+                offloaded = sum(1 for rid in state.plan.preempted if rid in self.scheduler.offloaded)
+                if offloaded:
+                    metrics.PREEMPTIONS.labels("offload").inc(offloaded)
+                if len(state.plan.preempted) > offloaded:
+                    metrics.PREEMPTIONS.labels("recompute").inc(len(state.plan.preempted) - offloaded)
             self._note_slow_ls(state, parked)
             changed = self.scheduler.update(state.plan, sampled)
             self.num_steps += 1
