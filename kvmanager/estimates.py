@@ -67,8 +67,11 @@ class PredictorEstimator:
         self.address = address or None
         self.local = local if local is not None else LocalEstimator()
         self.deadline_s = deadline_s
-        self.channel = tls.open_channel(self.address, credentials) if self.address else None
-        self.stub = predictor_pb2_grpc.PredictorStub(self.channel) if self.channel else None
+        self.credentials = credentials
+        # Opened on first use: a grpc.aio channel belongs to the event loop it is made on, and the service is
+        # built before `qllm kvmanager` starts its loop.
+        self.channel: grpc.aio.Channel | None = None
+        self._stub: predictor_pb2_grpc.PredictorStub | None = None
         self.max_pending = max_pending
         self.down = False
         self.retry_after_s = retry_after_s  # after a failed prediction, answer locally this long
@@ -77,6 +80,13 @@ class PredictorEstimator:
         self.fallbacks = 0  # estimates answered locally because the predictor failed
         self._pending: list[predictor_pb2.ToolCall] = []
         self._flushing: asyncio.Task | None = None
+
+    @property
+    def stub(self) -> predictor_pb2_grpc.PredictorStub | None:
+        if self._stub is None and self.address:
+            self.channel = tls.open_channel(self.address, self.credentials)
+            self._stub = predictor_pb2_grpc.PredictorStub(self.channel)
+        return self._stub
 
     def _mark(self, ok: bool, error: grpc.aio.AioRpcError | None = None) -> None:
         if ok and self.down:
