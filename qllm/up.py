@@ -79,7 +79,7 @@ class Stack:
         for i in range(c.workers):
             port = c.port(WORKER_PORT) + i
             args = ["worker", *common, "--port", str(port), "--metrics-port", str(c.metrics_port(port)),
-                    "--policy", c.policy, *c.worker_args]
+                    "--policy", c.policy, "--predictor", f"{c.host}:{pred_port}", *c.worker_args]
             if c.model:
                 args += ["--model", c.model]
             self._spawn(f"worker{i}", f"{c.host}:{port}", args)

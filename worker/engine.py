@@ -95,6 +95,9 @@ class EngineCore:
         self.prefill_s_per_token = self.scheduler.cost_model.prefill_s_per_token
         self.decode_step_s = self.scheduler.cost_model.decode_step_s
         self._published_moves: dict[str, int] = {}
+        # Measured step times for the predictor's latency model (worker/latency_report.py drains them from
+        # the event loop; deque appends and pops are thread-safe): (prefill tokens, s, decode batch, s).
+        self.latency_samples: collections.deque = collections.deque(maxlen=4096)
         self._tier_clock: float | None = None
         metrics.KV_CAPACITY.set(self.allocator.capacity_tokens)
 
@@ -188,6 +191,10 @@ class EngineCore:
         """Keeps the decode step time and the per-token prefill time the cost model uses (moving averages;
         the warm-up's first, cold steps only set them when nothing better is known)."""
         prefill = sum(s.num_tokens for s in plan.scheduled if not (s.num_tokens == 1 and s.start > 0))
+        if prefill == 0:
+            self.latency_samples.append((0, 0.0, len(plan.scheduled), seconds))
+        elif prefill == plan.num_tokens:  # a pure prefill step: a clean sample of prefill time vs tokens
+            self.latency_samples.append((prefill, seconds, 0, 0.0))
         alpha = 0.5 if warm else 0.05
         if prefill == 0:
             self.decode_step_s += alpha * (seconds - self.decode_step_s)

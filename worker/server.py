@@ -12,13 +12,14 @@ import time
 import grpc
 import structlog
 
-from qllm import serving, settings
+from qllm import serving, settings, tls
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.v1 import worker_pb2, worker_pb2_grpc
 from qllm.wire import DRAINING
 from worker import metrics
 from worker.detokenizer import IncrementalDetokenizer
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
+from worker.latency_report import LatencyReporter
 from worker.request import Priority, SamplingParams
 
 log = get_logger(__name__)
@@ -219,6 +220,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="alise: classes whose KV may be quantized to int8 (lossy)")
     settings.add(parser, "--kv-host-budget-tokens", type=int, default=65536,
                  help="alise: host pool for swapped-out KV, in tokens (0 = no swapping)")
+    settings.add(parser, "--predictor", default="",
+                 help="predictor HOST:PORT that gets this worker's measured prefill and decode-step times for its "
+                      "latency model ('' = none)")
+    settings.add(parser, "--latency-report-interval-s", type=float, default=2.0,
+                 help="how often measured step times go to the predictor")
+    settings.add(parser, "--tls-ca", default=None,
+                 help="CA (PEM, or 'system') to verify the predictor: set = TLS to it, presenting "
+                      "--tls-cert/--tls-key as the client certificate")
     settings.add(parser, "--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                  help="torch intra-op threads (leave the control plane a core)")
 
@@ -233,7 +242,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_int8=args.kv_int8, kv_host_budget_tokens=args.kv_host_budget_tokens)
 
 
-def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncEngine]:
+def build_service(loaded, config: EngineConfig, predictor: str = "", worker_address: str = "",
+                  latency_report_interval_s: float = 2.0,
+                  predictor_credentials: grpc.ChannelCredentials | None = None) -> tuple[serving.Service, AsyncEngine]:
+    """The worker service over one engine; with `predictor`, measured step times go to its latency model."""
     from worker.model_runner import ModelRunner
 
     num_blocks = max(1, config.kv_budget_tokens // config.block_size)
@@ -243,14 +255,20 @@ def build_service(loaded, config: EngineConfig) -> tuple[serving.Service, AsyncE
                                  vocab_size=loaded.model.config.vocab_size, num_layers=runner.num_layers,
                                  policy=config.policy, device=str(loaded.device), max_num_seqs=config.max_num_seqs)
     servicer = WorkerServicer(engine, info)
+    reporter = LatencyReporter(predictor, worker_address, engine.core.latency_samples, latency_report_interval_s,
+                               credentials=predictor_credentials) if predictor else None
 
     async def on_start():
         engine.start()
+        if reporter is not None:
+            reporter.start()
 
     async def on_drain():
         servicer.draining.set()
 
     async def on_stop():
+        if reporter is not None:
+            await reporter.stop()
         engine.stop()
 
     service = serving.Service(
@@ -275,7 +293,9 @@ def run(args: argparse.Namespace):
     torch.set_num_threads(args.torch_threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=args.dtype)
-    service, _ = build_service(loaded, engine_config(args))
+    client_creds = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    service, _ = build_service(loaded, engine_config(args), args.predictor, f"{args.host}:{args.port}",
+                               args.latency_report_interval_s, client_creds)
     log.info("model loaded", model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype),
              policy=args.policy, torch_threads=args.torch_threads)
     return serving.serve_forever(service, args.host, args.port, args.metrics_port,

@@ -5,6 +5,7 @@ import asyncio
 import socket
 
 import grpc
+import pytest
 
 from kvmanager.server import build_service
 from predictor.ranker import HeuristicRanker
@@ -22,7 +23,8 @@ def _free_port() -> int:
 def test_service_built_outside_the_loop_reaches_the_predictor():
     predictor_port = _free_port()
     service = build_service("ttl", predictor=f"127.0.0.1:{predictor_port}", predictor_deadline_s=2.0)
-    assert not asyncio.get_event_loop_policy().get_event_loop().is_running()
+    with pytest.raises(RuntimeError):  # built with no event loop running, as `qllm kvmanager` does
+        asyncio.get_running_loop()
 
     async def main():
         p_service = build_predictor(HeuristicRanker())
