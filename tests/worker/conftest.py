@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,17 +8,20 @@ from worker.model_runner import ModelRunner
 
 torch.set_num_threads(1)
 
+# QLLM_TEST_DEVICE=cuda runs the engine tests that use these fixtures on a GPU (a device check; CI is CPU).
+DEVICE = os.environ.get("QLLM_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="session")
 def reference_model():
     """The embedded default with stock attention, for transformers' own generate()."""
-    return build_default_model()
+    return build_default_model().to(DEVICE)
 
 
 @pytest.fixture
 def loaded():
     """A fresh embedded default for the engine (the runner switches its attention implementation)."""
-    return load_model(None)
+    return load_model(None, device=DEVICE)
 
 
 @pytest.fixture
@@ -30,7 +35,7 @@ def make_runner(loaded):
 def reference_tokens(reference_model):
     """Greedy tokens from transformers' generate() on the embedded default."""
     def _generate(prompt_ids, max_new_tokens):
-        out = reference_model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+        out = reference_model.generate(torch.tensor([prompt_ids], device=DEVICE), max_new_tokens=max_new_tokens,
                                        min_new_tokens=max_new_tokens, do_sample=False)
         return out[0, len(prompt_ids):].tolist()
     return _generate

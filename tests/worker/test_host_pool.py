@@ -11,14 +11,17 @@ LAYERS, BLOCKS, BS, HEADS, DIM = 3, 16, 4, 2, 8
 BLOCK_BYTES = LAYERS * 2 * BS * HEADS * DIM * 4
 
 
-def pools(seed=0):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pools(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    make = lambda: [torch.randn(BLOCKS, BS, HEADS, DIM, generator=g) for _ in range(LAYERS)]
+    make = lambda: [torch.randn(BLOCKS, BS, HEADS, DIM, generator=g).to(device) for _ in range(LAYERS)]
     return make(), make()
 
 
-def host(blocks):
-    return HostKVPool(LAYERS, BS, HEADS, DIM, torch.float32, blocks * BLOCK_BYTES + 7, "cpu")
+def host(blocks, device="cpu"):
+    return HostKVPool(LAYERS, BS, HEADS, DIM, torch.float32, blocks * BLOCK_BYTES + 7, device)
 
 
 def test_budget_in_whole_blocks():
@@ -28,9 +31,11 @@ def test_budget_in_whole_blocks():
     assert p.has_room(5) and not p.has_room(6)
 
 
-def test_swap_out_and_in_is_bit_exact_into_other_blocks():
-    keys, values = pools()
-    p = host(8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_out_and_in_is_bit_exact_into_other_blocks(device):
+    """On CUDA: pinned host memory, copies on a side stream that the compute stream waits for."""
+    keys, values = pools(device=device)
+    p = host(8, device)
     src = [3, 9, 4]
     want_k = [k[src].clone() for k in keys]
     want_v = [v[src].clone() for v in values]
