@@ -433,39 +433,14 @@ class AgentSender:
 
     async def send_turn(self, program: ProgramSpec, turn: TurnSpec, prompt: str, max_tokens: int,
                         rec: TurnRecord, now: Clock) -> str:
-        from bench.client import add_tokens, reconcile_count
+        from bench.client import consume_generate
 
         last = turn.index == len(program.turns) - 1
         request = self._pb.GenerateRequest(
             prompt=prompt, max_tokens=max_tokens, priority=self.priority, ignore_eos=True, temperature=0.0,
             request_id=f"{self.prefix}-{program.index}-{turn.index}", program_id=program.program_id,
             last_turn=last, tool_name="" if last else turn.tool_name)
-        call = self._stub.Generate(request, timeout=self.timeout_s)
-        parts: list[str] = []
-        finished = False
-        server_count = None
-        try:
-            async for msg in call:
-                add_tokens(rec, len(msg.token_ids), now())
-                parts.append(msg.text)
-                if msg.finished:
-                    finished = True
-                    rec.finish_reason = msg.finish_reason
-                    rec.server_prompt_tokens = msg.prompt_tokens or None
-                    rec.cached_prompt_tokens = msg.cached_prompt_tokens
-                    server_count = msg.completion_tokens or None
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        except grpc.aio.AioRpcError as exc:
-            rec.error = f"{exc.code().name}: {exc.details()}"
-        rec.finished_s = now()
-        reconcile_count(rec, server_count)
-        if not rec.error:
-            if not finished:
-                rec.error = "stream ended without a finished message"
-            elif rec.finish_reason in ("error", "cancelled"):
-                rec.error = f"finish_reason={rec.finish_reason}"
+        parts = await consume_generate(self._stub.Generate(request, timeout=self.timeout_s), rec, now)
         return "".join(parts)
 
     async def close(self) -> None:

@@ -166,6 +166,38 @@ CHANNEL_OPTIONS = [
 ]
 
 
+async def consume_generate(call, rec: RequestRecord, now: Clock) -> list[str]:
+    """Reads one Router/Generate stream into rec (token times, finish reason, the server's counts, cached
+    prompt tokens where the record keeps them, or the error); returns the texts of its messages."""
+    parts: list[str] = []
+    finished = False
+    server_count = None
+    try:
+        async for msg in call:
+            add_tokens(rec, len(msg.token_ids), now())
+            parts.append(msg.text)
+            if msg.finished:
+                finished = True
+                rec.finish_reason = msg.finish_reason
+                rec.server_prompt_tokens = msg.prompt_tokens or None
+                if hasattr(rec, "cached_prompt_tokens"):
+                    rec.cached_prompt_tokens = msg.cached_prompt_tokens
+                server_count = msg.completion_tokens or None
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    except grpc.aio.AioRpcError as exc:
+        rec.error = f"{exc.code().name}: {exc.details()}"
+    rec.finished_s = now()
+    reconcile_count(rec, server_count)
+    if not rec.error:
+        if not finished:
+            rec.error = "stream ended without a finished message"
+        elif rec.finish_reason in ("error", "cancelled"):
+            rec.error = f"finish_reason={rec.finish_reason}"
+    return parts
+
+
 class GrpcSender:
     """qllm.v1.Router/Generate. One channel per class, so BE streams never queue LS ones in the client's
     HTTP/2 connection."""
@@ -189,30 +221,7 @@ class GrpcSender:
         request = self._pb.GenerateRequest(
             prompt=spec.prompt, max_tokens=spec.max_tokens, priority=self._priority[spec.cls],
             ignore_eos=self.ignore_eos, temperature=self.temperature, request_id=f"{self.prefix}-{spec.index}")
-        call = self._stubs[spec.cls].Generate(request, timeout=self.timeout_s)
-        finished = False
-        server_count = None
-        try:
-            async for msg in call:
-                t = now()
-                add_tokens(rec, len(msg.token_ids), t)
-                if msg.finished:
-                    finished = True
-                    rec.finish_reason = msg.finish_reason
-                    rec.server_prompt_tokens = msg.prompt_tokens or None
-                    server_count = msg.completion_tokens or None
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        except grpc.aio.AioRpcError as exc:
-            rec.error = f"{exc.code().name}: {exc.details()}"
-        rec.finished_s = now()
-        reconcile_count(rec, server_count)
-        if not rec.error:
-            if not finished:
-                rec.error = "stream ended without a finished message"
-            elif rec.finish_reason in ("error", "cancelled"):
-                rec.error = f"finish_reason={rec.finish_reason}"
+        await consume_generate(self._stubs[spec.cls].Generate(request, timeout=self.timeout_s), rec, now)
 
     async def close(self) -> None:
         for ch in self._channels.values():
