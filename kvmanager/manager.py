@@ -81,7 +81,7 @@ def validate(turn: Turn, prev_tool_duration_s: float) -> None:
 
 class PinManager:
     def __init__(self, policy: PinPolicy, ledger: Ledger | None = None,
-                 continuation: ContinuationModel | None = None, budget_fraction: float = 0.5,
+                 continuation: ContinuationModel | None = None, budget_fraction: float = 0.9,
                  min_free_fraction: float = 0.0):
         if not 0 < budget_fraction <= 1 or not 0 <= min_free_fraction < 1:
             raise ValueError("budget_fraction must be in (0, 1], min_free_fraction in [0, 1)")

@@ -228,7 +228,7 @@ class KVManagerServicer(kvmanager_pb2_grpc.KVManagerServicer):
 
 def build_service(policy: str = DEFAULT_POLICY, ttl_s: float = 2.0, max_tokens_per_worker: int = 0,
                   pin_unknown_tools: bool = True, clock=time.time, *, predictor: str = "",
-                  predictor_deadline_s: float = 0.05, budget_fraction: float = 0.5, min_free_fraction: float = 0.0,
+                  predictor_deadline_s: float = 0.05, budget_fraction: float = 0.9, min_free_fraction: float = 0.0,
                   ttl_params: TTLParams | None = None, worker_deadline_s: float = 0.5,
                   maintain_interval_s: float = 0.5, describe_interval_s: float = 2.0,
                   credentials: grpc.ChannelCredentials | None = None) -> serving.Service:
@@ -260,8 +260,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="fixed-ttl: pin when the next tool has no observed duration yet")
     settings.add(parser, "--max-pinned-tokens-per-worker", type=int, default=0,
                  help="pin budget per worker in tokens (0 = --pin-budget-fraction of the worker's KV capacity)")
-    settings.add(parser, "--pin-budget-fraction", type=float, default=0.5,
-                 help="pin budget per worker as a fraction of its KV capacity (learned from Describe)")
+    settings.add(parser, "--pin-budget-fraction", type=float, default=0.9,
+                 help="pin budget per worker as a fraction of its KV capacity (learned from Describe); pins yield "
+                      "to LS and to running requests on the worker itself, so this only bounds what they may "
+                      "hold back from new admissions (0.5 cost ttl 1.36x pin-forever's JCT with a tight KV, "
+                      "docs/benchmarks.md)")
     settings.add(parser, "--pin-min-free-fraction", type=float, default=0.0,
                  help="unpin (least likely to return first) while a worker's free KV is below this fraction "
                       "of its capacity (0 = off: the worker evicts pins for LS requests itself)")

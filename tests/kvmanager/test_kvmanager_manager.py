@@ -89,7 +89,7 @@ def test_maintain_expires_and_unpins_over_budget_least_likely_first():
     m.report(t("slow", tool="slow"), 0.0, 0.0, est)
     m.report(t("other", tool="ls", worker="w1"), 0.0, 0.0, est)
     assert {e.program_id for e in m.maintain(0.1)["expired"]} == set()
-    m.observe_worker("w0", capacity_tokens=6000, free_tokens=3000)  # budget 3000 < 4000 pinned
+    m.observe_worker("w0", capacity_tokens=4000, free_tokens=2000)  # budget 0.9 x 4000 = 3600 < 4000 pinned
     # 10 s on, "quick" would be back if it were coming (its tool takes 0.5 s); "slow" may well still come
     dropped = m.maintain(10.0)
     assert [e.program_id for e in dropped["pressure"]] == ["quick"]
