@@ -58,8 +58,9 @@ class PredictorClient(_Dependency):
         return list(reply.scores)
 
 
-    async def estimate_remaining_s(self, prompt: str, max_tokens: int) -> float | None:
-        """ALISE's estimate of a request's execution time, from its predicted length and the latency model."""
+    async def estimate(self, prompt: str, max_tokens: int) -> predictor_pb2.Estimate | None:
+        """ALISE's estimate of a request: predicted output tokens and execution seconds (from the predicted
+        length and the latency model the workers keep measured)."""
         if self.stub is None:
             return None
         try:
@@ -69,7 +70,7 @@ class PredictorClient(_Dependency):
             self._mark(False, exc)
             return None
         self._mark(True)
-        return reply.estimates[0].remaining_s if reply.estimates else None
+        return reply.estimates[0] if reply.estimates else None
 
 
 class KVManagerClient(_Dependency):

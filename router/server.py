@@ -152,7 +152,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             job.length_score = scores[0] if scores else None
             job.submit.length_score = job.length_score or 0.0
         elif order == "speculative":
-            job.est_remaining_s = await self.predictor.estimate_remaining_s(request.prompt, request.max_tokens)
+            estimate = await self.predictor.estimate(request.prompt, request.max_tokens)
+            if estimate is not None:
+                job.est_remaining_s = estimate.remaining_s
+                # The worker re-estimates from it as tokens stream (a preempted request that has produced
+                # most of its output is nearly done).
+                job.submit.predicted_output_tokens = estimate.predicted_output_tokens
         elif order == "oracle":
             job.true_length = request.max_tokens  # the bench sends ignore_eos, so this is the true length
         else:

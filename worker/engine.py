@@ -452,7 +452,7 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                        priority: Priority = Priority.BEST_EFFORT, order_key: float = 0.0, program_id: str = "",
-                       last_turn: bool = False) -> AsyncIterator[EngineOutput]:
+                       last_turn: bool = False, predicted_output_tokens: int = 0) -> AsyncIterator[EngineOutput]:
         """Streams outputs of one request; closing the iterator early cancels it and frees its KV."""
         if not prompt_token_ids:
             raise RequestRejected("INVALID_ARGUMENT", "prompt: the prompt has no tokens")
@@ -460,7 +460,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise RequestRejected("ALREADY_EXISTS", f"request_id: {request_id!r} is already running")
         req = Request(request_id, list(prompt_token_ids), sampling, priority, self.eos_token_ids,
-                      order_key=order_key, program_id=program_id, last_turn=last_turn)
+                      order_key=order_key, program_id=program_id, last_turn=last_turn,
+                      predicted_output_tokens=predicted_output_tokens)
         if sampling.num_beams > 1:
             req.beam = self.new_beam_search(req)
         queue: asyncio.Queue = asyncio.Queue()

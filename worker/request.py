@@ -69,6 +69,9 @@ class Request:
     program_id: str = ""
     last_turn: bool = False
     num_cached_tokens: int = 0
+    # The predictor's estimate of the output length in tokens (0 = unknown), from the router's speculative
+    # order: what is left of it orders waiting BE work and prices ALISE's victims.
+    predicted_output_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -89,6 +92,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def expected_remaining_tokens(self) -> int:
+        """Output tokens still to come: the predicted length less what was generated (re-estimated with every
+        token; at least 1 while unfinished), or the max_tokens budget left when no prediction came."""
+        left = self.sampling.max_tokens - len(self.output_token_ids)
+        if self.predicted_output_tokens:
+            return max(1, min(left, self.predicted_output_tokens - len(self.output_token_ids)))
+        return max(0, left)
 
     @property
     def keeps_kv_for_next_turn(self) -> bool:

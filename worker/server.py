@@ -158,7 +158,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prompt_ids = self.engine.encode(submit.prompt)
             detok = IncrementalDetokenizer(self.engine.tokenizer)
             stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score,
-                                          program_id=submit.program_id, last_turn=submit.last_turn)
+                                          program_id=submit.program_id, last_turn=submit.last_turn,
+                                          predicted_output_tokens=submit.predicted_output_tokens)
             metrics.REQUESTS.labels(label).inc()
             async for out in stream:
                 now = time.monotonic()

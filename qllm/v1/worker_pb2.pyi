@@ -82,7 +82,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., num_beams: _Optional[int] = ..., patience: _Optional[float] = ..., length_penalty: _Optional[float] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "sampling", "priority", "program_id", "last_turn", "length_score")
+    __slots__ = ("request_id", "prompt", "sampling", "priority", "program_id", "last_turn", "length_score", "predicted_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class SubmitRequest(_message.Message):
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_TURN_FIELD_NUMBER: _ClassVar[int]
     LENGTH_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     sampling: SamplingParams
@@ -97,7 +98,8 @@ class SubmitRequest(_message.Message):
     program_id: str
     last_turn: bool
     length_score: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., program_id: _Optional[str] = ..., last_turn: _Optional[bool] = ..., length_score: _Optional[float] = ...) -> None: ...
+    predicted_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., program_id: _Optional[str] = ..., last_turn: _Optional[bool] = ..., length_score: _Optional[float] = ..., predicted_output_tokens: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -338,7 +338,7 @@ class Scheduler:
     def _candidate(self, req: Request) -> kv_tiers.Candidate:
         cls = kv_tiers.VictimClass.LS if req.is_ls else kv_tiers.VictimClass.BE
         return kv_tiers.Candidate(req.request_id, cls, self._computed_blocks(req), req.num_computed_tokens,
-                                  max(0, req.sampling.max_tokens - len(req.output_token_ids)),
+                                  req.expected_remaining_tokens,
                                   order_key=req.order_key, arrival_time=req.arrival_time)
 
     def _computed_blocks(self, req: Request) -> int:

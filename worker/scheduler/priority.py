@@ -12,7 +12,11 @@ from worker.scheduler.base import Scheduler, SchedulerOutput
 
 
 def class_key(req: Request):
-    return (0 if req.is_ls else 1, req.order_key, req.arrival_time)
+    # Within a class: the router's order key (ltr score), then, where the predictor estimated the length
+    # (speculative), the least expected work left first (it shrinks as a preempted request's tokens came),
+    # then arrival.
+    left = req.expected_remaining_tokens if req.predicted_output_tokens else 0
+    return (0 if req.is_ls else 1, req.order_key, left, req.arrival_time)
 
 
 class PriorityScheduler(Scheduler):
