@@ -231,11 +231,17 @@ class EngineCore:
             if self._tier_clock is not None and nbytes:
                 metrics.KV_TIER_BYTE_HOURS.labels(tier).inc(nbytes * (now - self._tier_clock) / 3600.0)
         self._tier_clock = now
-        for kind, count in self.scheduler.move_counts.items():
-            seen = self._published_moves.get(kind, 0)
+        self._publish_counts(metrics.KV_MOVES, self.scheduler.move_counts, self._published_moves)
+
+    @staticmethod
+    def _publish_counts(counter, counts: dict[str, int], published: dict[str, int]) -> None:
+        """Adds to a labelled Prometheus counter what a pure module's tallies (label -> count) grew by since
+        the last call; `published` remembers what was already added."""
+        for label, count in counts.items():
+            seen = published.get(label, 0)
             if count > seen:
-                metrics.KV_MOVES.labels(kind).inc(count - seen)
-                self._published_moves[kind] = count
+                counter.labels(label).inc(count - seen)
+                published[label] = count
 
     def _should_yield(self) -> bool:
         return self._ls_arrived_at is not None
@@ -372,11 +378,7 @@ class EngineCore:
         pins = self.scheduler.pins
         metrics.KV_PINNED.set(pins.pinned_tokens)
         metrics.PINS.set(len(pins))
-        for reason, count in pins.ended.items():
-            seen = self._published_pin_ends.get(reason, 0)
-            if count > seen:
-                metrics.PINS_ENDED.labels(reason).inc(count - seen)
-                self._published_pin_ends[reason] = count
+        self._publish_counts(metrics.PINS_ENDED, pins.ended, self._published_pin_ends)
         if pins.reused_tokens > self._published_reused:
             metrics.PREFIX_REUSED_TOKENS.inc(pins.reused_tokens - self._published_reused)
             self._published_reused = pins.reused_tokens

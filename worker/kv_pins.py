@@ -80,10 +80,6 @@ class PinStore:
         # A plain counter: other threads read it (worker stats) while the engine thread changes the pins.
         return self._pinned_tokens
 
-    @property
-    def pinned_blocks(self) -> int:
-        return sum(len(self.allocator.block_table(owner_id(pid))) for pid in self._pins)
-
     def get(self, program_id: str) -> Pin | None:
         return self._pins.get(program_id)
 
