@@ -25,7 +25,7 @@ from kvmanager.ledger import Ledger, PinEntry
 from kvmanager.manager import InvalidReport, Outcome, PinManager
 from kvmanager.ttl import DEFAULT_POLICY, POLICIES, TTLParams, Turn, make_policy
 from kvmanager.workers import WorkerPins
-from qllm import logs, serving, settings, tls
+from qllm import logs, serving, settings
 from qllm.v1 import kvmanager_pb2, kvmanager_pb2_grpc
 
 SERVICE_NAME = kvmanager_pb2.DESCRIPTOR.services_by_name["KVManager"].full_name
@@ -284,14 +284,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="how often lapsed and over-budget pins are freed on their workers")
     settings.add(parser, "--describe-interval-s", type=float, default=2.0,
                  help="how often workers' KV capacity and free memory are refreshed")
-    settings.add(parser, "--tls-ca", default=None,
-                 help="CA (PEM, or 'system') to verify workers and the predictor: set = TLS to them; "
-                      "--tls-cert/--tls-key are then also presented as the client certificate")
+    settings.add_client_tls_flag(parser, "workers and the predictor")
 
 
 def run(args: argparse.Namespace):
     logs.configure("kvmanager", args.log_level)
-    client_creds = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    client_creds = serving.client_credentials_from(args)
     params = TTLParams(min_recompute_s=args.pin_min_recompute_s, idle_price=args.pin_idle_price,
                        pressure_price=args.pin_pressure_price)
     service = build_service(args.pin_policy, args.pin_ttl_s, args.max_pinned_tokens_per_worker,

@@ -53,6 +53,14 @@ def credentials_from(args) -> grpc.ServerCredentials | None:
                                   getattr(args, "tls_client_ca", None), reload=True)
 
 
+def client_credentials_from(args) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the calls a service makes, from its --tls-ca (and --tls-cert/--tls-key as the
+    client certificate); None = plaintext."""
+    if not getattr(args, "tls_ca", None):
+        return None
+    return tls.channel_credentials(args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+
+
 async def start(service: Service, host: str, port: int, metrics_port: int = 0,
                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """Starts the server and returns it with the port it bound (port 0 picks a free one); TLS when

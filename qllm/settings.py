@@ -42,3 +42,10 @@ def add_service_flags(parser: argparse.ArgumentParser, *, port: int, metrics_por
     add(parser, "--tls-key", default=None, help="server private key (PEM)")
     add(parser, "--tls-client-ca", default=None,
         help="CA of client certificates (PEM): set = mutual TLS, clients must present a certificate")
+
+
+def add_client_tls_flag(parser: argparse.ArgumentParser, peers: str) -> None:
+    """--tls-ca for a service that also calls others (`peers` names them in the help)."""
+    add(parser, "--tls-ca", default=None,
+        help=f"CA (PEM, or 'system') to verify {peers}: set = TLS to them; --tls-cert/--tls-key are then also "
+             "presented as the client certificate")

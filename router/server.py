@@ -11,7 +11,7 @@ import zlib
 import grpc
 import structlog
 
-from qllm import serving, settings, tls
+from qllm import serving, settings
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.security import AuthError, KeyRing, RateLimiter, load_key_file, open_access
 from qllm.v1 import common_pb2, kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
@@ -209,9 +209,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="on SIGTERM: health NOT_SERVING, in-flight requests get this long to finish")
     settings.add(parser, "--api-keys", default=None,
                  help="API key file (JSON or TOML: tenants, their classes and rate limits); unset = open access")
-    settings.add(parser, "--tls-ca", default=None,
-                 help="CA (PEM, or 'system') to verify workers, predictor and kvmanager: set = TLS to them; "
-                      "--tls-cert/--tls-key are then also presented as the router's client certificate")
+    settings.add_client_tls_flag(parser, "workers, predictor and kvmanager")
     settings.add(parser, "--predictor-deadline-ms", type=float, default=300.0,
                  help="predictor call deadline (a merged batch of 64 prompts takes ~130 ms on 2 CPU cores)")
 
@@ -227,7 +225,7 @@ def default_args(**overrides) -> argparse.Namespace:
 
 
 async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServicer]:
-    client_creds = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    client_creds = serving.client_credentials_from(args)
     targets = [a.strip() for a in args.workers.split(",") if a.strip()]
     if not targets:
         raise SystemExit("--workers: at least one worker address is needed")

@@ -12,7 +12,7 @@ import time
 import grpc
 import structlog
 
-from qllm import serving, settings, tls
+from qllm import serving, settings
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.v1 import worker_pb2, worker_pb2_grpc
 from qllm.wire import DRAINING
@@ -226,9 +226,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                       "latency model ('' = none)")
     settings.add(parser, "--latency-report-interval-s", type=float, default=2.0,
                  help="how often measured step times go to the predictor")
-    settings.add(parser, "--tls-ca", default=None,
-                 help="CA (PEM, or 'system') to verify the predictor: set = TLS to it, presenting "
-                      "--tls-cert/--tls-key as the client certificate")
+    settings.add_client_tls_flag(parser, "the predictor")
     settings.add(parser, "--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                  help="torch intra-op threads (leave the control plane a core)")
 
@@ -294,7 +292,7 @@ def run(args: argparse.Namespace):
     torch.set_num_threads(args.torch_threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=args.dtype)
-    client_creds = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    client_creds = serving.client_credentials_from(args)
     service, _ = build_service(loaded, engine_config(args), args.predictor, f"{args.host}:{args.port}",
                                args.latency_report_interval_s, client_creds)
     log.info("model loaded", model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype),
