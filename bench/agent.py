@@ -496,7 +496,7 @@ async def run_programs(sender: AgentSender, programs: Sequence[ProgramSpec], *, 
                        ) -> list[ProgramRecord]:
     """Open loop over programs: each starts at its arrival offset whatever the server does; its turns then
     follow one another. Everything still running at max(duration, last arrival) + drain_cap is cancelled."""
-    from bench.client import _progress
+    from bench.client import _progress, wait_then_cancel
 
     t0 = time.perf_counter()
 
@@ -522,12 +522,7 @@ async def run_programs(sender: AgentSender, programs: Sequence[ProgramSpec], *, 
     tasks = [asyncio.create_task(one(s, r)) for s, r in zip(programs, records)]
     try:
         deadline = max(duration_s, max((p.arrival_s for p in programs), default=0.0)) + drain_cap_s
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - now()))
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+        await wait_then_cancel(tasks, deadline - now())
     finally:
         for task in tasks:
             task.cancel()

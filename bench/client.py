@@ -110,14 +110,10 @@ async def replay(sender: Sender, specs: Sequence[RequestSpec], *, duration_s: fl
     tasks = [asyncio.create_task(one(s, r)) for s, r in zip(specs, records)]
     try:
         deadline = max(duration_s, max((s.arrival_s for s in specs), default=0.0)) + drain_cap_s
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - now()))
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-                bar.set_postfix(cancelled=sum(r.cancelled for r in records), refresh=False)
-                bar.update(len(pending))
+        pending = await wait_then_cancel(tasks, deadline - now())
+        if pending:
+            bar.set_postfix(cancelled=sum(r.cancelled for r in records), refresh=False)
+            bar.update(len(pending))
     finally:
         for task in tasks:
             task.cancel()
@@ -164,6 +160,19 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+
+
+async def wait_then_cancel(tasks: list[asyncio.Task], timeout_s: float) -> set[asyncio.Task]:
+    """Waits up to timeout_s for the tasks, cancels those still running (the drain cap) and waits for them
+    to unwind; returns them."""
+    if not tasks:
+        return set()
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout_s))
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    return pending
 
 
 async def consume_generate(call, rec: RequestRecord, now: Clock) -> list[str]:
