@@ -73,43 +73,57 @@ async def ttft_samples(stack: Stack, tokenizer, samples: int) -> tuple[list[floa
     return via_router, direct
 
 
-def decode_throughput(batch: int, new_tokens: int = 64, prompt_len: int = 32) -> dict:
+def decode_throughput(batch: int, new_tokens: int = 64, prompt_len: int = 32, device: str = "cpu",
+                      runs: int = 3) -> dict:
+    """Engine vs transformers' generate() on the same weights, prompts and device: tokens/s (median of
+    `runs` timed runs after a warm-up, prefill included) and how many sequences came out identical."""
     from worker.kv_blocks import BlockAllocator
     from worker.model_loader import build_default_model, load_model
     from worker.model_runner import ModelRunner
     from worker.request import Request, SamplingParams
     from worker.scheduler import SchedulerConfig, make_scheduler
 
-    loaded = load_model(None)
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    loaded = load_model(None, device=device)
     runner = ModelRunner(loaded, num_blocks=2048, block_size=16)
     prompts = [[(7 * b + j) % 8000 + 3 for j in range(prompt_len)] for b in range(batch)]
 
-    def engine_run() -> float:
+    def engine_run() -> tuple[float, list[list[int]]]:
         sched = make_scheduler("fcfs", SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=4096),
                                BlockAllocator(2048, 16))
-        for b, p in enumerate(prompts):
-            sched.add_request(Request(f"r{b}", p, SamplingParams(max_tokens=new_tokens, ignore_eos=True)))
+        reqs = [Request(f"r{b}", p, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+                for b, p in enumerate(prompts)]
+        for r in reqs:
+            sched.add_request(r)
         t0 = time.perf_counter()
         while sched.has_unfinished():
             out = sched.schedule()
             sched.update(out, runner.execute(out))
-        return time.perf_counter() - t0
+        sync()
+        return time.perf_counter() - t0, [r.output_token_ids for r in reqs]
 
-    ref = build_default_model()
-    ids = torch.tensor(prompts)
+    ref = build_default_model().to(device)
+    ids = torch.tensor(prompts, device=device)
 
-    def hf_run() -> float:
+    def hf_run() -> tuple[float, list[list[int]]]:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False)
-        return time.perf_counter() - t0
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False)
+        sync()
+        return time.perf_counter() - t0, out[:, prompt_len:].tolist()
 
     engine_run(), hf_run()  # warm-up
-    e = statistics.median(engine_run() for _ in range(3))
-    h = statistics.median(hf_run() for _ in range(3))
+    engine = [engine_run() for _ in range(runs)]
+    hf = [hf_run() for _ in range(runs)]
+    e = statistics.median(t for t, _ in engine)
+    h = statistics.median(t for t, _ in hf)
+    same = sum(a == b for a, b in zip(engine[-1][1], hf[-1][1]))
     return {"batch": batch, "engine_tok_s": batch * new_tokens / e, "hf_generate_tok_s": batch * new_tokens / h,
-            "ratio": h / e}
+            "ratio": h / e, "identical_sequences": same}
 
 
 def main() -> int:
