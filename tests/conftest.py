@@ -1,5 +1,33 @@
 import os
+import sys
+from pathlib import Path
+
+import pytest
 
 # Nothing is downloaded in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The fleet and robustness tests measure with scripts/measure_fleet.py itself, the code that prints the same
+# figures for the notes: they import it by name.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def lt():
+    """An event loop on its own thread for a module's in-process fleets (measure_fleet.LoopThread)."""
+    import measure_fleet as mf
+
+    with mf.quiet_logs(), mf.LoopThread() as loop:
+        yield loop
+
+
+@pytest.fixture
+def fleet(lt, request):
+    """A router + in-process workers on free ports (measure_fleet.Fleet); parametrize indirectly with its
+    keyword arguments (default: one worker)."""
+    import measure_fleet as mf
+
+    f = lt.run(mf.Fleet(**getattr(request, "param", {"workers": 1})).start())
+    yield f
+    lt.run(f.stop())

@@ -1,40 +1,8 @@
 """Robustness of the serving path, in-process on free ports: malformed requests, cancel freeing KV, memory
 after 10,000 requests, drain on stop. The measurements live in scripts/measure_fleet.py (same figures)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import measure_fleet as mf  # scripts/, on the path from tests/conftest.py
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_measure_fleet():
-    if "measure_fleet" in sys.modules:
-        return sys.modules["measure_fleet"]
-    spec = importlib.util.spec_from_file_location("measure_fleet", ROOT / "scripts" / "measure_fleet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["measure_fleet"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mf = _load_measure_fleet()
-
-
-@pytest.fixture(scope="module")
-def lt():
-    with mf.quiet_logs(), mf.LoopThread() as loop:
-        yield loop
-
-
-@pytest.fixture
-def fleet(lt, request):
-    kwargs = getattr(request, "param", {"workers": 1})
-    f = lt.run(mf.Fleet(**kwargs).start())
-    yield f
-    lt.run(f.stop())
 
 
 # A KV budget below the context, so that "too large for this worker" (RESOURCE_EXHAUSTED) is reachable.
