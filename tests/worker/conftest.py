@@ -1,8 +1,11 @@
 import os
+import random
+import time
 
 import pytest
 import torch
 
+from worker.engine import EngineConfig, EngineCore
 from worker.model_loader import build_default_model, load_model
 from worker.model_runner import ModelRunner
 
@@ -39,3 +42,26 @@ def reference_tokens(reference_model):
                                        min_new_tokens=max_new_tokens, do_sample=False)
         return out[0, len(prompt_ids):].tolist()
     return _generate
+
+
+@pytest.fixture
+def run_with_random_layer_yields():
+    """Runs requests through the real core loop (qllm) with a should-yield that fires at random layer
+    boundaries (probability p each); returns the stopped core and every output it gave."""
+    def _run(runner, reqs, p=0.4, seed=0, timeout_s=30.0):
+        done = []
+        core = EngineCore(runner, EngineConfig(policy="qllm", max_num_batched_tokens=64), done.extend)
+        rng = random.Random(seed)
+        core._should_yield = lambda: rng.random() < p
+        for r in reqs:
+            core.submit(r)
+        core.start()
+        try:
+            for _ in range(int(timeout_s / 0.05)):
+                if sum(o.finished for o in done) == len(reqs):
+                    break
+                time.sleep(0.05)
+        finally:
+            core.stop()
+        return core, done
+    return _run

@@ -2,13 +2,12 @@
 inside the engine's continuous batch: beside greedy requests, parked at layer boundaries, preempted for KV."""
 
 import random
-import time
 
 import pytest
 import torch
 
 from worker import beam as beam_mod
-from worker.engine import AsyncEngine, EngineConfig, EngineCore, RequestRejected
+from worker.engine import AsyncEngine, EngineConfig, RequestRejected
 from worker.kv_blocks import BlockAllocator
 from worker.request import FinishReason, Priority, Request, SamplingParams
 from worker.scheduler import SchedulerConfig, make_scheduler
@@ -197,7 +196,7 @@ def test_kv_pressure_preemption_restarts_beams_identically(loaded, make_runner, 
     assert sched.allocator.num_free_blocks == 20
 
 
-def test_layer_boundary_parking_keeps_beams(loaded, make_runner):
+def test_layer_boundary_parking_keeps_beams(loaded, make_runner, run_with_random_layer_yields):
     """The real core loop, yields at random layer boundaries: BE beam steps are parked and resumed like any."""
     runner = make_runner()
     ps = prompts(loaded.tokenizer, 6, seed=41)
@@ -206,23 +205,10 @@ def test_layer_boundary_parking_keeps_beams(loaded, make_runner):
         r = beam_request(f"ref{i}", ids, 2 + 2 * (i % 2), 8, frozenset({7}))
         run_offline(runner, [r])
         ref.append(r.output_token_ids)
-    done = []
-    core = EngineCore(make_runner(), EngineConfig(policy="qllm", max_num_batched_tokens=64), done.extend)
-    rng = random.Random(0)
-    core._should_yield = lambda: rng.random() < 0.4
     reqs = [beam_request(f"b{i}", ids, 2 + 2 * (i % 2), 8, frozenset({7}), arrival=float(i))
             for i, ids in enumerate(ps)]
     reqs += [greedy(f"g{i}", ids, 8, LS, i + 0.5) for i, ids in enumerate(ps[:3])]
-    for r in reqs:
-        core.submit(r)
-    core.start()
-    try:
-        for _ in range(600):
-            if sum(o.finished for o in done) == len(reqs):
-                break
-            time.sleep(0.05)
-    finally:
-        core.stop()
+    core, done = run_with_random_layer_yields(make_runner(), reqs)
     assert sum(o.finished for o in done) == len(reqs)
     assert core.num_layer_preemptions > 5
     finals = {o.request_id: o for o in done if o.finished}

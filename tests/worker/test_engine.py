@@ -62,26 +62,13 @@ def test_kv_pressure_preemption_keeps_tokens(loaded, make_runner, reference_toke
         assert r.output_token_ids == reference_tokens(ids[:100], 10), r.request_id
 
 
-def test_random_layer_preemption_gives_identical_tokens(loaded, make_runner, reference_tokens):
+def test_random_layer_preemption_gives_identical_tokens(loaded, make_runner, reference_tokens,
+                                                        run_with_random_layer_yields):
     """The real core loop with a should-yield that fires at random layer boundaries, LS and BE mixed."""
     runner = make_runner()
     ps = prompts(loaded.tokenizer, 8, seed=3)
-    done = []
-    core = EngineCore(runner, EngineConfig(policy="qllm", max_num_batched_tokens=64), done.extend)
-    rng = random.Random(0)
-    core._should_yield = lambda: rng.random() < 0.4
     reqs = [greedy(f"r{i}", ids, 10, LS if i % 3 == 0 else BE, float(i)) for i, ids in enumerate(ps)]
-    for r in reqs:
-        core.submit(r)
-    core.start()
-    try:
-        for _ in range(600):
-            if sum(o.finished for o in done) == len(reqs):
-                break
-
-            time.sleep(0.05)
-    finally:
-        core.stop()
+    core, done = run_with_random_layer_yields(runner, reqs)
     assert sum(o.finished for o in done) == len(reqs)
     assert core.num_layer_preemptions > 10
     for r, ids in zip(reqs, ps):
