@@ -24,6 +24,7 @@ from predictor.latency_model import LatencyModel
 from predictor.tool_durations import DEFAULT_LEVELS, ToolDurationModel
 from qllm import tls
 from qllm.logs import get_logger
+from qllm.reachability import Reachability
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = get_logger(__name__)
@@ -73,7 +74,7 @@ class PredictorEstimator:
         self.channel: grpc.aio.Channel | None = None
         self._stub: predictor_pb2_grpc.PredictorStub | None = None
         self.max_pending = max_pending
-        self.down = False
+        self._reachability = Reachability(log, "predictor", self.address, "tool durations from the local model")
         self.retry_after_s = retry_after_s  # after a failed prediction, answer locally this long
         self.clock = clock
         self._skip_until = -math.inf
@@ -88,13 +89,12 @@ class PredictorEstimator:
             self._stub = predictor_pb2_grpc.PredictorStub(self.channel)
         return self._stub
 
+    @property
+    def down(self) -> bool:
+        return self._reachability.down
+
     def _mark(self, ok: bool, error: grpc.aio.AioRpcError | None = None) -> None:
-        if ok and self.down:
-            log.info("predictor reachable again", address=self.address)
-        elif not ok and not self.down:
-            log.warning("predictor unavailable; tool durations from the local model", address=self.address,
-                        code=error.code().name if error else None)
-        self.down = not ok
+        self._reachability.mark(ok, error)
 
     def observe(self, tool: str, duration_s: float) -> None:
         """Learns locally now; the predictor gets it in the background (batched while a report is in flight;

@@ -10,6 +10,7 @@ import grpc
 
 from qllm import tls
 from qllm.logs import get_logger
+from qllm.reachability import Reachability
 from qllm.v1 import kvmanager_pb2, kvmanager_pb2_grpc, predictor_pb2, predictor_pb2_grpc
 from router import metrics
 
@@ -23,16 +24,11 @@ class _Dependency:
         self.address = address
         self.deadline_s = deadline_s
         self.channel = tls.open_channel(address, credentials) if address else None
-        self._down = False
+        self._reachability = Reachability(log, self.name, address, "continuing without it",
+                                          lambda ok: metrics.DEPENDENCY_DOWN.labels(self.name).set(0 if ok else 1))
 
     def _mark(self, ok: bool, error: grpc.aio.AioRpcError | None = None) -> None:
-        if ok and self._down:
-            log.info(f"{self.name} reachable again", address=self.address)
-        elif not ok and not self._down:
-            log.warning(f"{self.name} unavailable; continuing without it", address=self.address,
-                        code=error.code().name if error else None)
-        self._down = not ok
-        metrics.DEPENDENCY_DOWN.labels(self.name).set(0 if ok else 1)
+        self._reachability.mark(ok, error)
 
     async def close(self) -> None:
         if self.channel is not None:

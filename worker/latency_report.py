@@ -17,6 +17,7 @@ import grpc
 
 from qllm import tls
 from qllm.logs import get_logger
+from qllm.reachability import Reachability
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = get_logger(__name__)
@@ -34,9 +35,13 @@ class LatencyReporter:
         self.deadline_s = deadline_s
         self.credentials = credentials
         self.sent = 0
-        self.down = False
+        self._reachability = Reachability(log, "predictor", address, "latency samples dropped")
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task | None = None
+
+    @property
+    def down(self) -> bool:
+        return self._reachability.down
 
     def open(self) -> None:
         # The channel belongs to the loop it is opened on: open it on the serving loop, not at build time.
@@ -75,13 +80,8 @@ class LatencyReporter:
             await self._stub.ReportLatency(predictor_pb2.LatencyReport(worker=self.worker, samples=batch),
                                            timeout=self.deadline_s)
         except grpc.aio.AioRpcError as exc:
-            if not self.down:
-                log.warning("predictor unreachable; latency samples dropped", address=self.address,
-                            code=exc.code().name)
-            self.down = True
+            self._reachability.mark(False, exc)
             return 0
-        if self.down:
-            log.info("predictor reachable again", address=self.address)
-        self.down = False
+        self._reachability.mark(True)
         self.sent += len(batch)
         return len(batch)
