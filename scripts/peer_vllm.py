@@ -56,7 +56,9 @@ METRICS = (
     ("ls_e2e_mean_ms", "LS E2E mean under load", "ms", "lower"),
 )
 # shown beside the figures (no ratio): how saturated the BE side was
-INFO = (("be_cancelled", "BE cancelled at the drain cap"), ("be_count", "BE requests sent"))
+INFO = (("be_cancelled", "BE cancelled at the drain cap"), ("be_count", "BE requests sent"),
+        ("prefix_cache_hit_share", "prefix-cache hit share of prompt tokens (vLLM's default cache; warm-up, "
+                                   "floor and load reuse prompts)"))
 
 
 # ----------------------------------------------------------------------------------------------- pure part
@@ -230,6 +232,31 @@ def dist_alias_files(version: str) -> dict[str, str]:
     return {"METADATA": meta, "INSTALLER": "qllm-peer-script\n", "RECORD": record}
 
 
+PREFIX_COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
+
+
+def prometheus_sums(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Each named sample summed over its labels, from a Prometheus text exposition."""
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            try:
+                out[name] += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                pass
+    return out
+
+
+def hit_share(before: dict | None, after: dict | None) -> float | None:
+    """vLLM's prefix-cache hits / queries (prompt tokens) between two scrapes; None without both or queries."""
+    if not before or not after:
+        return None
+    queries = after[PREFIX_COUNTERS[0]] - before[PREFIX_COUNTERS[0]]
+    hits = after[PREFIX_COUNTERS[1]] - before[PREFIX_COUNTERS[1]]
+    return hits / queries if queries > 0 else None
+
+
 # ----------------------------------------------------------------------------------------------- install
 
 
@@ -316,6 +343,9 @@ class VLLMServer:
                     "--scheduling-policy", "priority", *extra_args]
         self.env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         self.env.update(vllm_thread_env(threads, bind=thread_bind))
+        # loopback only: without VLLM_HOST_IP vLLM finds "its" address by a UDP connect towards 8.8.8.8 and
+        # binds its engine message queue there
+        self.env.update({"VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1"})
         self.env.update({"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                          "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"})
         if kv_space_gib:
@@ -350,6 +380,14 @@ class VLLMServer:
             if time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"vllm serve not ready after {timeout_s:.0f} s (log: {self.log_path})")
             time.sleep(1.0)
+
+    def counters(self, names: tuple[str, ...] = PREFIX_COUNTERS) -> dict[str, float] | None:
+        """Sums of the named counters on the server's /metrics; None when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+                return prometheus_sums(resp.read().decode("utf-8", "replace"), names)
+        except (urllib.error.URLError, OSError):
+            return None
 
     def stop(self, grace_s: float = 30.0) -> None:
         proc, self.proc = self.proc, None
@@ -422,7 +460,9 @@ def run_side(side: str, args, dtype: str, rnd: int, out: Path, model_dir: Path) 
             cmd = bench_args(args, dtype, name, runs, model_dir) + [
                 "--openai-url", f"http://127.0.0.1:{args.port}/v1", "--model", SERVED_NAME,
                 "--policies", f"vllm-{dtype}"]
+            before = server.counters()
             doc = run_bench(cmd, log_path, runs / f"{name}.json")
+            share = hit_share(before, server.counters())
         finally:
             server.stop()
             ACTIVE.remove(server)
@@ -433,7 +473,8 @@ def run_side(side: str, args, dtype: str, rnd: int, out: Path, model_dir: Path) 
             f"--worker-arg=--dtype={dtype}", f"--worker-arg=--torch-threads={args.threads}",
             "--log-dir", str(out / "logs" / f"{name}.stack"), *[f"--worker-arg={a}" for a in args.qllm_worker_arg]]
         doc = run_bench(cmd, log_path, runs / f"{name}.json")
-    return figures(doc)
+        share = None  # qllm's worker has no prefix cache
+    return {**figures(doc), "prefix_cache_hit_share": share}
 
 
 ACTIVE: list[VLLMServer] = []

@@ -136,3 +136,18 @@ def test_parse_args_refuses_a_peer_venv_inside_the_project(tmp_path):
         pv.parse_args(["--peer-venv", str(pv.REPO / ".peer")])
     args = pv.parse_args(["--peer-venv", str(tmp_path / "v"), "--dtypes", "fp32", "--out", str(tmp_path / "o")])
     assert args.dtypes == ["float32"] and args.model_dir == (tmp_path / "o" / "model").resolve()
+
+
+def test_prefix_cache_hit_share_from_two_scrapes():
+    text = ('# HELP vllm:prefix_cache_queries_total x\n'
+            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0\n'
+            'vllm:prefix_cache_queries_total{engine="1",model_name="m"} 500.0\n'
+            'vllm:prefix_cache_queries_created{engine="0",model_name="m"} 1.7e+09\n'
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 300\n'
+            'vllm:external_prefix_cache_hits_total{engine="0",model_name="m"} 99\n')
+    after = pv.prometheus_sums(text, pv.PREFIX_COUNTERS)
+    assert after == {"vllm:prefix_cache_queries_total": 1500.0, "vllm:prefix_cache_hits_total": 300.0}
+    before = {"vllm:prefix_cache_queries_total": 500.0, "vllm:prefix_cache_hits_total": 100.0}
+    assert pv.hit_share(before, after) == pytest.approx(0.2)
+    assert pv.hit_share(None, after) is None
+    assert pv.hit_share(after, after) is None  # no queries in between
