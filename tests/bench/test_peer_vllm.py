@@ -154,7 +154,8 @@ def test_prefix_cache_hit_share_from_two_scrapes():
 
 
 def test_cpu_description_names_the_bf16_flags():
-    text = "processor : 0\nmodel name : AMD EPYC\nflags : fpu avx2 sse4_2\n\nprocessor : 1\nmodel name : X\nflags : amx_bf16\n"
+    text = ("processor : 0\nmodel name : AMD EPYC\nflags : fpu avx2 sse4_2\n\n"
+            "processor : 1\nmodel name : X\nflags : amx_bf16\n")
     assert pv.cpu_description(text).startswith("AMD EPYC, ") and pv.cpu_description(text).endswith(" avx2")
     assert "amx_bf16" in pv.cpu_description("model name : Xeon\nflags : avx2 avx512f avx512_bf16 amx_bf16\n")
     assert pv.cpu_description("").endswith("none of avx2/avx512f/avx512_bf16/amx_bf16")
