@@ -56,7 +56,8 @@ METRICS = (
     ("ls_e2e_mean_ms", "LS E2E mean under load", "ms", "lower"),
 )
 # shown beside the figures (no ratio): how saturated the BE side was
-INFO = (("be_cancelled", "BE cancelled at the drain cap"), ("be_count", "BE requests sent"),
+INFO = (("ls_completed", "LS completed under load (the E2E mean's count)"), ("ls_count", "LS requests sent"),
+        ("be_cancelled", "BE cancelled at the drain cap"), ("be_count", "BE requests sent"),
         ("prefix_cache_hit_share", "prefix-cache hit share of prompt tokens (vLLM's default cache; warm-up, "
                                    "floor and load reuse prompts)"))
 
@@ -83,6 +84,8 @@ def figures(doc: dict) -> dict:
         "be_output_tok_s": _dig(run, "classes", "BE", "output_tok_s"),
         "ls_ttft_p99_ms": _dig(run, "classes", "LS", "ttft_ms", "p99"),
         "ls_e2e_mean_ms": _dig(run, "classes", "LS", "e2e_ms", "mean"),
+        "ls_completed": _dig(run, "classes", "LS", "completed"),
+        "ls_count": _dig(run, "classes", "LS", "count"),
         "be_cancelled": _dig(run, "classes", "BE", "cancelled"),
         "be_count": _dig(run, "classes", "BE", "count"),
     }

@@ -17,7 +17,7 @@ def bench_doc(*, floor_ttft=20.0, floor_tpot=5.0, be_tok_s=800.0, ls_p99=400.0, 
         "params": {"floor": {"policy": "x", "classes": {"LS": {"ttft_ms": {"p50": floor_ttft, "p99": 99.0},
                                                                "tpot_ms": {"p50": floor_tpot}}}}},
         "runs": [{"policy": "x", "classes": {
-            "LS": {"ttft_ms": {"p50": 1.0, "p99": ls_p99}, "e2e_ms": {"mean": ls_e2e}},
+            "LS": {"ttft_ms": {"p50": 1.0, "p99": ls_p99}, "e2e_ms": {"mean": ls_e2e}, "completed": 27, "count": 28},
             "BE": {"output_tok_s": be_tok_s, "cancelled": cancelled, "count": 200}}}],
     }
 
@@ -25,7 +25,8 @@ def bench_doc(*, floor_ttft=20.0, floor_tpot=5.0, be_tok_s=800.0, ls_p99=400.0, 
 def test_figures_reads_floor_and_loaded_run():
     f = pv.figures(bench_doc())
     assert f == {"idle_ls_ttft_p50_ms": 20.0, "idle_ls_tpot_p50_ms": 5.0, "be_output_tok_s": 800.0,
-                 "ls_ttft_p99_ms": 400.0, "ls_e2e_mean_ms": 2800.0, "be_cancelled": 3, "be_count": 200}
+                 "ls_ttft_p99_ms": 400.0, "ls_e2e_mean_ms": 2800.0, "ls_completed": 27, "ls_count": 28,
+                 "be_cancelled": 3, "be_count": 200}
 
 
 def test_figures_missing_parts_are_none():
