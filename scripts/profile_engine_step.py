@@ -27,7 +27,7 @@ from worker.scheduler import SchedulerConfig, make_scheduler
 def build(args):
     loaded = load_model(None, device=args.device, dtype=args.dtype)
     block_size = 16
-    kv_tokens = (args.decodes + 2) * (args.context + 4 * args.steps + args.prefill + 64)
+    kv_tokens = (args.decodes + args.steps + 2) * (args.context + 4 * args.steps + args.prefill + 64)
     num_blocks = -(-kv_tokens // block_size)
     runner = ModelRunner(loaded, num_blocks, block_size)
     config = SchedulerConfig(max_num_seqs=args.decodes + 2, max_num_batched_tokens=max(args.prefill, 2048),
@@ -36,7 +36,7 @@ def build(args):
     vocab = loaded.model.config.vocab_size
     for i in range(args.decodes):
         ids = [(31 * i + 7 * j) % (vocab - 1) + 1 for j in range(args.context)]
-        scheduler.add_request(Request(f"d{i}", ids, SamplingParams(max_tokens=10_000, ignore_eos=True)))
+        scheduler.add_request(Request(f"d{i}", ids, SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True)))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.requests.values()):
         plan = scheduler.schedule()
         scheduler.update(plan, runner.execute(plan))
@@ -77,6 +77,7 @@ def main() -> None:
         print(f"\n== {kind}: {len(plan.scheduled)} scheduled, {plan.num_tokens} tokens; step median "
               f"{1000 * statistics.median(times):.1f} ms (min {1000 * min(times):.1f}, max {1000 * max(times):.1f})")
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        print(f"  torch ops: {total / 1000 / len(times):.1f} ms of each step (the rest: Python, native kernel)")
         rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
         for e in rows:
             print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.count:7d} calls  "

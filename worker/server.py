@@ -198,7 +198,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--model", default=None, help="local HF MoE checkpoint directory (default: embedded)")
     settings.add(parser, "--policy", default="fcfs", help="scheduling policy: fcfs, priority, qllm")
     settings.add(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
-    settings.add(parser, "--dtype", default="float32", help="weights' dtype: float32, float16, bfloat16")
+    settings.add(parser, "--dtype", default="auto",
+                 help="weights' dtype: auto (bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32), "
+                      "float32, float16, bfloat16")
     settings.add(parser, "--max-num-seqs", type=int, default=32, help="most requests running at once")
     settings.add(parser, "--max-num-batched-tokens", type=int, default=512,
                  help="token budget of one iteration (prefill chunk size)")
