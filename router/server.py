@@ -11,7 +11,7 @@ import zlib
 import grpc
 import structlog
 
-from qllm import serving, settings
+from qllm import internal_auth, serving, settings
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.security import AuthError, KeyRing, RateLimiter, load_key_file, open_access
 from qllm.v1 import common_pb2, kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
@@ -226,6 +226,8 @@ def default_args(**overrides) -> argparse.Namespace:
 
 async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServicer]:
     client_creds = serving.client_credentials_from(args)
+    # The router's calls to workers, predictor and kvmanager carry the internal token.
+    interceptors = internal_auth.client_interceptors(internal_auth.from_args(args))
     targets = [a.strip() for a in args.workers.split(",") if a.strip()]
     if not targets:
         raise SystemExit("--workers: at least one worker address is needed")
@@ -233,13 +235,14 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
                       max_requeues=args.max_requeues, requeue_timeout_s=args.requeue_timeout_s,
                       max_be_queue=args.max_be_queue, starvation_threshold=args.starvation_threshold,
                       promotion_rounds=args.promotion_rounds)
-    discovery = WorkerDiscovery(core, targets, lambda address: WorkerClient(address, credentials=client_creds))
+    discovery = WorkerDiscovery(core, targets, lambda address: WorkerClient(address, credentials=client_creds,
+                                                                                 interceptors=interceptors))
     workers = core.workers
     limits = Limits(max_prompt_bytes=args.max_prompt_bytes,
                     default_priority=common_pb2.PRIORITY_LATENCY_SENSITIVE if args.default_priority == "LS"
                     else common_pb2.PRIORITY_BEST_EFFORT)
-    predictor = PredictorClient(args.predictor or None, args.predictor_deadline_ms / 1000, client_creds)
-    kvmanager = KVManagerClient(args.kvmanager or None, credentials=client_creds)
+    predictor = PredictorClient(args.predictor or None, args.predictor_deadline_ms / 1000, client_creds, interceptors)
+    kvmanager = KVManagerClient(args.kvmanager or None, credentials=client_creds, interceptors=interceptors)
     if args.api_keys:
         keyring = load_key_file(args.api_keys)
         log.info("API keys loaded", file=args.api_keys, tenants=sorted(keyring.tenants))
@@ -269,7 +272,9 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
     service = serving.Service(
         name="router", service_names=[router_pb2.DESCRIPTOR.services_by_name["Router"].full_name],
         register=lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server),
-        on_start=on_start, on_stop=on_stop, grace_s=args.drain_grace_s)
+        on_start=on_start, on_stop=on_stop, grace_s=args.drain_grace_s,
+        # Public: tenants are authenticated by the servicer (API keys), not by the internal token.
+        public_methods=serving.all_methods(router_pb2.DESCRIPTOR.services_by_name["Router"]))
     return service, servicer
 
 

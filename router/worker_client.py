@@ -8,7 +8,7 @@ silently) and the client reconnects in the background.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 
@@ -23,10 +23,11 @@ EventHandler = Callable[[worker_pb2.WorkerEvent], None]
 
 
 class WorkerClient:
-    def __init__(self, address: str, reconnect_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, address: str, reconnect_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None,
+                 interceptors: Sequence[object] = ()):
         self.address = address
         self.reconnect_s = reconnect_s
-        self.channel = tls.open_channel(address, credentials, GRPC_OPTIONS)
+        self.channel = tls.open_channel(address, credentials, GRPC_OPTIONS, interceptors=interceptors)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
         self.healthy = False

@@ -12,7 +12,8 @@ import time
 import grpc
 import structlog
 
-from qllm import serving, settings
+from qllm import internal_auth, serving, settings
+from qllm.internal_auth import InternalToken
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.v1 import worker_pb2, worker_pb2_grpc
 from qllm.wire import DRAINING
@@ -243,8 +244,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def build_service(loaded, config: EngineConfig, predictor: str = "", worker_address: str = "",
                   latency_report_interval_s: float = 2.0,
-                  predictor_credentials: grpc.ChannelCredentials | None = None) -> tuple[serving.Service, AsyncEngine]:
-    """The worker service over one engine; with `predictor`, measured step times go to its latency model."""
+                  predictor_credentials: grpc.ChannelCredentials | None = None,
+                  internal_token: InternalToken | None = None) -> tuple[serving.Service, AsyncEngine]:
+    """The worker service over one engine; with `predictor`, measured step times go to its latency model.
+    With `internal_token` every Worker RPC needs it (the router and the kvmanager present it)."""
     from worker.model_runner import ModelRunner
 
     num_blocks = max(1, config.kv_budget_tokens // config.block_size)
@@ -255,7 +258,8 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
                                  policy=config.policy, device=str(loaded.device), max_num_seqs=config.max_num_seqs)
     servicer = WorkerServicer(engine, info)
     reporter = LatencyReporter(predictor, worker_address, engine.core.latency_samples, latency_report_interval_s,
-                               credentials=predictor_credentials) if predictor else None
+                               credentials=predictor_credentials,
+                               interceptors=internal_auth.client_interceptors(internal_token)) if predictor else None
 
     async def on_start():
         engine.start()
@@ -273,7 +277,7 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
     service = serving.Service(
         name="worker", service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
         register=lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
-        on_start=on_start, on_stop=on_stop, on_drain=on_drain)
+        on_start=on_start, on_stop=on_stop, on_drain=on_drain, internal_token=internal_token)
     return service, engine
 
 
@@ -294,7 +298,7 @@ def run(args: argparse.Namespace):
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     client_creds = serving.client_credentials_from(args)
     service, _ = build_service(loaded, engine_config(args), args.predictor, f"{args.host}:{args.port}",
-                               args.latency_report_interval_s, client_creds)
+                               args.latency_report_interval_s, client_creds, internal_auth.from_args(args))
     log.info("model loaded", model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype),
              policy=args.policy, torch_threads=args.torch_threads)
     return serving.serve_forever(service, args.host, args.port, args.metrics_port,
