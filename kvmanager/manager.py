@@ -23,7 +23,7 @@ from kvmanager.continuation import ContinuationModel
 from kvmanager.ledger import Ledger, PinEntry
 from kvmanager.ttl import Decision, DurationQuantiles, PinPolicy, Turn, TurnContext
 
-MAX_ID_CHARS = 256
+MAX_ID_CHARS = 512  # the router sends "<tenant>/<program_id>" (router/namespaces.py), program_id <= 256
 
 
 class InvalidReport(ValueError):

@@ -19,6 +19,7 @@ from router import metrics
 from router.core import RESTART, Job, NoWorker, Overloaded, RouterCore, status_code
 from router.discovery import WorkerDiscovery
 from router.deps import KVManagerClient, PredictorClient
+from router.namespaces import RequestIds, program_key
 from router.programs import ProgramTracker
 from router.validation import InvalidField, Limits, validate
 from router.worker_client import WorkerClient
@@ -36,6 +37,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.keyring = keyring or open_access()
         self.limiter = limiter or RateLimiter()
         self.programs = ProgramTracker()
+        self.request_ids = RequestIds()
         self._background: set[asyncio.Task] = set()
 
     def _spawn(self, coro) -> None:
@@ -58,11 +60,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         except AuthError as exc:
             metrics.REJECTED.labels(exc.code).inc()
             await context.abort(grpc.StatusCode[exc.code], exc.message)
-        rid = request.request_id or uuid.uuid4().hex
+        rid = request.request_id or uuid.uuid4().hex  # the client's label: its logs and responses carry it
+        # Inside qllm the request and its program are keyed per tenant: another tenant's same names never
+        # reach them (router/namespaces.py).
+        internal_id = self.request_ids.new(tenant.name, rid)
+        program = program_key(tenant.name, request.program_id)
         label = "LS" if is_ls else "BE"
         structlog.contextvars.bind_contextvars(request_id=rid, priority=label, tenant=tenant.name)
         submit = worker_pb2.SubmitRequest(
-            request_id=rid, prompt=request.prompt, priority=priority, program_id=request.program_id,
+            request_id=internal_id, prompt=request.prompt, priority=priority, program_id=program,
             last_turn=request.last_turn,
             sampling=worker_pb2.SamplingParams(
                 max_tokens=request.max_tokens, temperature=request.temperature,
@@ -71,10 +77,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 ignore_eos=request.ignore_eos, num_beams=request.num_beams,
                 patience=request.patience if request.HasField("patience") else 1.0,
                 length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0))
-        job = Job(rid, is_ls, submit, arrival=arrival)
+        job = Job(internal_id, is_ls, submit, arrival=arrival)
         turn = None
-        if request.program_id:
-            turn = self.programs.turn_arrived(request.program_id, arrival)
+        if program:
+            turn = self.programs.turn_arrived(program, arrival)
             job.arrival = turn.order_arrival          # program-level FCFS within the class
             job.preferred_worker = turn.preferred_worker
         # LS goes first whatever its length, so only BE is ranked.
@@ -124,10 +130,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     finished = True
                     metrics.E2E.labels(label).observe(now - arrival)
                     metrics.FINISHED.labels(label, delta.finish_reason).inc()
-                    if request.program_id:
-                        self.programs.turn_dispatched(request.program_id, job.worker_address)
-                        self.programs.turn_finished(request.program_id, request.last_turn, request.tool_name)
-                        self._spawn(self._report_turn(request, delta.prompt_tokens + delta.completion_tokens,
+                    if program:
+                        self.programs.turn_dispatched(program, job.worker_address)
+                        self.programs.turn_finished(program, request.last_turn, request.tool_name)
+                        self._spawn(self._report_turn(request, program, delta.prompt_tokens + delta.completion_tokens,
                                                       delta.cached_prompt_tokens, job, turn))
                 yield router_pb2.GenerateResponse(
                     text=text, token_ids=token_ids, finished=delta.finished,
@@ -169,10 +175,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if scores:
             log.debug("predicted length score", score=scores[0])
 
-    async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, cached_tokens: int, job: Job,
-                           turn) -> None:
+    async def _report_turn(self, request: router_pb2.GenerateRequest, program: str, tokens: int, cached_tokens: int,
+                           job: Job, turn) -> None:
         decision = await self.kvmanager.report_turn(kvmanager_pb2.TurnReport(
-            program_id=request.program_id, worker=job.worker_address, context_tokens=tokens,
+            program_id=program, worker=job.worker_address, context_tokens=tokens,
             last_turn=request.last_turn, tool_name=request.tool_name, turn_index=turn.turn_index,
             prev_tool_duration_s=turn.prev_tool_duration_s, cached_prompt_tokens=cached_tokens))
         if decision is not None:

@@ -31,8 +31,8 @@ CLASS_LABEL = {Priority.LATENCY_SENSITIVE: "LS", Priority.BEST_EFFORT: "BE"}
 def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
     if msg.max_tokens < 1:
         raise RequestRejected("INVALID_ARGUMENT", "max_tokens: must be at least 1")
-    if msg.temperature < 0:
-        raise RequestRejected("INVALID_ARGUMENT", "temperature: must be >= 0")
+    if not math.isfinite(msg.temperature) or msg.temperature < 0:
+        raise RequestRejected("INVALID_ARGUMENT", f"temperature: must be a finite number >= 0, got {msg.temperature}")
     if not 0.0 < msg.top_p <= 1.0:
         raise RequestRejected("INVALID_ARGUMENT", "top_p: must be in (0, 1]")
     num_beams = max(1, msg.num_beams)
