@@ -22,6 +22,7 @@ from worker.detokenizer import IncrementalDetokenizer
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
 from worker.latency_report import LatencyReporter
 from worker.request import Priority, SamplingParams
+from worker.tokenize import PromptEncoder
 
 log = get_logger(__name__)
 
@@ -54,6 +55,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.engine = engine
         self.info = info
         self.draining = asyncio.Event()
+        self.prompts = PromptEncoder(engine.encode)  # long prompts are tokenized off the event loop
 
     async def Describe(self, request, context):
         info = worker_pb2.WorkerInfo()
@@ -156,7 +158,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if priority is None:
                 raise RequestRejected("INVALID_ARGUMENT", "priority: must be LATENCY_SENSITIVE or BEST_EFFORT")
             sampling = sampling_from_wire(submit.sampling)
-            prompt_ids = self.engine.encode(submit.prompt)
+            prompt_ids = await self.prompts.encode(submit.prompt)
             detok = IncrementalDetokenizer(self.engine.tokenizer)
             stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score,
                                           program_id=submit.program_id, last_turn=submit.last_turn,
@@ -272,6 +274,7 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
     async def on_stop():
         if reporter is not None:
             await reporter.stop()
+        servicer.prompts.close()
         engine.stop()
 
     service = serving.Service(
