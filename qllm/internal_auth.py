@@ -129,27 +129,37 @@ def _with_token(details: grpc.aio.ClientCallDetails, token: InternalToken) -> gr
     return details._replace(metadata=metadata)
 
 
-class _AddToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _AddToken:
     def __init__(self, token: InternalToken):
         self.token = token
 
+
+# One class per call shape: grpc.aio files each channel interceptor under the first shape it implements only.
+class _UnaryUnary(_AddToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(_with_token(details, self.token), request)
 
+
+class _UnaryStream(_AddToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(_with_token(details, self.token), request)
 
+
+class _StreamUnary(_AddToken, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self.token), request_iterator)
 
+
+class _StreamStream(_AddToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self.token), request_iterator)
 
 
 def client_interceptors(token: InternalToken | None) -> list:
     """Interceptors for a grpc.aio channel to another qllm service ([] without a token)."""
-    return [_AddToken(token)] if token is not None else []
+    if token is None:
+        return []
+    return [kind(token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
 # --- server side ---------------------------------------------------------------------------------------------
