@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from kvmanager.continuation import ContinuationModel
 from kvmanager.estimates import NOT_NEEDED, PredictorEstimator
 from kvmanager.ledger import Ledger, PinEntry
-from kvmanager.manager import InvalidReport, Outcome, PinManager
+from kvmanager.manager import InvalidReport, Outcome, PinManager, validate
 from kvmanager.ttl import DEFAULT_POLICY, POLICIES, TTLParams, Turn, make_policy
 from kvmanager.workers import KnownWorkers, WorkerPins
 from qllm import internal_auth, logs, serving, settings
@@ -81,7 +81,8 @@ class KVManagerServicer(kvmanager_pb2_grpc.KVManagerServicer):
         turn = Turn(program_id=request.program_id, worker=request.worker, context_tokens=request.context_tokens,
                     last_turn=request.last_turn, tool_name=request.tool_name, turn_index=request.turn_index)
         try:
-            if turn.worker and turn.worker not in self.known_workers:
+            validate(turn, request.prev_tool_duration_s)  # the report's own fields first
+            if turn.worker not in self.known_workers:
                 raise InvalidReport("worker", f"{turn.worker!r} is not one of this kvmanager's workers (--workers)")
             tool = self.manager.begin(turn, request.prev_tool_duration_s, self.clock())
         except InvalidReport as exc:
