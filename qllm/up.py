@@ -174,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     print("try: grpcurl -plaintext -d '{\"prompt\": \"Hello\", \"max_tokens\": 16, "
           "\"priority\": \"PRIORITY_LATENCY_SENSITIVE\"}' "
           f"{stack.config.router_address} qllm.v1.Router/Generate", flush=True)
+    print(f"internal RPCs need the token in {stack._env[settings.env_name('--internal-token-file')]} "
+          "(grpcurl -H \"x-qllm-internal-token: $(head -1 FILE)\" ...)", flush=True)
     stopping = False
 
     def _stop(*_):
