@@ -1,5 +1,9 @@
 """The part every qllm service shares: a grpc.aio server with health checking, reflection, Prometheus
-metrics over HTTP, and a graceful stop on SIGINT/SIGTERM (health NOT_SERVING first, then drain)."""
+metrics over HTTP, and a graceful stop on SIGINT/SIGTERM (health NOT_SERVING first, then drain).
+
+Two server interceptors run before every servicer: the internal-token check of the service's internal
+methods (qllm/internal_auth.py, when the service has a token) and the decode guard that answers
+undecodable requests with INVALID_ARGUMENT (qllm/decoding.py)."""
 
 from __future__ import annotations
 

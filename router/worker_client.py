@@ -40,6 +40,7 @@ class WorkerClient:
         self._outgoing: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
+        self._refused = False  # the worker refused our internal token last time
 
     @property
     def in_flight(self) -> int:
@@ -87,8 +88,12 @@ class WorkerClient:
                 self._fail_all("router shutting down")
                 raise
             except grpc.aio.AioRpcError as exc:
-                if self.healthy:
-                    log.warning("worker unreachable", worker=self.address, code=exc.code().name)
+                refused = exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                if self.healthy or (refused and not self._refused):
+                    # A refused token is a configuration error, said once rather than retried silently.
+                    log.warning("worker unreachable", worker=self.address, code=exc.code().name,
+                                details=exc.details() if refused else None)
+                self._refused = refused
             self.healthy = False
             self._connected.clear()
             self._outgoing = None
