@@ -82,7 +82,7 @@ class KVManagerServicer(kvmanager_pb2_grpc.KVManagerServicer):
                     last_turn=request.last_turn, tool_name=request.tool_name, turn_index=request.turn_index)
         try:
             validate(turn, request.prev_tool_duration_s)  # the report's own fields first
-            if turn.worker not in self.known_workers:
+            if not await self.known_workers.knows(turn.worker):
                 raise InvalidReport("worker", f"{turn.worker!r} is not one of this kvmanager's workers (--workers)")
             tool = self.manager.begin(turn, request.prev_tool_duration_s, self.clock())
         except InvalidReport as exc:
@@ -301,8 +301,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--describe-interval-s", type=float, default=2.0,
                  help="how often workers' KV capacity and free memory are refreshed")
     settings.add(parser, "--workers", default="127.0.0.1:50061",
-                 help="the workers this kvmanager may call (the router's --workers: HOST:PORT,... or dns:///NAME:PORT); "
-                      "a turn reported on any other address is refused")
+                 help="the workers this kvmanager may call (the router's --workers: HOST:PORT,... or "
+                      "dns:///NAME:PORT); a turn reported on any other address is refused")
     settings.add_client_tls_flag(parser, "workers and the predictor")
 
 

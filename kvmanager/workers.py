@@ -9,6 +9,8 @@ None, never raised; the worker's own clock expires its pins and it evicts them f
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import OrderedDict
 from typing import Sequence
 
@@ -84,16 +86,25 @@ class KnownWorkers:
     `interval_s`), never an address taken from a request. A TurnReport naming another address is refused,
     so a caller cannot make the kvmanager connect where it likes (server-side request forgery)."""
 
-    def __init__(self, targets: Targets, interval_s: float = 5.0):
+    def __init__(self, targets: Targets, interval_s: float = 5.0, min_refresh_s: float = 1.0):
         self.targets = targets
         self.interval_s = interval_s
+        self.min_refresh_s = min_refresh_s
         self.addresses: set[str] = set(targets.static)
+        self._refreshed = -math.inf
         self._task: asyncio.Task | None = None
 
-    def __contains__(self, address: str) -> bool:
+    async def knows(self, address: str) -> bool:
+        """Whether `address` is one of the workers; an unknown one re-resolves the DNS names first (a worker
+        the router found before our last refresh), at most once per `min_refresh_s`."""
+        if address in self.addresses:
+            return True
+        if self.targets.dns and time.monotonic() - self._refreshed >= self.min_refresh_s:
+            await self.refresh()
         return address in self.addresses
 
     async def refresh(self) -> None:
+        self._refreshed = time.monotonic()
         self.addresses = await self.targets.resolve(self.addresses)
 
     async def start(self) -> None:

@@ -133,7 +133,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     if program:
                         self.programs.turn_dispatched(program, job.worker_address)
                         self.programs.turn_finished(program, request.last_turn, request.tool_name)
-                        self._spawn(self._report_turn(request, program, delta.prompt_tokens + delta.completion_tokens,
+                        self._spawn(self._report_turn(request, program,
+                                                      delta.prompt_tokens + delta.completion_tokens,
                                                       delta.cached_prompt_tokens, job, turn))
                 yield router_pb2.GenerateResponse(
                     text=text, token_ids=token_ids, finished=delta.finished,

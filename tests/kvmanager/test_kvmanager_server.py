@@ -232,6 +232,19 @@ async def test_a_worker_address_it_was_not_configured_with_is_refused_and_never_
         await trap_server.stop(0)
 
 
+async def test_known_workers_come_from_configuration_and_dns_only():
+    from kvmanager.workers import KnownWorkers
+    from qllm.targets import Targets
+
+    known = KnownWorkers(Targets(["10.0.0.7:50061", "dns:///localhost:50061"]), min_refresh_s=0.0)
+    await known.start()
+    try:
+        assert await known.knows("10.0.0.7:50061") and await known.knows("127.0.0.1:50061")
+        assert not await known.knows("127.0.0.1:50062") and not await known.knows("169.254.169.254:80")
+    finally:
+        await known.stop()
+
+
 async def test_bad_input_is_invalid_argument():
     async with Stack("ttl") as s:
         for report, field in [(kvmanager_pb2.TurnReport(worker="w0"), "program_id"),
