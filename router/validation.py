@@ -42,8 +42,8 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
     if req.max_tokens >= limits.max_context:
         raise InvalidField("max_tokens", f"{req.max_tokens} leaves no room for the prompt in the model "
                                          f"context of {limits.max_context} tokens")
-    if math.isnan(req.temperature) or req.temperature < 0:
-        raise InvalidField("temperature", f"must be >= 0, got {req.temperature}")
+    if not math.isfinite(req.temperature) or req.temperature < 0:
+        raise InvalidField("temperature", f"must be a finite number >= 0, got {req.temperature}")
     if req.HasField("top_p") and not (0.0 < req.top_p <= 1.0):
         raise InvalidField("top_p", f"must be in (0, 1], got {req.top_p}")
     priority = req.priority
@@ -64,4 +64,6 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
         raise InvalidField("last_turn", "is set but program_id is empty")
     if len(req.request_id) > 256:
         raise InvalidField("request_id", "is longer than 256 characters")
+    if len(req.program_id) > 256:
+        raise InvalidField("program_id", "is longer than 256 characters")
     return priority

@@ -12,7 +12,8 @@ import time
 import grpc
 import structlog
 
-from qllm import serving, settings
+from qllm import internal_auth, serving, settings
+from qllm.internal_auth import InternalToken
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.v1 import worker_pb2, worker_pb2_grpc
 from qllm.wire import DRAINING
@@ -21,6 +22,7 @@ from worker.detokenizer import IncrementalDetokenizer
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
 from worker.latency_report import LatencyReporter
 from worker.request import Priority, SamplingParams
+from worker.tokenize import PromptEncoder
 
 log = get_logger(__name__)
 
@@ -30,8 +32,8 @@ CLASS_LABEL = {Priority.LATENCY_SENSITIVE: "LS", Priority.BEST_EFFORT: "BE"}
 def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
     if msg.max_tokens < 1:
         raise RequestRejected("INVALID_ARGUMENT", "max_tokens: must be at least 1")
-    if msg.temperature < 0:
-        raise RequestRejected("INVALID_ARGUMENT", "temperature: must be >= 0")
+    if not math.isfinite(msg.temperature) or msg.temperature < 0:
+        raise RequestRejected("INVALID_ARGUMENT", f"temperature: must be a finite number >= 0, got {msg.temperature}")
     if not 0.0 < msg.top_p <= 1.0:
         raise RequestRejected("INVALID_ARGUMENT", "top_p: must be in (0, 1]")
     num_beams = max(1, msg.num_beams)
@@ -53,6 +55,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.engine = engine
         self.info = info
         self.draining = asyncio.Event()
+        self.prompts = PromptEncoder(engine.encode)  # long prompts are tokenized off the event loop
 
     async def Describe(self, request, context):
         info = worker_pb2.WorkerInfo()
@@ -155,7 +158,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if priority is None:
                 raise RequestRejected("INVALID_ARGUMENT", "priority: must be LATENCY_SENSITIVE or BEST_EFFORT")
             sampling = sampling_from_wire(submit.sampling)
-            prompt_ids = self.engine.encode(submit.prompt)
+            prompt_ids = await self.prompts.encode(submit.prompt)
             detok = IncrementalDetokenizer(self.engine.tokenizer)
             stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score,
                                           program_id=submit.program_id, last_turn=submit.last_turn,
@@ -245,8 +248,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def build_service(loaded, config: EngineConfig, predictor: str = "", worker_address: str = "",
                   latency_report_interval_s: float = 2.0,
-                  predictor_credentials: grpc.ChannelCredentials | None = None) -> tuple[serving.Service, AsyncEngine]:
-    """The worker service over one engine; with `predictor`, measured step times go to its latency model."""
+                  predictor_credentials: grpc.ChannelCredentials | None = None,
+                  internal_token: InternalToken | None = None) -> tuple[serving.Service, AsyncEngine]:
+    """The worker service over one engine; with `predictor`, measured step times go to its latency model.
+    With `internal_token` every Worker RPC needs it (the router and the kvmanager present it)."""
     from worker.model_runner import ModelRunner
 
     num_blocks = max(1, config.kv_budget_tokens // config.block_size)
@@ -257,7 +262,8 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
                                  policy=config.policy, device=str(loaded.device), max_num_seqs=config.max_num_seqs)
     servicer = WorkerServicer(engine, info)
     reporter = LatencyReporter(predictor, worker_address, engine.core.latency_samples, latency_report_interval_s,
-                               credentials=predictor_credentials) if predictor else None
+                               credentials=predictor_credentials,
+                               interceptors=internal_auth.client_interceptors(internal_token)) if predictor else None
 
     async def on_start():
         engine.start()
@@ -270,12 +276,13 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
     async def on_stop():
         if reporter is not None:
             await reporter.stop()
+        servicer.prompts.close()
         engine.stop()
 
     service = serving.Service(
         name="worker", service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
         register=lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
-        on_start=on_start, on_stop=on_stop, on_drain=on_drain)
+        on_start=on_start, on_stop=on_stop, on_drain=on_drain, internal_token=internal_token)
     return service, engine
 
 
@@ -296,7 +303,7 @@ def run(args: argparse.Namespace):
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     client_creds = serving.client_credentials_from(args)
     service, _ = build_service(loaded, engine_config(args), args.predictor, f"{args.host}:{args.port}",
-                               args.latency_report_interval_s, client_creds)
+                               args.latency_report_interval_s, client_creds, internal_auth.from_args(args))
     log.info("model loaded", model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype),
              policy=args.policy, torch_threads=args.torch_threads)
     return serving.serve_forever(service, args.host, args.port, args.metrics_port,
