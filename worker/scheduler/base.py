@@ -435,6 +435,7 @@ class Scheduler:
             rid = req.request_id
             self.in_flight.discard(rid)
             if rid in self._cancel_pending:
+                req.num_computed_tokens = s.start + s.num_tokens   # written: an agent turn's pin keeps it
                 self._finish(req, self._cancel_pending.pop(rid))
                 changed.append(req)
                 continue
