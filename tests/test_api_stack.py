@@ -302,6 +302,18 @@ async def test_leaving_the_stream_early_cancels_the_request(stack):
     assert await kv_settles(stack["engine"])
 
 
+async def test_breaking_out_of_the_loop_alone_cancels_the_request(stack):
+    """No aclose(): the dropped generator is finalized by the event loop, which closes it and the RPC."""
+    async for chunk in stack["client"].generate(PROMPT * 4, max_tokens=1000, ignore_eos=True, priority="BE"):
+        break
+    assert await kv_settles(stack["engine"])
+
+
+async def test_errors_name_the_field():
+    assert QLLMError(grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs: must be at most 20").field == "top_logprobs"
+    assert QLLMError(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit: tenant 'x' is over").field is None
+
+
 async def test_deadline_is_a_typed_error(stack):
     with pytest.raises(QLLMError) as exc:
         await stack["client"].complete(PROMPT, max_tokens=2000, ignore_eos=True, timeout_s=0.3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import sys
@@ -180,36 +179,36 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                           program_id=submit.program_id, last_turn=submit.last_turn,
                                           predicted_output_tokens=submit.predicted_output_tokens)
             metrics.REQUESTS.labels(label).inc()
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    now = time.monotonic()
-                    if first and out.new_token_ids:
-                        metrics.TTFT.labels(label).observe(now - arrival)
-                        first = False
-                    metrics.TOKENS.labels(label).inc(len(out.new_token_ids))
-                    text, stop_string = output.push(out.new_token_ids, out.finished)
-                    finished = out.finished or stop_string is not None
-                    reason = "stop" if stop_string is not None else out.finish_reason
-                    if finished:
-                        metrics.E2E.labels(label).observe(now - arrival)
-                        metrics.FINISHED.labels(label, reason).inc()
-                        log.info("finished", reason=reason, prompt_tokens=out.num_prompt_tokens,
-                                 cached_prompt_tokens=out.cached_prompt_tokens, output_tokens=out.num_output_tokens,
-                                 seconds=round(now - arrival, 4))
-                    delta = worker_pb2.TokenDelta(
-                        token_ids=out.new_token_ids, text=text, finished=finished, finish_reason=reason,
-                        prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
-                        cached_prompt_tokens=out.cached_prompt_tokens,
-                        logprobs=logprobs_to_wire(out.logprobs, self.engine.tokenizer) if out.logprobs else None)
-                    if stop_string is not None:
-                        delta.stop_string = stop_string
-                    elif out.stop_token_id is not None:
-                        delta.stop_token_id = out.stop_token_id
-                    events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, tokens=delta))
-                    if stop_string is not None and not out.finished:
-                        # Nothing after the stop string is sent; the engine ends the request (frees its KV).
-                        self.engine.end_early(rid)
-                        break
+            async for out in stream:
+                now = time.monotonic()
+                if first and out.new_token_ids:
+                    metrics.TTFT.labels(label).observe(now - arrival)
+                    first = False
+                metrics.TOKENS.labels(label).inc(len(out.new_token_ids))
+                text, stop_string = output.push(out.new_token_ids, out.finished)
+                finished = out.finished or stop_string is not None
+                reason = "stop" if stop_string is not None else out.finish_reason
+                if finished:
+                    metrics.E2E.labels(label).observe(now - arrival)
+                    metrics.FINISHED.labels(label, reason).inc()
+                    log.info("finished", reason=reason, prompt_tokens=out.num_prompt_tokens,
+                             cached_prompt_tokens=out.cached_prompt_tokens, output_tokens=out.num_output_tokens,
+                             seconds=round(now - arrival, 4))
+                delta = worker_pb2.TokenDelta(
+                    token_ids=out.new_token_ids, text=text, finished=finished,
+                    finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+                    completion_tokens=out.num_output_tokens, cached_prompt_tokens=out.cached_prompt_tokens,
+                    logprobs=logprobs_to_wire(out.logprobs, self.engine.tokenizer) if out.logprobs else None)
+                if stop_string is not None:
+                    delta.stop_string = stop_string
+                elif out.stop_token_id is not None:
+                    delta.stop_token_id = out.stop_token_id
+                events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, tokens=delta))
+                if stop_string is not None and not out.finished:
+                    # Nothing after the stop string is sent: the engine ends the request as STOP (frees its KV).
+                    self.engine.end_early(rid)
+                    await stream.aclose()
+                    break
         except RequestRejected as exc:
             metrics.REJECTED.labels(label, exc.code).inc()
             log.info("rejected", code=exc.code, reason=exc.message)
