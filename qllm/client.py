@@ -202,6 +202,8 @@ class Client:
                        timeout_s: float | None = None) -> AsyncIterator[Chunk]:
         """Streams one request's chunks. Give exactly one of prompt, messages, prompt_token_ids. priority:
         "LS", "BE", a qllm.v1.Priority value, or None (the router's default class)."""
+        if not isinstance(priority, int) and priority not in PRIORITIES:
+            raise ValueError(f"priority: {priority!r} is not one of 'LS', 'BE', None or a qllm.v1.Priority value")
         request = router_pb2.GenerateRequest(
             prompt=prompt or "", messages=[chat_message(m) for m in messages or ()],
             prompt_token_ids=prompt_token_ids or (), max_tokens=max_tokens,

@@ -153,7 +153,11 @@ class EngineCore:
             self._ls_arrived_at = time.monotonic()
         self._wake.set()
 
-    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
+    def cancel(self, request_id: str) -> None:
+        self.end(request_id, FinishReason.CANCELLED)
+
+    def end(self, request_id: str, reason: FinishReason) -> None:
+        """Ends a request early for `reason` (cancelled, or STOP at a stop string found outside the core)."""
         self._inbox.append(("cancel", (request_id, reason)))
         self._wake.set()
 
@@ -497,9 +501,12 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            reason = self._ending.pop(request_id, FinishReason.CANCELLED)
+            ending = self._ending.pop(request_id, None)
             if not finished:
-                self.core.cancel(request_id, reason)
+                if ending is None:
+                    self.core.cancel(request_id)
+                else:
+                    self.core.end(request_id, ending)
 
     def end_early(self, request_id: str, reason: FinishReason = FinishReason.STOP) -> None:
         """Marks a running request as ended by its consumer for `reason` (a stop string found in its text, as
