@@ -79,14 +79,10 @@ def check_logprobs(logprobs: bool, top_logprobs: int) -> None:
         raise InvalidField("top_logprobs", "needs logprobs set")
 
 
-def check_with_beams(num_beams: int, stop: Sequence[str], logprobs: bool) -> None:
-    """Beam search scores whole hypotheses and streams only the best one at the end: a stop string (a cut in
-    the text of one hypothesis) and per-token logprobs of a sampled token have no meaning there. stop_token_ids
-    do: they end a hypothesis as EOS does."""
-    if num_beams <= 1:
-        return
-    if stop:
+def check_with_beams(num_beams: int, stop: Sequence[str]) -> None:
+    """Beam search scores whole token hypotheses and streams only the best one, at the end: a stop string, a
+    cut in the text of one hypothesis, has no meaning there (vLLM's beam search has none either).
+    stop_token_ids do: they end a hypothesis as EOS does. Logprobs come with the best hypothesis' tokens."""
+    if num_beams > 1 and stop:
         raise InvalidField("stop", "stop strings are not supported with num_beams > 1 (use stop_token_ids, which "
                                    "end a beam hypothesis like EOS)")
-    if logprobs:
-        raise InvalidField("logprobs", "not supported with num_beams > 1")

@@ -83,7 +83,7 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
         raise InvalidField("request_id", "is longer than 256 characters")
     check_stop(req.stop, req.stop_token_ids, limits.vocab_size)
     check_logprobs(req.logprobs, req.top_logprobs)
-    check_with_beams(req.num_beams, req.stop, req.logprobs)
+    check_with_beams(req.num_beams, req.stop)
     return priority
 
 

@@ -149,6 +149,15 @@ async def test_stop_tokens_end_beam_hypotheses(stack):
     assert stopped.token_ids[-1] == target and len(stopped.token_ids) <= 8
 
 
+async def test_beam_search_returns_the_best_hypothesis_logprobs(stack):
+    plain = await stack["client"].complete(PROMPT, max_tokens=6, ignore_eos=True, num_beams=3)
+    got = await chunks(stack["client"], prompt=PROMPT, max_tokens=6, ignore_eos=True, num_beams=3, logprobs=True,
+                       top_logprobs=2)
+    assert len(got) == 1 and got[0].token_ids == plain.token_ids   # asking for logprobs changes nothing else
+    assert [lp.token_id for lp in got[0].logprobs] == list(got[0].token_ids)
+    assert all(len(lp.top) == 2 and lp.rank >= 1 and lp.logprob <= lp.top[0].logprob for lp in got[0].logprobs)
+
+
 async def test_parked_requests_still_stop_at_their_stop_string(stack):
     """BE requests with stop strings run under the qllm policy while the core parks steps at random layer
     boundaries and LS requests arrive (real layer preemptions): each ends at its stop string, and the engine
@@ -256,7 +265,6 @@ BAD_FIELDS = [
     (dict(messages=[("", "hi")]), "messages"),
     (dict(), "prompt"),
     (dict(prompt="hi", num_beams=2, stop=["x"]), "stop"),
-    (dict(prompt="hi", num_beams=2, logprobs=True), "logprobs"),
 ]
 
 

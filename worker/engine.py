@@ -347,6 +347,8 @@ class EngineCore:
                 logprobs = None
                 if state.sampled_logprobs and new and req.request_id in state.sampled_logprobs:
                     logprobs = [state.sampled_logprobs[req.request_id]]
+                elif req.beam is not None and new and req.sampling.logprobs and req.beam.done:
+                    logprobs = req.beam.best().logprobs
                 if req.is_finished:
                     self.runner.release(req.request_id)
                     outputs.append(self._finished_output(req, new, logprobs))
@@ -437,7 +439,7 @@ class AsyncEngine:
         try:
             check_stop(sampling.stop, sorted(sampling.stop_token_ids), self.vocab_size)
             check_logprobs(sampling.logprobs, sampling.top_logprobs)
-            check_with_beams(sampling.num_beams, sampling.stop, sampling.logprobs)
+            check_with_beams(sampling.num_beams, sampling.stop)
         except InvalidField as exc:
             raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
         if sampling.num_beams > 1:
@@ -522,7 +524,7 @@ class AsyncEngine:
         s = req.sampling
         ends = (frozenset() if s.ignore_eos else req.eos_token_ids) | s.stop_token_ids
         return beam.BeamSearch(s.num_beams, s.patience, s.length_penalty, s.max_tokens, req.num_prompt_tokens,
-                               self.config.block_size, ends)
+                               self.config.block_size, ends, logprobs=s.logprobs, top_logprobs=s.top_logprobs)
 
     # --- agent-program pins (worker/kv_pins.py), applied on the core thread ------------------------------
     async def set_pin(self, program_id: str, ttl_s: float, keep_score: float) -> tuple[bool, int]:

@@ -68,3 +68,31 @@ def test_no_request_asks_no_logprobs_work(loaded, make_runner):
             for i in range(3)]
     got, steps_without = run_collecting_logprobs(make_runner(), reqs)
     assert all(v == [] for v in got.values()) and steps_without > 0
+
+
+def test_beam_logprobs_are_the_best_hypothesis_tokens_under_transformers(loaded, make_runner, reference_model):
+    """With beam search the logprobs are those of the best hypothesis' tokens, each under the beam it extended
+    (i.e. its own prefix): log_softmax of transformers' logits for that sequence; they sum to its score."""
+    from worker import beam as beam_mod
+
+    tok = loaded.tokenizer
+    ids = tok.encode("The router sends each token to two experts")
+    sp = SamplingParams(max_tokens=8, num_beams=3, ignore_eos=True, logprobs=True, top_logprobs=4)
+    req = Request("beam", ids, sp)
+    req.beam = beam_mod.BeamSearch(3, 1.0, 1.0, 8, len(ids), 16, frozenset(), logprobs=True, top_logprobs=4)
+    run_collecting_logprobs(make_runner(), [req])
+    best = req.beam.best()
+    assert best.tokens == req.output_token_ids and [e.token_id for e in best.logprobs] == best.tokens
+    assert abs(sum(e.logprob for e in best.logprobs) - best.sum_logprobs) < TOLERANCE
+    with torch.inference_mode():
+        logits = reference_model(torch.tensor([ids + best.tokens]).to(reference_model.device)).logits[0]
+    ref = torch.log_softmax(logits.float().cpu(), dim=-1)
+    worst = 0.0
+    for i, e in enumerate(best.logprobs):
+        row = ref[len(ids) - 1 + i]
+        worst = max(worst, abs(e.logprob - row[e.token_id].item()))
+        top_lp, top_ids = row.topk(4)
+        assert [t for t, _ in e.top] == top_ids.tolist()
+        worst = max(worst, max(abs(lp - r) for (_, lp), r in zip(e.top, top_lp.tolist())))
+    print(f"beam: largest |logprob - transformers log_softmax| = {worst:.2e}")
+    assert worst < TOLERANCE
