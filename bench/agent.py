@@ -536,8 +536,9 @@ async def run_programs(sender: AgentSender, programs: Sequence[ProgramSpec], *, 
 class PinSampler:
     """Polls the workers' Describe every `interval_s`: KV held by pins (and in use) over time."""
 
-    def __init__(self, addresses: Sequence[str], interval_s: float = 0.5):
+    def __init__(self, addresses: Sequence[str], interval_s: float = 0.5, interceptors: Sequence[object] = ()):
         self.addresses = list(addresses)
+        self.interceptors = list(interceptors)  # the internal token: Describe is an internal RPC
         self.interval_s = interval_s
         self.samples: list[dict] = []
         self._task: asyncio.Task | None = None
@@ -546,7 +547,7 @@ class PinSampler:
     async def _run(self) -> None:
         from qllm.v1 import worker_pb2, worker_pb2_grpc
 
-        channels = [grpc.aio.insecure_channel(a) for a in self.addresses]
+        channels = [grpc.aio.insecure_channel(a, interceptors=self.interceptors or None) for a in self.addresses]
         stubs = [worker_pb2_grpc.WorkerStub(ch) for ch in channels]
         t0 = time.perf_counter()
         try:

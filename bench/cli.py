@@ -32,6 +32,7 @@ from bench.stats import percentile, summarize
 from bench.tokens import load_tokenizer
 from bench.workload import (BE, LS, ChatbotConfig, ClassSpec, RequestSpec, WorkloadConfig, build_chatbot_workload,
                             build_workload)
+from qllm import internal_auth
 from qllm.up import KVMANAGER_PORT, PREDICTOR_PORT, ROUTER_PORT, WORKER_PORT, Stack, StackConfig
 
 SCENARIOS = ("mixed", "idle-ls", "chatbot", "agent", "memory-pressure")
@@ -446,7 +447,11 @@ async def run(args: argparse.Namespace) -> int:
             if scenario == "agent":
                 agent_sender = bench_agent.AgentSender(address, request_id_prefix=f"agent-{label.replace(' ', '-')}",
                                                        priority=args.agent_priority)
-                sampler = bench_agent.PinSampler(worker_addresses, args.pin_sample_s)
+                # Describe is internal: a stack's own token (with --target, QLLM_INTERNAL_TOKEN_FILE's).
+                token = stack.internal_token if stack is not None else internal_auth.from_args(
+                    argparse.Namespace(internal_token_file=os.environ.get("QLLM_INTERNAL_TOKEN_FILE")))
+                sampler = bench_agent.PinSampler(worker_addresses, args.pin_sample_s,
+                                                 interceptors=internal_auth.client_interceptors(token))
                 sampler.start()
                 try:
                     programs = await bench_agent.run_programs(

@@ -6,8 +6,13 @@ integer `priority` (lower is served first; vLLM accepts it only with `--scheduli
 can be left out). HTTP/1.1 over asyncio streams: stdlib only. One connection per request (vLLM's benchmark
 does the same through aiohttp's pool); closing it is how a cancelled request is aborted on the server.
 
-Tokens: each streamed chunk with text counts as one token at its arrival time (one chunk per token is what
-vLLM and SGLang send); the final usage chunk (stream_options.include_usage) corrects the total.
+Tokens: each streamed chunk counts its `token_ids` at its arrival time where the server sends them (the request
+asks with vLLM's `return_token_ids`; others ignore the field), else one token per chunk with text (one chunk
+per token is what vLLM and SGLang send); the final usage chunk (stream_options.include_usage) corrects the
+total. Counting ids matters where a token has no text of its own: vLLM streams a special token such as
+<|endoftext|> (which a greedy random-weight model can repeat, ignore_eos being on) or an incomplete UTF-8
+byte sequence as a chunk with empty text, which the text rule would miss (a whole request of them had no
+TTFT at all).
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ def parse_priorities(text: str | None) -> dict[str, int] | None:
     if missing:
         raise ValueError(f"--openai-priority {text!r}: no value for {', '.join(sorted(missing))}")
     return out
+
+
+def chunk_tokens(choice: dict) -> int:
+    """Output tokens in one streamed choice: its token_ids where the server sends them, else 1 per text."""
+    ids = choice.get("token_ids")
+    if isinstance(ids, list):
+        return len(ids)
+    return 1 if choice.get("text") else 0
 
 
 class HTTPError(Exception):
@@ -115,7 +128,7 @@ class OpenAISender:
     def body(self, spec: RequestSpec) -> dict:
         body = {"model": self.model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "stream": True,
                 "temperature": self.temperature, "ignore_eos": self.ignore_eos,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True}, "return_token_ids": True}
         if self.priorities is not None:
             body["priority"] = self.priorities[spec.cls]
         return body
@@ -154,8 +167,7 @@ class OpenAISender:
                         rec.error = f"server error: {json.dumps(msg['error'])[:300]}"
                         continue
                     for choice in msg.get("choices") or []:
-                        if choice.get("text"):
-                            add_tokens(rec, 1, now())
+                        add_tokens(rec, chunk_tokens(choice), now())
                         if choice.get("finish_reason"):
                             rec.finish_reason = choice["finish_reason"]
                     usage = msg.get("usage")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Sequence
 
 import grpc
 
@@ -64,11 +65,12 @@ class LocalEstimator:
 class PredictorEstimator:
     def __init__(self, address: str | None, local: LocalEstimator | None = None, deadline_s: float = 0.05,
                  credentials: grpc.ChannelCredentials | None = None, max_pending: int = 256,
-                 retry_after_s: float = 2.0, clock=time.monotonic):
+                 retry_after_s: float = 2.0, clock=time.monotonic, interceptors: Sequence[object] = ()):
         self.address = address or None
         self.local = local if local is not None else LocalEstimator()
         self.deadline_s = deadline_s
         self.credentials = credentials
+        self.interceptors = interceptors  # the internal token (qllm/internal_auth.py)
         # Opened on first use: a grpc.aio channel belongs to the event loop it is made on, and the service is
         # built before `qllm kvmanager` starts its loop.
         self.channel: grpc.aio.Channel | None = None
@@ -85,7 +87,7 @@ class PredictorEstimator:
     @property
     def stub(self) -> predictor_pb2_grpc.PredictorStub | None:
         if self._stub is None and self.address:
-            self.channel = tls.open_channel(self.address, self.credentials)
+            self.channel = tls.open_channel(self.address, self.credentials, interceptors=self.interceptors)
             self._stub = predictor_pb2_grpc.PredictorStub(self.channel)
         return self._stub
 

@@ -24,6 +24,8 @@ from kvmanager.ledger import Ledger, PinEntry
 from kvmanager.ttl import Decision, DurationQuantiles, PinPolicy, Turn, TurnContext
 
 MAX_ID_CHARS = 256
+# The router sends "<tenant>/<program_id>" (router/namespaces.py): a 63-character tenant and a 256-character id.
+MAX_PROGRAM_ID_CHARS = 512
 
 
 class InvalidReport(ValueError):
@@ -67,8 +69,8 @@ class WorkerMemory:
 def validate(turn: Turn, prev_tool_duration_s: float) -> None:
     if not turn.program_id:
         raise InvalidReport("program_id", "must not be empty")
-    if len(turn.program_id) > MAX_ID_CHARS:
-        raise InvalidReport("program_id", f"longer than {MAX_ID_CHARS} characters")
+    if len(turn.program_id) > MAX_PROGRAM_ID_CHARS:
+        raise InvalidReport("program_id", f"longer than {MAX_PROGRAM_ID_CHARS} characters")
     if not turn.worker:
         raise InvalidReport("worker", "must not be empty")
     if len(turn.worker) > MAX_ID_CHARS:

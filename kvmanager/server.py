@@ -15,6 +15,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict, defaultdict
+from typing import Sequence
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -22,10 +23,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from kvmanager.continuation import ContinuationModel
 from kvmanager.estimates import NOT_NEEDED, PredictorEstimator
 from kvmanager.ledger import Ledger, PinEntry
-from kvmanager.manager import InvalidReport, Outcome, PinManager
+from kvmanager.manager import InvalidReport, Outcome, PinManager, validate
 from kvmanager.ttl import DEFAULT_POLICY, POLICIES, TTLParams, Turn, make_policy
-from kvmanager.workers import WorkerPins
-from qllm import logs, serving, settings
+from kvmanager.workers import KnownWorkers, WorkerPins
+from qllm import internal_auth, logs, serving, settings
+from qllm.internal_auth import InternalToken
+from qllm.targets import Targets
 from qllm.v1 import kvmanager_pb2, kvmanager_pb2_grpc
 
 SERVICE_NAME = kvmanager_pb2.DESCRIPTOR.services_by_name["KVManager"].full_name
@@ -57,8 +60,11 @@ def _pin_pb(entry: PinEntry) -> kvmanager_pb2.Pin:
 class KVManagerServicer(kvmanager_pb2_grpc.KVManagerServicer):
     def __init__(self, manager: PinManager, estimator: PredictorEstimator | None = None,
                  workers: WorkerPins | None = None, clock=time.time, maintain_interval_s: float = 0.5,
-                 describe_interval_s: float = 2.0, max_known_workers: int = 1024):
+                 describe_interval_s: float = 2.0, max_known_workers: int = 1024,
+                 known_workers: KnownWorkers | None = None):
         self.manager = manager
+        # The only addresses this kvmanager calls; None = the default worker address only.
+        self.known_workers = known_workers or KnownWorkers(Targets(["127.0.0.1:50061"]))
         self.estimator = estimator if estimator is not None else PredictorEstimator(None)
         self.workers = workers if workers is not None else WorkerPins()
         self.clock = clock
@@ -75,6 +81,9 @@ class KVManagerServicer(kvmanager_pb2_grpc.KVManagerServicer):
         turn = Turn(program_id=request.program_id, worker=request.worker, context_tokens=request.context_tokens,
                     last_turn=request.last_turn, tool_name=request.tool_name, turn_index=request.turn_index)
         try:
+            validate(turn, request.prev_tool_duration_s)  # the report's own fields first
+            if not await self.known_workers.knows(turn.worker):
+                raise InvalidReport("worker", f"{turn.worker!r} is not one of this kvmanager's workers (--workers)")
             tool = self.manager.begin(turn, request.prev_tool_duration_s, self.clock())
         except InvalidReport as exc:
             REQUESTS.labels("ReportTurn", "INVALID_ARGUMENT").inc()
@@ -210,12 +219,14 @@ class KVManagerServicer(kvmanager_pb2_grpc.KVManagerServicer):
             WORKER_PIN_BUDGET.labels(worker).set(ledger.budget(worker))
 
     async def start(self) -> None:
+        await self.known_workers.start()
         if self.maintain_interval_s > 0:
             self._loop_task = asyncio.get_running_loop().create_task(self._maintain_forever())
 
     async def stop(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
+        await self.known_workers.stop()
         try:
             await asyncio.wait_for(self.settle(), timeout=1.0)
         except asyncio.TimeoutError:
@@ -231,20 +242,25 @@ def build_service(policy: str = DEFAULT_POLICY, ttl_s: float = 2.0, max_tokens_p
                   predictor_deadline_s: float = 0.05, budget_fraction: float = 0.9, min_free_fraction: float = 0.0,
                   ttl_params: TTLParams | None = None, worker_deadline_s: float = 0.5,
                   maintain_interval_s: float = 0.5, describe_interval_s: float = 2.0,
-                  credentials: grpc.ChannelCredentials | None = None) -> serving.Service:
+                  credentials: grpc.ChannelCredentials | None = None, workers: Sequence[str] = ("127.0.0.1:50061",),
+                  internal_token: InternalToken | None = None) -> serving.Service:
+    """The kvmanager service; it calls only `workers` (HOST:PORT or dns:///NAME:PORT, as the router's
+    --workers) and, with `internal_token`, its RPCs need that token and its calls carry it."""
+    interceptors = internal_auth.client_interceptors(internal_token)
     manager = PinManager(make_policy(policy, ttl_s=ttl_s, pin_unknown=pin_unknown_tools, params=ttl_params),
                          Ledger(max_tokens_per_worker=max_tokens_per_worker), ContinuationModel(),
                          budget_fraction=budget_fraction, min_free_fraction=min_free_fraction)
     servicer = KVManagerServicer(manager, PredictorEstimator(predictor, deadline_s=predictor_deadline_s,
-                                                             credentials=credentials),
-                                 WorkerPins(worker_deadline_s, credentials), clock, maintain_interval_s,
-                                 describe_interval_s)
+                                                             credentials=credentials, interceptors=interceptors),
+                                 WorkerPins(worker_deadline_s, credentials, interceptors=interceptors), clock,
+                                 maintain_interval_s, describe_interval_s,
+                                 known_workers=KnownWorkers(Targets(list(workers))))
 
     def register(server: grpc.aio.Server) -> None:
         kvmanager_pb2_grpc.add_KVManagerServicer_to_server(servicer, server)
 
     service = serving.Service(name="kvmanager", service_names=[SERVICE_NAME], register=register,
-                              on_start=servicer.start, on_stop=servicer.stop)
+                              on_start=servicer.start, on_stop=servicer.stop, internal_token=internal_token)
     service.servicer = servicer  # for tests and embedding
     return service
 
@@ -284,6 +300,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="how often lapsed and over-budget pins are freed on their workers")
     settings.add(parser, "--describe-interval-s", type=float, default=2.0,
                  help="how often workers' KV capacity and free memory are refreshed")
+    settings.add(parser, "--workers", default="127.0.0.1:50061",
+                 help="the workers this kvmanager may call (the router's --workers: HOST:PORT,... or "
+                      "dns:///NAME:PORT); a turn reported on any other address is refused")
     settings.add_client_tls_flag(parser, "workers and the predictor")
 
 
@@ -298,7 +317,8 @@ def run(args: argparse.Namespace):
                             budget_fraction=args.pin_budget_fraction, min_free_fraction=args.pin_min_free_fraction,
                             ttl_params=params, worker_deadline_s=args.worker_deadline_ms / 1000,
                             maintain_interval_s=args.pin_maintain_interval_s,
-                            describe_interval_s=args.describe_interval_s, credentials=client_creds)
+                            describe_interval_s=args.describe_interval_s, credentials=client_creds,
+                            workers=args.workers.split(","), internal_token=internal_auth.from_args(args))
     log.info("config", pin_policy=args.pin_policy, pin_ttl_s=args.pin_ttl_s, predictor=args.predictor or None,
              max_pinned_tokens_per_worker=args.max_pinned_tokens_per_worker,
              pin_budget_fraction=args.pin_budget_fraction)

@@ -22,7 +22,8 @@ from predictor.limits import InvalidInput, Limits
 from predictor.ranker import LengthRanker, load_ranker
 from predictor.tool_durations import (DEFAULT_LEVELS, ToolDurationModel, check_levels, check_observations,
                                       check_times, check_tool_name)
-from qllm import logs, serving, settings
+from qllm import internal_auth, logs, serving, settings
+from qllm.internal_auth import InternalToken
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc
 
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
@@ -165,7 +166,9 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def build_service(ranker: LengthRanker | None = None, limits: Limits = Limits()) -> serving.Service:
+def build_service(ranker: LengthRanker | None = None, limits: Limits = Limits(),
+                  internal_token: InternalToken | None = None) -> serving.Service:
+    """The predictor service; with `internal_token` every method but RankLengths (public, DESIGN.md) needs it."""
     ranker = ranker if ranker is not None else load_ranker()
     servicer = PredictorServicer(ranker, limits)
 
@@ -175,7 +178,8 @@ def build_service(ranker: LengthRanker | None = None, limits: Limits = Limits())
     async def on_stop() -> None:
         servicer.close()
 
-    service = serving.Service(name="predictor", service_names=[SERVICE_NAME], register=register, on_stop=on_stop)
+    service = serving.Service(name="predictor", service_names=[SERVICE_NAME], register=register, on_stop=on_stop,
+                              internal_token=internal_token, public_methods=frozenset({f"/{SERVICE_NAME}/RankLengths"}))
     service.servicer = servicer  # for tests and embedding
     return service
 
@@ -193,6 +197,6 @@ def run(args: argparse.Namespace):
     logs.configure("predictor", args.log_level)
     ranker = load_ranker(None if args.ranker == "auto" else args.ranker, required=args.ranker not in ("auto", "heuristic"))
     log.info("config", ranker=ranker.name, max_prompts=args.max_prompts, max_prompt_chars=args.max_prompt_chars)
-    service = build_service(ranker, Limits(args.max_prompts, args.max_prompt_chars))
+    service = build_service(ranker, Limits(args.max_prompts, args.max_prompt_chars), internal_auth.from_args(args))
     return serving.serve_forever(service, args.host, args.port, args.metrics_port,
                                    serving.credentials_from(args))

@@ -1,5 +1,9 @@
 """The part every qllm service shares: a grpc.aio server with health checking, reflection, Prometheus
-metrics over HTTP, and a graceful stop on SIGINT/SIGTERM (health NOT_SERVING first, then drain)."""
+metrics over HTTP, and a graceful stop on SIGINT/SIGTERM (health NOT_SERVING first, then drain).
+
+Two server interceptors run before every servicer: the internal-token check of the service's internal
+methods (qllm/internal_auth.py, when the service has a token) and the decode guard that answers
+undecodable requests with INVALID_ARGUMENT (qllm/decoding.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +13,14 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from qllm import tls
+from qllm.decoding import DecodeGuard
+from qllm.internal_auth import InternalAuthInterceptor, InternalToken
 from qllm.logs import get_logger
 
 log = get_logger(__name__)
@@ -44,6 +51,30 @@ class Service:
     on_drain: Callable[[], Awaitable[None]] | None = None
     grace_s: float = 5.0
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    # Set: the methods of `service_names` need this internal token (qllm/internal_auth.py), except those in
+    # `public_methods` (full names, "/qllm.v1.Predictor/RankLengths"). Health and reflection stay open.
+    internal_token: InternalToken | None = None
+    public_methods: frozenset[str] = frozenset()
+
+    def is_internal(self, method: str) -> bool:
+        return method not in self.public_methods and any(method.startswith(f"/{name}/")
+                                                         for name in self.service_names)
+
+
+def _internal_methods(service: Service) -> list[str]:
+    pool = descriptor_pool.Default()
+    methods = []
+    for name in service.service_names:
+        try:
+            methods += [f"/{name}/{m.name}" for m in pool.FindServiceByName(name).methods]
+        except KeyError:
+            continue
+    return [m for m in methods if service.is_internal(m)]
+
+
+def all_methods(service_descriptor) -> frozenset[str]:
+    """The full method names of a proto service (for `Service.public_methods`)."""
+    return frozenset(f"/{service_descriptor.full_name}/{m.name}" for m in service_descriptor.methods)
 
 
 def credentials_from(args) -> grpc.ServerCredentials | None:
@@ -65,7 +96,13 @@ async def start(service: Service, host: str, port: int, metrics_port: int = 0,
                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """Starts the server and returns it with the port it bound (port 0 picks a free one); TLS when
     credentials are given."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    interceptors = [DecodeGuard()]
+    if service.internal_token is not None:
+        interceptors.insert(0, InternalAuthInterceptor(service.internal_token, service.is_internal))
+    elif _internal_methods(service):
+        log.warning("NO INTERNAL TOKEN: this service's internal RPCs accept any caller; set "
+                    "--internal-token-file / QLLM_INTERNAL_TOKEN_FILE (qllm up and deploy/ do)", service=service.name)
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     service.register(server)
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     names = [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -82,7 +119,7 @@ async def start(service: Service, host: str, port: int, metrics_port: int = 0,
     if metrics_port:
         start_http_server(metrics_port, addr=host)
     log.info("listening", service=service.name, address=f"{host}:{bound}", metrics_port=metrics_port or None,
-             tls=credentials is not None)
+             tls=credentials is not None, internal_token=service.internal_token is not None)
     return server, bound
 
 

@@ -42,6 +42,10 @@ def add_service_flags(parser: argparse.ArgumentParser, *, port: int, metrics_por
     add(parser, "--tls-key", default=None, help="server private key (PEM)")
     add(parser, "--tls-client-ca", default=None,
         help="CA of client certificates (PEM): set = mutual TLS, clients must present a certificate")
+    add(parser, "--internal-token-file", default=None,
+        help="shared secret of qllm's services (one token a line: all accepted, the first presented; re-read "
+             "on change): internal RPCs need it and this service's calls to the others carry it; unset = "
+             "internal RPCs open (qllm up and deploy/ set it)")
 
 
 def add_client_tls_flag(parser: argparse.ArgumentParser, peers: str) -> None:

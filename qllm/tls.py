@@ -146,11 +146,14 @@ def channel_options(server_name: str | None = None) -> list[tuple[str, object]]:
 
 
 def open_channel(target: str, credentials: grpc.ChannelCredentials | None,
-                 options: Sequence[tuple[str, object]] = (), server_name: str | None = None) -> grpc.aio.Channel:
-    """A grpc.aio channel to `target`, TLS when credentials are given."""
+                 options: Sequence[tuple[str, object]] = (), server_name: str | None = None,
+                 interceptors: Sequence[object] = ()) -> grpc.aio.Channel:
+    """A grpc.aio channel to `target`, TLS when credentials are given; `interceptors` add e.g. the internal
+    token (qllm/internal_auth.py) to every call."""
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=list(options))
-    return grpc.aio.secure_channel(target, credentials, options=[*options, *channel_options(server_name)])
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=list(interceptors) or None)
+    return grpc.aio.secure_channel(target, credentials, options=[*options, *channel_options(server_name)],
+                                   interceptors=list(interceptors) or None)
 
 
 __all__ = ["SYSTEM_ROOTS", "TLSConfigError", "add_port", "channel_credentials", "channel_options",

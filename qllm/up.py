@@ -2,6 +2,10 @@
 
 The stack is also what benchmarks and end-to-end tests start, through `Stack`, so there is one way of
 launching qllm locally.
+
+The services authenticate each other with an internal token (qllm/internal_auth.py): the stack generates
+one per start into a file only its user can read (or uses QLLM_INTERNAL_TOKEN_FILE when it is set) and
+hands every service its path; `Stack.internal_token` is it, for tools that call internal RPCs.
 """
 
 from __future__ import annotations
@@ -9,15 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qllm import settings
+from qllm import internal_auth, settings
 
 ROUTER_PORT, WORKER_PORT, PREDICTOR_PORT, KVMANAGER_PORT = 50051, 50061, 50071, 50081
 METRICS_OFFSET = 9100 - 50000  # router 9151, worker 9161.., predictor 9171, kvmanager 9181
@@ -54,6 +60,18 @@ class Stack:
     def __init__(self, config: StackConfig):
         self.config = config
         self.procs: list[tuple[str, str, subprocess.Popen]] = []
+        self.internal_token: internal_auth.InternalToken | None = None
+        self._token_dir: str | None = None
+        self._env: dict[str, str] = dict(os.environ)
+
+    def _make_token(self) -> None:
+        path = os.environ.get(settings.env_name("--internal-token-file"))
+        if not path:
+            self._token_dir = tempfile.mkdtemp(prefix="qllm-up-")  # 0700
+            path = os.path.join(self._token_dir, "internal-token")
+            internal_auth.write_token_file(path)
+        self._env[settings.env_name("--internal-token-file")] = path
+        self.internal_token = internal_auth.InternalToken.from_file(path)
 
     def _spawn(self, name: str, address: str, args: list[str]) -> None:
         cmd = [sys.executable, "-m", "qllm.cli", *args]
@@ -61,21 +79,22 @@ class Stack:
         if self.config.log_dir:
             os.makedirs(self.config.log_dir, exist_ok=True)
             stderr = open(os.path.join(self.config.log_dir, f"{name}.log"), "ab")
-        proc = subprocess.Popen(cmd, stdout=stderr, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=stderr, stderr=stderr, start_new_session=True, env=self._env)
         self.procs.append((name, address, proc))
 
     def start(self, timeout_s: float = 180.0) -> "Stack":
         c = self.config
+        self._make_token()
         common = ["--host", c.host]
         pred_port, kv_port = c.port(PREDICTOR_PORT), c.port(KVMANAGER_PORT)
+        worker_addrs = [f"{c.host}:{c.port(WORKER_PORT) + i}" for i in range(c.workers)]
         self._spawn("predictor", f"{c.host}:{pred_port}", ["predictor", *common, "--port", str(pred_port),
                                                             "--metrics-port", str(c.metrics_port(pred_port)),
                                                             *c.predictor_args])
         self._spawn("kvmanager", f"{c.host}:{kv_port}", ["kvmanager", *common, "--port", str(kv_port),
                                                           "--metrics-port", str(c.metrics_port(kv_port)),
                                                           "--predictor", f"{c.host}:{pred_port}",
-                                                          *c.kvmanager_args])
-        worker_addrs = []
+                                                          "--workers", ",".join(worker_addrs), *c.kvmanager_args])
         for i in range(c.workers):
             port = c.port(WORKER_PORT) + i
             args = ["worker", *common, "--port", str(port), "--metrics-port", str(c.metrics_port(port)),
@@ -83,7 +102,6 @@ class Stack:
             if c.model:
                 args += ["--model", c.model]
             self._spawn(f"worker{i}", f"{c.host}:{port}", args)
-            worker_addrs.append(f"{c.host}:{port}")
         router_port = c.port(ROUTER_PORT)
         self._spawn("router", c.router_address, [
             "router", *common, "--port", str(router_port), "--metrics-port", str(c.metrics_port(router_port)),
@@ -121,6 +139,9 @@ class Stack:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        if self._token_dir is not None:
+            shutil.rmtree(self._token_dir, ignore_errors=True)
+            self._token_dir = None
 
     def __enter__(self) -> "Stack":
         return self.start()
@@ -153,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     print("try: grpcurl -plaintext -d '{\"prompt\": \"Hello\", \"max_tokens\": 16, "
           "\"priority\": \"PRIORITY_LATENCY_SENSITIVE\"}' "
           f"{stack.config.router_address} qllm.v1.Router/Generate", flush=True)
+    print(f"internal RPCs need the token in {stack._env[settings.env_name('--internal-token-file')]} "
+          "(grpcurl -H \"x-qllm-internal-token: $(head -1 FILE)\" ...)", flush=True)
     stopping = False
 
     def _stop(*_):

@@ -40,6 +40,7 @@ class Job:
     est_remaining_s: float | None = None   # speculative: estimated execution time
     true_length: int | None = None         # oracle (benchmarks only): the known output length
     requeues: int = 0
+    requeued_at: float | None = None       # when it last lost its worker: its own re-queue window starts there
     dispatched_at: float | None = None
     preferred_worker: str = ""             # affinity: the worker holding this program's previous turn
 
@@ -63,7 +64,8 @@ RESTART = object()
 class RouterCore:
     def __init__(self, workers: list[WorkerClient], queue_mode: str = "class", max_inflight_per_worker: int = 0,
                  be_order: str = "arrival", max_requeues: int = 2, requeue_timeout_s: float = 30.0,
-                 max_be_queue: int = 0, **order_kwargs):
+                 max_be_queue: int = 0, clock=time.monotonic, **order_kwargs):
+        self.clock = clock  # re-queue windows
         self.workers = []
         for w in workers:
             self.add_worker(w)
@@ -141,6 +143,7 @@ class RouterCore:
     def _requeue(self, job: Job, why: str) -> None:
         job.worker = None
         job.requeues += 1
+        job.requeued_at = self.clock()
         metrics.REQUEUED.inc()
         if job.requeues > self.max_requeues:
             self._fail(job, f"{why} and the request was already re-queued {job.requeues - 1} times")
@@ -149,10 +152,15 @@ class RouterCore:
         self.queues.push(job)
 
     def _expire_orphans(self) -> None:
-        """Re-queued requests that still found no worker are failed rather than left waiting forever."""
+        """Re-queued requests that still found no worker within their own window are failed rather than left
+        waiting forever. Each loss schedules this once; a request re-queued by a later loss has a later
+        window, so an earlier loss's timer must not cut it short."""
         if self.healthy_workers():
             return
-        for job in [j for j in list(self.jobs.values()) if j.requeues and j.worker is None]:
+        # A timer may fire a hair before its delay as the loop's clock counts it.
+        cutoff = self.clock() - self.requeue_timeout_s + 0.001
+        for job in [j for j in list(self.jobs.values()) if j.requeues and j.worker is None
+                    and j.requeued_at is not None and j.requeued_at <= cutoff]:
             if self.queues.remove(job.request_id) is not None:
                 self._fail(job, "no worker became available for a re-queued request")
         self._publish()

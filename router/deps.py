@@ -6,6 +6,8 @@ Both are optional for correctness: when one is down or slower than its deadline 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import grpc
 
 from qllm import tls
@@ -20,10 +22,11 @@ log = get_logger(__name__)
 class _Dependency:
     name = "dependency"
 
-    def __init__(self, address: str | None, deadline_s: float, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, address: str | None, deadline_s: float, credentials: grpc.ChannelCredentials | None = None,
+                 interceptors: Sequence[object] = ()):
         self.address = address
         self.deadline_s = deadline_s
-        self.channel = tls.open_channel(address, credentials) if address else None
+        self.channel = tls.open_channel(address, credentials, interceptors=interceptors) if address else None
         self._reachability = Reachability(log, self.name, address, "continuing without it",
                                           lambda ok: metrics.DEPENDENCY_DOWN.labels(self.name).set(0 if ok else 1))
 
@@ -38,8 +41,8 @@ class _Dependency:
 class PredictorClient(_Dependency):
     name = "predictor"
 
-    def __init__(self, address: str | None, deadline_s: float = 0.3, credentials=None):
-        super().__init__(address, deadline_s, credentials)
+    def __init__(self, address: str | None, deadline_s: float = 0.3, credentials=None, interceptors=()):
+        super().__init__(address, deadline_s, credentials, interceptors)
         self.stub = predictor_pb2_grpc.PredictorStub(self.channel) if self.channel else None
 
     async def rank(self, prompts: list[str]) -> list[float] | None:
@@ -72,8 +75,8 @@ class PredictorClient(_Dependency):
 class KVManagerClient(_Dependency):
     name = "kvmanager"
 
-    def __init__(self, address: str | None, deadline_s: float = 0.2, credentials=None):
-        super().__init__(address, deadline_s, credentials)
+    def __init__(self, address: str | None, deadline_s: float = 0.2, credentials=None, interceptors=()):
+        super().__init__(address, deadline_s, credentials, interceptors)
         self.stub = kvmanager_pb2_grpc.KVManagerStub(self.channel) if self.channel else None
 
     async def report_turn(self, report: kvmanager_pb2.TurnReport) -> kvmanager_pb2.PinDecision | None:

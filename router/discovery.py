@@ -9,33 +9,22 @@ that comes back under the same address is used again.
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Callable
 
 from qllm.logs import get_logger
+from qllm.targets import DNS_PREFIX, Targets, split_target  # noqa: F401 - split_target re-exported
 from router.core import RouterCore
 from router.worker_client import WorkerClient
 
 log = get_logger(__name__)
-
-DNS_PREFIX = "dns:///"
-
-
-def split_target(target: str) -> tuple[str, int]:
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--workers: {target!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 class WorkerDiscovery:
     def __init__(self, core: RouterCore, targets: list[str], make_client: Callable[[str], WorkerClient],
                  interval_s: float = 5.0):
         self.core = core
-        self.static = [t for t in targets if not t.startswith(DNS_PREFIX)]
-        self.dns = [split_target(t[len(DNS_PREFIX):]) for t in targets if t.startswith(DNS_PREFIX)]
-        for t in self.static:
-            split_target(t)
+        self.targets = Targets(targets)
+        self.static, self.dns = self.targets.static, self.targets.dns
         self.make_client = make_client
         self.interval_s = interval_s
         self.clients: dict[str, WorkerClient] = {}
@@ -54,19 +43,7 @@ class WorkerDiscovery:
         self.clients.clear()
 
     async def resolve(self) -> set[str]:
-        addresses = set(self.static)
-        loop = asyncio.get_running_loop()
-        for host, port in self.dns:
-            try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                log.warning("worker name did not resolve; keeping the workers known", name=host, error=str(exc))
-                addresses |= {a for a in self.clients if a not in self.static}
-                continue
-            for family, _, _, _, sockaddr in infos:
-                ip = sockaddr[0]
-                addresses.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-        return addresses
+        return await self.targets.resolve(self.clients)
 
     async def refresh(self) -> None:
         wanted = await self.resolve()

@@ -11,7 +11,7 @@ import zlib
 import grpc
 import structlog
 
-from qllm import serving, settings
+from qllm import internal_auth, serving, settings
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.security import AuthError, KeyRing, RateLimiter, load_key_file, open_access
 from qllm.v1 import common_pb2, kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
@@ -19,6 +19,7 @@ from router import metrics
 from router.core import RESTART, Job, NoWorker, Overloaded, RouterCore, status_code
 from router.discovery import WorkerDiscovery
 from router.deps import KVManagerClient, PredictorClient
+from router.namespaces import RequestIds, program_key
 from router.programs import ProgramTracker
 from router.model_info import model_info
 from router.validation import InvalidField, Limits, text_for_prediction, validate
@@ -37,6 +38,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.keyring = keyring or open_access()
         self.limiter = limiter or RateLimiter()
         self.programs = ProgramTracker()
+        self.request_ids = RequestIds()
         self._background: set[asyncio.Task] = set()
 
     def _spawn(self, coro) -> None:
@@ -59,11 +61,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         except AuthError as exc:
             metrics.REJECTED.labels(exc.code).inc()
             await context.abort(grpc.StatusCode[exc.code], exc.message)
-        rid = request.request_id or uuid.uuid4().hex
+        rid = request.request_id or uuid.uuid4().hex  # the client's label: its logs and responses carry it
+        # Inside qllm the request and its program are keyed per tenant: another tenant's same names never
+        # reach them (router/namespaces.py).
+        internal_id = self.request_ids.new(tenant.name, rid)
+        program = program_key(tenant.name, request.program_id)
         label = "LS" if is_ls else "BE"
         structlog.contextvars.bind_contextvars(request_id=rid, priority=label, tenant=tenant.name)
         submit = worker_pb2.SubmitRequest(
-            request_id=rid, prompt=request.prompt, priority=priority, program_id=request.program_id,
+            request_id=internal_id, prompt=request.prompt, priority=priority, program_id=program,
             last_turn=request.last_turn, messages=request.messages, prompt_token_ids=request.prompt_token_ids,
             sampling=worker_pb2.SamplingParams(
                 max_tokens=request.max_tokens, temperature=request.temperature,
@@ -74,10 +80,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0,
                 stop=request.stop, stop_token_ids=request.stop_token_ids, logprobs=request.logprobs,
                 top_logprobs=request.top_logprobs))
-        job = Job(rid, is_ls, submit, arrival=arrival)
+        job = Job(internal_id, is_ls, submit, arrival=arrival)
         turn = None
-        if request.program_id:
-            turn = self.programs.turn_arrived(request.program_id, arrival)
+        if program:
+            turn = self.programs.turn_arrived(program, arrival)
             job.arrival = turn.order_arrival          # program-level FCFS within the class
             job.preferred_worker = turn.preferred_worker
         # LS goes first whatever its length, so only BE is ranked.
@@ -131,10 +137,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     finished = True
                     metrics.E2E.labels(label).observe(now - arrival)
                     metrics.FINISHED.labels(label, delta.finish_reason).inc()
-                    if request.program_id:
-                        self.programs.turn_dispatched(request.program_id, job.worker_address)
-                        self.programs.turn_finished(request.program_id, request.last_turn, request.tool_name)
-                        self._spawn(self._report_turn(request, delta.prompt_tokens + delta.completion_tokens,
+                    if program:
+                        self.programs.turn_dispatched(program, job.worker_address)
+                        self.programs.turn_finished(program, request.last_turn, request.tool_name)
+                        self._spawn(self._report_turn(request, program,
+                                                      delta.prompt_tokens + delta.completion_tokens,
                                                       delta.cached_prompt_tokens, job, turn))
                 response = router_pb2.GenerateResponse(
                     text=text, token_ids=token_ids, finished=delta.finished,
@@ -193,10 +200,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if scores:
             log.debug("predicted length score", score=scores[0])
 
-    async def _report_turn(self, request: router_pb2.GenerateRequest, tokens: int, cached_tokens: int, job: Job,
-                           turn) -> None:
+    async def _report_turn(self, request: router_pb2.GenerateRequest, program: str, tokens: int, cached_tokens: int,
+                           job: Job, turn) -> None:
         decision = await self.kvmanager.report_turn(kvmanager_pb2.TurnReport(
-            program_id=request.program_id, worker=job.worker_address, context_tokens=tokens,
+            program_id=program, worker=job.worker_address, context_tokens=tokens,
             last_turn=request.last_turn, tool_name=request.tool_name, turn_index=turn.turn_index,
             prev_tool_duration_s=turn.prev_tool_duration_s, cached_prompt_tokens=cached_tokens))
         if decision is not None:
@@ -250,6 +257,8 @@ def default_args(**overrides) -> argparse.Namespace:
 
 async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServicer]:
     client_creds = serving.client_credentials_from(args)
+    # The router's calls to workers, predictor and kvmanager carry the internal token.
+    interceptors = internal_auth.client_interceptors(internal_auth.from_args(args))
     targets = [a.strip() for a in args.workers.split(",") if a.strip()]
     if not targets:
         raise SystemExit("--workers: at least one worker address is needed")
@@ -257,13 +266,14 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
                       max_requeues=args.max_requeues, requeue_timeout_s=args.requeue_timeout_s,
                       max_be_queue=args.max_be_queue, starvation_threshold=args.starvation_threshold,
                       promotion_rounds=args.promotion_rounds)
-    discovery = WorkerDiscovery(core, targets, lambda address: WorkerClient(address, credentials=client_creds))
+    discovery = WorkerDiscovery(core, targets, lambda address: WorkerClient(address, credentials=client_creds,
+                                                                                 interceptors=interceptors))
     workers = core.workers
     limits = Limits(max_prompt_bytes=args.max_prompt_bytes,
                     default_priority=common_pb2.PRIORITY_LATENCY_SENSITIVE if args.default_priority == "LS"
                     else common_pb2.PRIORITY_BEST_EFFORT)
-    predictor = PredictorClient(args.predictor or None, args.predictor_deadline_ms / 1000, client_creds)
-    kvmanager = KVManagerClient(args.kvmanager or None, credentials=client_creds)
+    predictor = PredictorClient(args.predictor or None, args.predictor_deadline_ms / 1000, client_creds, interceptors)
+    kvmanager = KVManagerClient(args.kvmanager or None, credentials=client_creds, interceptors=interceptors)
     if args.api_keys:
         keyring = load_key_file(args.api_keys)
         log.info("API keys loaded", file=args.api_keys, tenants=sorted(keyring.tenants))
@@ -295,7 +305,9 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
     service = serving.Service(
         name="router", service_names=[router_pb2.DESCRIPTOR.services_by_name["Router"].full_name],
         register=lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server),
-        on_start=on_start, on_stop=on_stop, grace_s=args.drain_grace_s)
+        on_start=on_start, on_stop=on_stop, grace_s=args.drain_grace_s,
+        # Public: tenants are authenticated by the servicer (API keys), not by the internal token.
+        public_methods=serving.all_methods(router_pb2.DESCRIPTOR.services_by_name["Router"]))
     return service, servicer
 
 

@@ -59,8 +59,8 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
     if kind == "prompt_token_ids" and len(req.prompt_token_ids) + req.max_tokens > limits.max_context:
         raise InvalidField("max_tokens", f"prompt ({len(req.prompt_token_ids)} tokens) + max_tokens "
                                          f"({req.max_tokens}) exceeds the model context ({limits.max_context})")
-    if math.isnan(req.temperature) or req.temperature < 0:
-        raise InvalidField("temperature", f"must be >= 0, got {req.temperature}")
+    if not math.isfinite(req.temperature) or req.temperature < 0:
+        raise InvalidField("temperature", f"must be a finite number >= 0, got {req.temperature}")
     if req.HasField("top_p") and not (0.0 < req.top_p <= 1.0):
         raise InvalidField("top_p", f"must be in (0, 1], got {req.top_p}")
     priority = req.priority
@@ -81,6 +81,8 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
         raise InvalidField("last_turn", "is set but program_id is empty")
     if len(req.request_id) > 256:
         raise InvalidField("request_id", "is longer than 256 characters")
+    if len(req.program_id) > 256:
+        raise InvalidField("program_id", "is longer than 256 characters")
     check_stop(req.stop, req.stop_token_ids, limits.vocab_size)
     check_logprobs(req.logprobs, req.top_logprobs)
     check_with_beams(req.num_beams, req.stop)

@@ -8,7 +8,7 @@ silently) and the client reconnects in the background.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 
@@ -23,10 +23,11 @@ EventHandler = Callable[[worker_pb2.WorkerEvent], None]
 
 
 class WorkerClient:
-    def __init__(self, address: str, reconnect_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, address: str, reconnect_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None,
+                 interceptors: Sequence[object] = ()):
         self.address = address
         self.reconnect_s = reconnect_s
-        self.channel = tls.open_channel(address, credentials, GRPC_OPTIONS)
+        self.channel = tls.open_channel(address, credentials, GRPC_OPTIONS, interceptors=interceptors)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
         self.healthy = False
@@ -39,6 +40,7 @@ class WorkerClient:
         self._outgoing: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
+        self._refused = False  # the worker refused our internal token last time
 
     @property
     def in_flight(self) -> int:
@@ -86,8 +88,12 @@ class WorkerClient:
                 self._fail_all("router shutting down")
                 raise
             except grpc.aio.AioRpcError as exc:
-                if self.healthy:
-                    log.warning("worker unreachable", worker=self.address, code=exc.code().name)
+                refused = exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                if self.healthy or (refused and not self._refused):
+                    # A refused token is a configuration error, said once rather than retried silently.
+                    log.warning("worker unreachable", worker=self.address, code=exc.code().name,
+                                details=exc.details() if refused else None)
+                self._refused = refused
             self.healthy = False
             self._connected.clear()
             self._outgoing = None

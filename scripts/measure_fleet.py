@@ -34,7 +34,10 @@ import gc
 import json
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,11 +48,12 @@ import structlog
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qllm import serving
+from qllm import internal_auth, serving
 from qllm.limits import MAX_ABS_LENGTH_PENALTY, MAX_PATIENCE
 from qllm.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router import metrics as router_metrics
 from router import server as router_server
+from router.namespaces import client_id_of
 from worker import server as worker_server
 from worker.engine import EngineConfig
 from worker.model_loader import load_model
@@ -91,14 +95,22 @@ class Fleet:
     def __init__(self, workers: int = 2, engine: dict | None = None, **router_overrides):
         self.n_workers = workers
         self.engine_kwargs = {"kv_budget_tokens": 8192, **(engine or {})}
-        self.router_overrides = {"predictor": "", "kvmanager": "", **router_overrides}
+        # The services authenticate each other as deployed ones do: an internal token in a file.
+        self._token_dir = tempfile.mkdtemp(prefix="qllm-fleet-")
+        token_file = os.path.join(self._token_dir, "internal-token")
+        internal_auth.write_token_file(token_file)
+        self.internal_token = internal_auth.InternalToken.from_file(token_file)
+        self.router_overrides = {"predictor": "", "kvmanager": "", "internal_token_file": token_file,
+                                 **router_overrides}
         self.workers: list[WorkerHandle] = []
 
     async def start_worker(self, port: int = 0) -> WorkerHandle:
-        service, engine = worker_server.build_service(load_model(None), EngineConfig(**self.engine_kwargs))
+        service, engine = worker_server.build_service(load_model(None), EngineConfig(**self.engine_kwargs),
+                                                      internal_token=self.internal_token)
         server, bound = await serving.start(service, HOST, port)
         handle = WorkerHandle(service, engine, server, bound)
-        handle.channel = grpc.aio.insecure_channel(handle.address)
+        handle.channel = grpc.aio.insecure_channel(handle.address,
+                                                   interceptors=internal_auth.client_interceptors(self.internal_token))
         handle.stub = worker_pb2_grpc.WorkerStub(handle.channel)
         return handle
 
@@ -119,6 +131,10 @@ class Fleet:
     @property
     def core(self):
         return self.servicer.core
+
+    def jobs(self) -> dict:
+        """The router's dispatched jobs by the client's request id (the router keys them by its own ids)."""
+        return {client_id_of(rid): job for rid, job in list(self.core.jobs.items())}
 
     @property
     def tokenizer(self):
@@ -141,6 +157,7 @@ class Fleet:
         for i, w in enumerate(self.workers):
             await self.kill_worker(i)
             await w.channel.close()
+        shutil.rmtree(self._token_dir, ignore_errors=True)
 
 
 class LoopThread:
@@ -239,7 +256,7 @@ async def measure_worker_loss(fleet: Fleet, n: int = 48, max_tokens: int = 24, k
     deadline = time.monotonic() + 60
     on_victim: list[str] = []
     while time.monotonic() < deadline:
-        on_victim = [rid for rid, job in list(fleet.core.jobs.items())
+        on_victim = [rid for rid, job in fleet.jobs().items()
                      if job.worker is not None and job.worker.address == victim_address]
         if on_victim and all(len(records[rid].tokens) >= kill_after_tokens for rid in on_victim):
             break
@@ -394,8 +411,7 @@ def request_strategy():
 def expected_outcome(fields: dict, n_prompt_tokens: int, kv_capacity: int) -> tuple[set[str], set[str]]:
     """What the contract (README, Errors) says a request gets: the acceptable status codes and the fields
     the message may name. `bad` must be refused by the router; `doubtful` may be (values the contract leaves
-    open: non-finite temperature, extreme or non-finite patience or length_penalty, sampling together with beam
-    search)."""
+    open: extreme or non-finite patience or length_penalty, sampling together with beam search)."""
     bad: set[str] = set()
     doubtful: set[str] = set()
     prompt = fields["prompt"]
@@ -405,9 +421,9 @@ def expected_outcome(fields: dict, n_prompt_tokens: int, kv_capacity: int) -> tu
     if mt == 0 or mt >= MAX_CONTEXT:
         bad.add("max_tokens")
     t = fields.get("temperature", 0.0)
-    if math.isnan(t) or t < 0:
+    if not math.isfinite(t) or t < 0:
         bad.add("temperature")
-    elif not math.isfinite(t) or (fields["num_beams"] > 1 and t > 0):
+    elif fields["num_beams"] > 1 and t > 0:
         doubtful.add("temperature")
     if "top_p" in fields and not (0.0 < fields["top_p"] <= 1.0):
         bad.add("top_p")
@@ -571,14 +587,15 @@ async def measure_cancel(fleet: Fleet, with_companion: bool = False) -> dict:
     marks: dict[str, Any] = {}
     orig_cancel, orig_outputs = core.cancel, core._on_outputs
 
+    # The worker knows the request by the router's internal id (router/namespaces.py), which carries the client's.
     def cancel(request_id):
-        if request_id == rid:
+        if client_id_of(request_id) == rid:
             marks["arrived"] = (core.num_steps, time.monotonic())
         orig_cancel(request_id)
 
     def on_outputs(outputs):
         for out in outputs:
-            if out.request_id == rid and out.finished:
+            if client_id_of(out.request_id) == rid and out.finished:
                 marks["released"] = (core.num_steps, time.monotonic(), out.finish_reason,
                                      core.allocator.free_tokens)
         orig_outputs(outputs)
@@ -770,7 +787,7 @@ async def measure_worker_drain(fleet: Fleet, grace_s: float = 3.0, max_tokens: i
     while not inflight.tokens:
         await asyncio.sleep(0.002)
     # The worker to drain is the one the request runs on.
-    victim = next(w for w in fleet.workers if w.address == fleet.core.jobs[inflight.rid].worker_address)
+    victim = next(w for w in fleet.workers if w.address == fleet.jobs()[inflight.rid].worker_address)
     victim.service.grace_s = grace_s
     t0 = time.monotonic()
     stopping = asyncio.create_task(serving.stop(victim.service, victim.server))
@@ -786,8 +803,8 @@ async def measure_worker_drain(fleet: Fleet, grace_s: float = 3.0, max_tokens: i
                                                 max_tokens=max_tokens, ignore_eos=True, priority=BE))
                  for i, r in enumerate(news)]
     await asyncio.sleep(0.05)
-    sent_to_draining = sum(1 for r in news if r.rid in fleet.core.jobs
-                           and fleet.core.jobs[r.rid].worker_address == victim.address)
+    jobs = fleet.jobs()
+    sent_to_draining = sum(1 for r in news if r.rid in jobs and jobs[r.rid].worker_address == victim.address)
     await asyncio.gather(task, *new_tasks)
     inflight_done_s = time.monotonic() - t0
     await stopping

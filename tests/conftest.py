@@ -31,3 +31,21 @@ def fleet(lt, request):
     f = lt.run(mf.Fleet(**getattr(request, "param", {"workers": 1})).start())
     yield f
     lt.run(f.stop())
+
+
+@pytest.fixture(scope="session")
+def internal_token_file(tmp_path_factory) -> str:
+    """A file with a fresh internal token, as `qllm up` writes one: in-process services take it (their
+    build functions' `internal_token`, the router's `internal_token_file`) as deployed ones do."""
+    from qllm import internal_auth
+
+    path = tmp_path_factory.mktemp("internal-token") / "internal-token"
+    internal_auth.write_token_file(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def internal_token(internal_token_file):
+    from qllm import internal_auth
+
+    return internal_auth.InternalToken.from_file(internal_token_file)

@@ -9,9 +9,10 @@ import pytest
 import pytest_asyncio
 
 from kvmanager import server as kvmanager_server
-from qllm import serving
+from qllm import internal_auth, serving
 from qllm.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router import server as router_server
+from router.namespaces import program_key
 from worker import server as worker_server
 from worker.engine import EngineConfig
 from worker.model_loader import load_model
@@ -21,26 +22,30 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 BE = 2
 
 
-async def start_stack(policy: str):
+async def start_stack(policy: str, token_file: str):
     servers = []
+    token = internal_auth.InternalToken.from_file(token_file)
     w_service, engine = worker_server.build_service(load_model(None), EngineConfig(kv_budget_tokens=8192,
-                                                                                   provisional_pin_s=30.0))
+                                                                                   provisional_pin_s=30.0),
+                                                    internal_token=token)
     w, wport = await serving.start(w_service, "127.0.0.1", 0)
     servers.append((w_service, w))
-    k_service = kvmanager_server.build_service(policy, maintain_interval_s=0.05)
+    k_service = kvmanager_server.build_service(policy, maintain_interval_s=0.05, workers=[f"127.0.0.1:{wport}"],
+                                               internal_token=token)
     k, kport = await serving.start(k_service, "127.0.0.1", 0)
     servers.append((k_service, k))
     r_service, _ = await router_server.build(router_server.default_args(
-        workers=f"127.0.0.1:{wport}", predictor="", kvmanager=f"127.0.0.1:{kport}"))
+        workers=f"127.0.0.1:{wport}", predictor="", kvmanager=f"127.0.0.1:{kport}", internal_token_file=token_file))
     r, rport = await serving.start(r_service, "127.0.0.1", 0)
     servers.append((r_service, r))
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{rport}"), grpc.aio.insecure_channel(f"127.0.0.1:{wport}")]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{rport}"),
+                grpc.aio.insecure_channel(f"127.0.0.1:{wport}", interceptors=internal_auth.client_interceptors(token))]
     return servers, channels, router_pb2_grpc.RouterStub(channels[0]), worker_pb2_grpc.WorkerStub(channels[1])
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def ttl_stack():
-    servers, channels, router, worker = await start_stack("pin-forever")
+async def ttl_stack(internal_token_file):
+    servers, channels, router, worker = await start_stack("pin-forever", internal_token_file)
     yield router, worker
     for c in channels:
         await c.close()
@@ -76,7 +81,9 @@ async def test_turns_reuse_the_pin_the_kvmanager_keeps(ttl_stack):
             # The kvmanager's SetPin (pin-forever: no expiry) replaces the worker's provisional lifetime.
             async def confirmed():
                 pins = (await worker.ListPins(worker_pb2.ListWorkerPinsRequest())).pins
-                return any(p.program_id == "prog-1" and p.expires_in_s == float("inf") for p in pins)
+                # The worker knows the program by the router's key for it (router/namespaces.py).
+                return any(p.program_id == program_key("anonymous", "prog-1") and p.expires_in_s == float("inf")
+                           for p in pins)
             assert await wait_for(confirmed)
         prompt = prompt + "".join(m.text for m in msgs) + f" tool output {k}: ok, 3 files."
     first, second, third = (t[-1] for t in turns)
@@ -94,8 +101,8 @@ async def test_turns_reuse_the_pin_the_kvmanager_keeps(ttl_stack):
     assert await wait_for(freed)
 
 
-async def test_no_pin_frees_the_kv_at_turn_end():
-    servers, channels, router, worker = await start_stack("no-pin")
+async def test_no_pin_frees_the_kv_at_turn_end(internal_token_file):
+    servers, channels, router, worker = await start_stack("no-pin", internal_token_file)
     try:
         await generate(router, prompt="agent turn one " * 20, program_id="p2", tool_name="search")
 

@@ -19,8 +19,8 @@ def test_malformed_requests_get_clear_statuses_and_the_server_keeps_serving(lt, 
     # Both kinds are exercised in numbers: refused (naming the field) and served.
     assert r["by_status"].get("INVALID_ARGUMENT", 0) >= 300 and r["by_status"].get("OK", 0) >= 200, r["by_status"]
     assert r["health_serving_after"] and r["normal_request_after"]
-    # Bytes that are not UTF-8 in the prompt never reach the servicer: gRPC refuses to parse the message.
-    assert not r["invalid_utf8_prompt"].startswith("OK")
+    # Bytes that are not UTF-8 in the prompt never reach the servicer: refused naming the field (qllm/decoding.py).
+    assert r["invalid_utf8_prompt"].startswith("INVALID_ARGUMENT: prompt: invalid UTF-8"), r["invalid_utf8_prompt"]
 
 
 # Extreme beam parameters once overflowed gen_len ** length_penalty inside a shared step; they are now

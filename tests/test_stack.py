@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvmanager import server as kvmanager_server
 from predictor import server as predictor_server
-from qllm import serving
+from qllm import internal_auth, serving
 from qllm.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router import server as router_server
 from worker import server as worker_server
@@ -26,25 +26,28 @@ router_args = router_server.default_args
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def stack():
+async def stack(internal_token, internal_token_file):
     servers = []
-    worker_service, engine = worker_server.build_service(load_model(None), EngineConfig(kv_budget_tokens=8192))
+    worker_service, engine = worker_server.build_service(load_model(None), EngineConfig(kv_budget_tokens=8192),
+                                                         internal_token=internal_token)
     w, wport = await serving.start(worker_service, "127.0.0.1", 0)
     servers.append((worker_service, w))
-    p_service = predictor_server.build_service()
+    p_service = predictor_server.build_service(internal_token=internal_token)
     p, pport = await serving.start(p_service, "127.0.0.1", 0)
     servers.append((p_service, p))
-    k_service = kvmanager_server.build_service()
+    k_service = kvmanager_server.build_service(workers=[f"127.0.0.1:{wport}"], internal_token=internal_token)
     k, kport = await serving.start(k_service, "127.0.0.1", 0)
     servers.append((k_service, k))
     r_service, _ = await router_server.build(router_args(
-        workers=f"127.0.0.1:{wport}", predictor=f"127.0.0.1:{pport}", kvmanager=f"127.0.0.1:{kport}"))
+        workers=f"127.0.0.1:{wport}", predictor=f"127.0.0.1:{pport}", kvmanager=f"127.0.0.1:{kport}",
+        internal_token_file=internal_token_file))
     r, rport = await serving.start(r_service, "127.0.0.1", 0)
     servers.append((r_service, r))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{rport}")
     yield {"router": router_pb2_grpc.RouterStub(channel), "channel": channel, "engine": engine,
-           "worker": worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(f"127.0.0.1:{wport}")),
-           "rport": rport, "wport": wport}
+           "worker": worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(
+               f"127.0.0.1:{wport}", interceptors=internal_auth.client_interceptors(internal_token))),
+           "rport": rport, "wport": wport, "token_file": internal_token_file}
     await channel.close()
     for service, server in reversed(servers):
         await serving.stop(service, server)
@@ -139,7 +142,8 @@ async def test_health_is_serving(stack):
 
 async def test_router_serves_when_predictor_and_kvmanager_are_down(stack):
     service, _ = await router_server.build(router_args(
-        workers=f"127.0.0.1:{stack['wport']}", predictor="127.0.0.1:1", kvmanager="127.0.0.1:1"))
+        workers=f"127.0.0.1:{stack['wport']}", predictor="127.0.0.1:1", kvmanager="127.0.0.1:1",
+        internal_token_file=stack["token_file"]))
     server, port = await serving.start(service, "127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -161,7 +165,8 @@ async def test_api_keys_tenants_and_rate_limits(stack, tmp_path):
                     "batch": {"priorities": ["BE"], "rate_limit": {"requests_per_s": 0.01, "burst": 2}}},
         "keys": [{"id": name, "tenant": name, "sha256": hash_key(key)} for name, key in keys.items()]}))
     service, _ = await router_server.build(router_args(
-        workers=f"127.0.0.1:{stack['wport']}", predictor="", kvmanager="", api_keys=str(tmp_path / "keys.json")))
+        workers=f"127.0.0.1:{stack['wport']}", predictor="", kvmanager="", api_keys=str(tmp_path / "keys.json"),
+        internal_token_file=stack["token_file"]))
     server, port = await serving.start(service, "127.0.0.1", 0)
 
     def auth(name):

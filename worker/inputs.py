@@ -3,12 +3,12 @@ template, then tokenized) or token ids (checked against the vocabulary). Exactly
 
 Chat rendering is Hugging Face's: `apply_chat_template(messages, add_generation_prompt=True)`, whose text
 carries the template's own special tokens, so it is encoded without adding any (as transformers does when
-it tokenizes a rendered chat).
+it tokenizes a rendered chat), through the same encoder as a prompt.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from qllm.request_checks import InvalidField, check_messages, check_prompt_token_ids, input_kind
 
@@ -25,9 +25,10 @@ def render_chat(tokenizer, messages: Sequence) -> str:
                                          add_generation_prompt=True, tokenize=False)
 
 
-def prompt_token_ids(prompt: str, messages: Sequence, token_ids: Sequence[int], tokenizer,
-                     vocab_size: int) -> list[int]:
-    """The token ids a request's input stands for; InvalidField naming the field when it is not usable."""
+async def prompt_token_ids(prompt: str, messages: Sequence, token_ids: Sequence[int], tokenizer, vocab_size: int,
+                           encode: Callable[[str], Awaitable[list[int]]]) -> list[int]:
+    """The token ids a request's input stands for; InvalidField naming the field when it is not usable.
+    `encode` tokenizes text without special tokens (worker/tokenize.py: long texts off the event loop)."""
     kind = input_kind(prompt, messages, token_ids)
     if kind == "prompt_token_ids":
         check_prompt_token_ids(token_ids, vocab_size)
@@ -35,4 +36,4 @@ def prompt_token_ids(prompt: str, messages: Sequence, token_ids: Sequence[int], 
     if kind == "messages":
         check_messages(messages)
         prompt = render_chat(tokenizer, messages)
-    return tokenizer.encode(prompt, add_special_tokens=False)
+    return await encode(prompt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Sequence
 
 import grpc
 
@@ -27,13 +28,15 @@ MAX_SAMPLES_PER_REPORT = 512
 
 class LatencyReporter:
     def __init__(self, address: str, worker: str, samples: collections.deque, interval_s: float = 2.0,
-                 deadline_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None):
+                 deadline_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None,
+                 interceptors: Sequence[object] = ()):
         self.address = address
         self.worker = worker
         self.samples = samples
         self.interval_s = interval_s
         self.deadline_s = deadline_s
         self.credentials = credentials
+        self.interceptors = interceptors  # the internal token (qllm/internal_auth.py)
         self.sent = 0
         self._reachability = Reachability(log, "predictor", address, "latency samples dropped")
         self._channel: grpc.aio.Channel | None = None
@@ -45,7 +48,7 @@ class LatencyReporter:
 
     def open(self) -> None:
         # The channel belongs to the loop it is opened on: open it on the serving loop, not at build time.
-        self._channel = tls.open_channel(self.address, self.credentials)
+        self._channel = tls.open_channel(self.address, self.credentials, interceptors=self.interceptors)
         self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
 
     def start(self) -> None:

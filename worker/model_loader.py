@@ -86,6 +86,27 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype: unsupported value {dtype!r}; use one of float32, float16, bfloat16")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower
+    than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' picks what the hardware runs fastest: bfloat16 on a GPU and on CPUs with native bf16, float32
+    elsewhere; any other value is parse_dtype's."""
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
+    return parse_dtype(dtype)
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """'cpu' | 'cuda' | 'cuda:N' -> torch.device; ValueError when CUDA is asked for but unavailable."""
     try:
@@ -175,8 +196,8 @@ def load_model(
     readable config.json, an architecture that is not a decoder-only causal LM with the layer layout the
     engine runs (see the module docstring), or weights/tokenizer that fail to load.
     """
-    dt = parse_dtype(dtype)
     dev = parse_device(device)
+    dt = resolve_dtype(dtype, dev)
 
     if model_dir is None:
         model = build_default_model(dt).to(dev)

@@ -16,13 +16,9 @@ import torch
 from worker.logprobs import sampled_logprobs
 from worker.model_loader import LoadedModel
 from worker.paged_cache import ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment
+from worker.paged_decode import DecodeBatch
 from worker.sampling import Sampler
 from worker.scheduler import SchedulerOutput
-
-
-# Decodes whose context is one contiguous run at least this long are attended in place, one by one;
-# shorter ones are cheaper to gather into one padded batch than to attend in a Python loop.
-IN_PLACE_MIN_TOKENS = 256
 
 
 @dataclass
@@ -87,31 +83,24 @@ class ModelRunner:
         bs = self.block_size
         for s in (rows + prefills if has_beams else ordered):
             ids.extend(s.token_ids)
-            for pos in range(s.start, s.start + s.num_tokens):
-                positions.append(pos)
-                slots.append(s.block_table[pos // bs] * bs + pos % bs)
-        dev = self.device
-        layout = BatchLayout(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                             num_decode=len(rows), decode_in_place=[], decode_gather_rows=None,
-                             decode_block_tables=None, decode_mask=None, prefills=[])
-        gathered = []
-        for row, s in enumerate(rows):
-            span = self._span(s.block_table, s.start + 1)
-            if span.first_block is not None and span.kv_len >= IN_PLACE_MIN_TOKENS:
-                layout.decode_in_place.append((row, span))
+            if s.num_tokens == 1:
+                positions.append(s.start)
+                slots.append(s.block_table[s.start // bs] * bs + s.start % bs)
             else:
-                gathered.append((row, s))
-        if gathered:
-            max_blocks = max(len(s.block_table) for _, s in gathered)
-            table = torch.zeros(len(gathered), max_blocks, dtype=torch.long)
-            kv_lens = torch.empty(len(gathered), dtype=torch.long)
-            for i, (_, s) in enumerate(gathered):
-                table[i, :len(s.block_table)] = torch.tensor(s.block_table)
-                kv_lens[i] = s.start + 1
-            layout.decode_gather_rows = torch.tensor([row for row, _ in gathered], dtype=torch.long, device=dev)
-            layout.decode_block_tables = table.to(dev)
-            span_range = torch.arange(max_blocks * bs)
-            layout.decode_mask = (span_range[None, :] < kv_lens[:, None]).view(len(gathered), 1, 1, -1).to(dev)
+                span = range(s.start, s.start + s.num_tokens)
+                positions.extend(span)
+                table = s.block_table
+                slots.extend(table[pos // bs] * bs + pos % bs for pos in span)
+        dev = self.device
+        decode = None
+        if rows:
+            width = max(len(s.block_table) for s in rows)
+            decode = DecodeBatch(
+                block_tables=torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in rows],
+                                          dtype=torch.long),
+                kv_lens=torch.tensor([s.start + 1 for s in rows], dtype=torch.long))
+        layout = BatchLayout(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                             num_decode=len(rows), decode=decode, prefills=[])
         row = len(rows)
         for s in prefills:
             kv_len = s.start + s.num_tokens

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from worker.paged_decode import DecodeBatch, decode_attention
+
 ATTN_IMPLEMENTATION = "qllm_paged"
 
 
@@ -39,16 +41,13 @@ class PrefillSegment:
 class BatchLayout:
     """How one step's flattened tokens map onto requests and KV slots; built once before layer 0.
 
-    Decode rows come first. Those whose context is contiguous and long are attended one by one, in place;
-    the rest are gathered into one padded batch (cheaper for many short contexts).
+    Decode rows come first and are attended together, one call per layer (worker/paged_decode.py); each
+    prefill chunk follows with its own attention call.
     """
 
     slot_mapping: torch.Tensor           # [T] flat slot (block * block_size + offset) of each new token
     num_decode: int                      # the first num_decode rows are single-token decodes
-    decode_in_place: list[tuple[int, KVSpan]]  # (row, span) of decodes read in place
-    decode_gather_rows: torch.Tensor | None    # rows of the gathered decodes
-    decode_block_tables: torch.Tensor | None   # [rows, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None     # [rows, 1, 1, max_blocks * block_size] bool
+    decode: DecodeBatch | None           # where those rows' contexts live
     prefills: list[PrefillSegment]
 
 
@@ -117,26 +116,17 @@ def _context(pool: torch.Tensor, span: KVSpan) -> torch.Tensor:
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, qllm_layout=None,
                     **kwargs):
-    """Attention over the paged pools for a flattened batch: decodes batched, prefill chunks one by one.
+    """Attention over the paged pools for a flattened batch: all decodes in one call, then each prefill chunk.
 
     query: [1, heads, T, D]; key/value: the layer's pools. Returns ([1, T, heads, D], None).
     """
     layout: BatchLayout = qllm_layout
     _, heads, total, head_dim = query.shape
     out = query.new_empty(1, total, heads, head_dim)
-    # Decodes read in place one by one, gathered decodes as one batch, then each prefill chunk.
-    for row, span in layout.decode_in_place:
-        q = query[:, :, row:row + 1]
-        o = F.scaled_dot_product_attention(q, _context(key, span), _context(value, span), scale=scaling,
-                                           enable_gqa=True)
-        out[0, row] = o[0, :, 0]
-    if layout.decode_gather_rows is not None:
-        rows, bt = layout.decode_gather_rows, layout.decode_block_tables
-        k = key[bt].flatten(1, 2).transpose(1, 2)      # [n, kv_heads, L, D]
-        v = value[bt].flatten(1, 2).transpose(1, 2)
-        q = query[0][:, rows].unsqueeze(2).transpose(0, 1)  # [n, heads, 1, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True)
-        out[0, rows] = o[:, :, 0]
+    n = layout.num_decode
+    if n:
+        scale = scaling if scaling is not None else head_dim ** -0.5
+        out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), key, value, layout.decode, scale)
     for seg in layout.prefills:
         q = query[:, :, seg.q_start:seg.q_start + seg.q_len]
         k = _context(key, seg.span)

@@ -12,7 +12,8 @@ import time
 import grpc
 import structlog
 
-from qllm import serving, settings
+from qllm import internal_auth, serving, settings
+from qllm.internal_auth import InternalToken
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.request_checks import InvalidField
 from qllm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -23,6 +24,7 @@ from worker.engine import AsyncEngine, EngineConfig, RequestRejected
 from worker.output_text import OutputText
 from worker.latency_report import LatencyReporter
 from worker.request import Priority, SamplingParams
+from worker.tokenize import PromptEncoder
 
 log = get_logger(__name__)
 
@@ -32,8 +34,8 @@ CLASS_LABEL = {Priority.LATENCY_SENSITIVE: "LS", Priority.BEST_EFFORT: "BE"}
 def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
     if msg.max_tokens < 1:
         raise RequestRejected("INVALID_ARGUMENT", "max_tokens: must be at least 1")
-    if msg.temperature < 0:
-        raise RequestRejected("INVALID_ARGUMENT", "temperature: must be >= 0")
+    if not math.isfinite(msg.temperature) or msg.temperature < 0:
+        raise RequestRejected("INVALID_ARGUMENT", f"temperature: must be a finite number >= 0, got {msg.temperature}")
     if not 0.0 < msg.top_p <= 1.0:
         raise RequestRejected("INVALID_ARGUMENT", "top_p: must be in (0, 1]")
     num_beams = max(1, msg.num_beams)
@@ -67,6 +69,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.engine = engine
         self.info = info
         self.draining = asyncio.Event()
+        self.prompts = PromptEncoder(engine.encode)  # long prompts are tokenized off the event loop
 
     async def Describe(self, request, context):
         info = worker_pb2.WorkerInfo()
@@ -170,8 +173,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 raise RequestRejected("INVALID_ARGUMENT", "priority: must be LATENCY_SENSITIVE or BEST_EFFORT")
             sampling = sampling_from_wire(submit.sampling)
             try:
-                prompt_ids = inputs.prompt_token_ids(submit.prompt, submit.messages, submit.prompt_token_ids,
-                                                     self.engine.tokenizer, self.engine.vocab_size)
+                prompt_ids = await inputs.prompt_token_ids(submit.prompt, submit.messages, submit.prompt_token_ids,
+                                                           self.engine.tokenizer, self.engine.vocab_size,
+                                                           self.prompts.encode)
             except InvalidField as exc:
                 raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
             output = OutputText(self.engine.tokenizer, sampling.stop)
@@ -228,7 +232,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--model", default=None, help="local HF MoE checkpoint directory (default: embedded)")
     settings.add(parser, "--policy", default="fcfs", help="scheduling policy: fcfs, priority, qllm")
     settings.add(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
-    settings.add(parser, "--dtype", default="float32", help="weights' dtype: float32, float16, bfloat16")
+    settings.add(parser, "--dtype", default="auto",
+                 help="weights' dtype: auto (bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32), "
+                      "float32, float16, bfloat16")
     settings.add(parser, "--max-num-seqs", type=int, default=32, help="most requests running at once")
     settings.add(parser, "--max-num-batched-tokens", type=int, default=512,
                  help="token budget of one iteration (prefill chunk size)")
@@ -273,8 +279,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def build_service(loaded, config: EngineConfig, predictor: str = "", worker_address: str = "",
                   latency_report_interval_s: float = 2.0,
-                  predictor_credentials: grpc.ChannelCredentials | None = None) -> tuple[serving.Service, AsyncEngine]:
-    """The worker service over one engine; with `predictor`, measured step times go to its latency model."""
+                  predictor_credentials: grpc.ChannelCredentials | None = None,
+                  internal_token: InternalToken | None = None) -> tuple[serving.Service, AsyncEngine]:
+    """The worker service over one engine; with `predictor`, measured step times go to its latency model.
+    With `internal_token` every Worker RPC needs it (the router and the kvmanager present it)."""
     from worker.model_runner import ModelRunner
 
     num_blocks = max(1, config.kv_budget_tokens // config.block_size)
@@ -287,7 +295,8 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
                                  eos_token_ids=loaded.eos_token_ids)
     servicer = WorkerServicer(engine, info)
     reporter = LatencyReporter(predictor, worker_address, engine.core.latency_samples, latency_report_interval_s,
-                               credentials=predictor_credentials) if predictor else None
+                               credentials=predictor_credentials,
+                               interceptors=internal_auth.client_interceptors(internal_token)) if predictor else None
 
     async def on_start():
         engine.start()
@@ -300,12 +309,13 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
     async def on_stop():
         if reporter is not None:
             await reporter.stop()
+        servicer.prompts.close()
         engine.stop()
 
     service = serving.Service(
         name="worker", service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
         register=lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
-        on_start=on_start, on_stop=on_stop, on_drain=on_drain)
+        on_start=on_start, on_stop=on_stop, on_drain=on_drain, internal_token=internal_token)
     return service, engine
 
 
@@ -326,7 +336,7 @@ def run(args: argparse.Namespace):
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     client_creds = serving.client_credentials_from(args)
     service, _ = build_service(loaded, engine_config(args), args.predictor, f"{args.host}:{args.port}",
-                               args.latency_report_interval_s, client_creds)
+                               args.latency_report_interval_s, client_creds, internal_auth.from_args(args))
     log.info("model loaded", model=loaded.name, device=str(loaded.device), dtype=str(loaded.dtype),
              policy=args.policy, torch_threads=args.torch_threads)
     return serving.serve_forever(service, args.host, args.port, args.metrics_port,

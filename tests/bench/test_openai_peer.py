@@ -14,7 +14,9 @@ TTFT, TPOT = 0.06, 0.01
 
 
 class FakeOpenAI:
-    def __init__(self, chunked=True, status=200):
+    def __init__(self, chunked=True, status=200, token_ids=False, empty_text=0):
+        self.token_ids = token_ids  # send each chunk's token_ids (vLLM's return_token_ids)
+        self.empty_text = empty_text  # the first N tokens stream with empty text (a special token, as vLLM does)
         self.chunked = chunked
         self.status = status
         self.bodies = []
@@ -49,8 +51,11 @@ class FakeOpenAI:
             n = body["max_tokens"]
             for i in range(n):
                 await asyncio.sleep(max(0.0, start + TTFT + i * TPOT - time.perf_counter()))
-                emit({"id": "c", "object": "text_completion", "choices": [
-                    {"index": 0, "text": f" t{i}", "finish_reason": "length" if i == n - 1 else None}]})
+                choice = {"index": 0, "text": "" if i < self.empty_text else f" t{i}",
+                          "finish_reason": "length" if i == n - 1 else None}
+                if self.token_ids:
+                    choice["token_ids"] = [0 if i < self.empty_text else 100 + i]
+                emit({"id": "c", "object": "text_completion", "choices": [choice]})
                 await writer.drain()
             emit({"id": "c", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n}})
             emit("[DONE]")
@@ -90,6 +95,28 @@ async def test_peer_stream_timings_and_priorities(chunked):
         assert r.finish_reason == "length"
         assert TTFT - 0.002 <= r.ttft_s <= TTFT + 0.03
         assert r.tpot_s == pytest.approx(TPOT, abs=0.004)
+
+
+@pytest.mark.parametrize("token_ids", [True, False])
+async def test_peer_counts_tokens_without_text_by_their_ids(token_ids):
+    """vLLM streams <|endoftext|> (skipped special token) as a chunk with empty text and its token_ids: the
+    first token is the first chunk, not the first text; a server without token_ids falls back to text."""
+    fake = FakeOpenAI(token_ids=token_ids, empty_text=3)
+    server, port = await _serve(fake)
+    try:
+        sender = OpenAISender(f"http://127.0.0.1:{port}/v1", "m")
+        (r,) = await replay(sender, [RequestSpec(0, LS, 0.0, "x", 1, 8, 0, 0)], duration_s=0.1, drain_cap_s=5,
+                            progress=False)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert fake.bodies[0]["return_token_ids"] is True
+    assert r.completed and r.output_tokens == 8  # usage reconciles the count either way
+    if token_ids:
+        assert TTFT - 0.002 <= r.ttft_s <= TTFT + 0.03
+        assert r.tpot_s == pytest.approx(TPOT, abs=0.004)
+    else:
+        assert r.ttft_s >= TTFT + 3 * TPOT - 0.002  # the text rule sees the first token late
 
 
 async def test_peer_http_error_and_no_priority():

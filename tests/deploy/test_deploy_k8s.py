@@ -181,6 +181,22 @@ def test_workers_are_discovered_through_the_headless_service(rendered):
     assert by_kind(objects, "Deployment")["qllm-kvmanager"]["spec"]["replicas"] == 1  # one in-memory ledger
 
 
+def test_every_pod_mounts_the_internal_token_and_the_kvmanager_knows_the_workers(rendered):
+    """Issue 16: internal RPCs need the shared token (the Secret qllm-internal-token, mounted read-only where
+    QLLM_INTERNAL_TOKEN_FILE points; not optional), and the kvmanager calls only the router's workers."""
+    _, objects = rendered
+    token_file = by_kind(objects, "ConfigMap")["qllm-common"]["data"]["QLLM_INTERNAL_TOKEN_FILE"]
+    for wl in workloads(objects):
+        pod = wl["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "qllm-internal-token")
+        assert not volume["secret"].get("optional", False)
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+        assert mount["readOnly"] and token_file == mount["mountPath"] + "/internal-token"
+    env = {component(wl): {e["name"]: e for e in wl["spec"]["template"]["spec"]["containers"][0]["env"]}
+           for wl in workloads(objects)}
+    assert env["kvmanager"]["QLLM_WORKERS"]["value"] == env["router"]["QLLM_WORKERS"]["value"]
+
+
 def test_gpu_base_and_cpu_overlay():
     base = render.render(K8S / "base")
     cpu = render.render(K8S / "overlays" / "cpu")

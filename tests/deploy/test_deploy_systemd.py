@@ -110,6 +110,22 @@ def test_unit_hardening(service):
         assert one(svc, "PrivateDevices") == "yes"
 
 
+@pytest.mark.parametrize("service", UNITS)
+def test_unit_loads_the_internal_token(service):
+    """Issue 16: every service authenticates internal calls with the shared token, handed over as a credential
+    (the unit does not start without it) and named by QLLM_INTERNAL_TOKEN_FILE."""
+    svc = parse_unit(SYSTEMD / UNITS[service])["Service"]
+    assert "internal-token:/etc/qllm/internal-token" in values(svc, "LoadCredential")
+    assert "QLLM_INTERNAL_TOKEN_FILE=%d/internal-token" in values(svc, "Environment")
+
+
+def test_kvmanager_calls_only_the_routers_workers(parse_service_env):
+    common = parse_env_file(ENV_DIR / "common.env")
+    router = parse_service_env("router", {**common, **parse_env_file(ENV_DIR / "router.env")})
+    kvmanager = parse_service_env("kvmanager", {**common, **parse_env_file(ENV_DIR / "kvmanager.env")})
+    assert kvmanager.workers == router.workers
+
+
 def test_target_pulls_in_the_services():
     target = parse_unit(SYSTEMD / "qllm.target")
     wants = one(target["Unit"], "Wants").split()

@@ -22,7 +22,8 @@ def _free_port() -> int:
 
 def test_service_built_outside_the_loop_reaches_the_predictor():
     predictor_port = _free_port()
-    service = build_service("ttl", predictor=f"127.0.0.1:{predictor_port}", predictor_deadline_s=2.0)
+    service = build_service("ttl", predictor=f"127.0.0.1:{predictor_port}", predictor_deadline_s=2.0,
+                            workers=["127.0.0.1:1"])
     with pytest.raises(RuntimeError):  # built with no event loop running, as `qllm kvmanager` does
         asyncio.get_running_loop()
 

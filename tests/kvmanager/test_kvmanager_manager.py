@@ -135,7 +135,7 @@ def test_drop_if_current_keeps_a_newer_pin():
 
 @pytest.mark.parametrize("turn,dur,field", [
     (t(pid=""), 0.0, "program_id"),
-    (t(pid="x" * 300), 0.0, "program_id"),
+    (t(pid="x" * 600), 0.0, "program_id"),
     (t(worker=""), 0.0, "worker"),
     (t(tool="x" * 300), 0.0, "tool_name"),
     (t(), -1.0, "prev_tool_duration_s"),

@@ -32,6 +32,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.set_pins: list[tuple[str, float, float]] = []
         self.released: list[list[str]] = []
         self.not_held: set[str] = set()
+        self.describes = 0
 
     async def SetPin(self, request, context):
         self.set_pins.append((request.program_id, request.ttl_s, request.keep_score))
@@ -43,6 +44,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.ReleasePinsResponse(released=len(request.program_ids))
 
     async def Describe(self, request, context):
+        self.describes += 1
         return worker_pb2.WorkerInfo(kv_capacity_tokens=self.capacity, kv_free_tokens=self.free)
 
 
@@ -65,6 +67,8 @@ class Stack:
         self.policy, self.predictor_mode, self.kwargs = policy, predictor, kwargs
         self.clock = Clock()
         self.worker = FakeWorker()
+        # Addresses with nothing behind them that the kvmanager is configured with (a worker that is down).
+        self.extra_workers = [_dead_address() for _ in range(2)]
 
     async def __aenter__(self):
         self.worker_server, self.worker_address = await _serve(
@@ -78,7 +82,7 @@ class Stack:
         elif self.predictor_mode == "down":
             address = _dead_address()
         self.service = build_service(self.policy, clock=self.clock, predictor=address, maintain_interval_s=0,
-                                     **self.kwargs)
+                                     **{"workers": [self.worker_address, *self.extra_workers], **self.kwargs})
         self.server, port = await serving.start(self.service, "127.0.0.1", 0)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.stub = kvmanager_pb2_grpc.KVManagerStub(self.channel)
@@ -193,7 +197,7 @@ async def test_predictor_down_or_worker_down_still_answers():
         d = await s.report("p", tool="ls")
         assert d.pin and d.reason == "ttl"
         assert s.servicer.estimator.down and s.servicer.estimator.fallbacks > 0
-        d = await s.report("w", tool="ls", worker=_dead_address())
+        d = await s.report("w", tool="ls", worker=s.extra_workers[0])
         assert d.pin  # the worker call fails in the background; the decision stands
         assert s.servicer.workers.failures >= 1
 
@@ -201,10 +205,44 @@ async def test_predictor_down_or_worker_down_still_answers():
 async def test_program_moving_worker_frees_its_old_pin():
     async with Stack("fixed-ttl") as s:
         await s.report("p", idx=0)
-        other = _dead_address()
+        other = s.extra_workers[1]
         await s.report("p", idx=1, prev=0.3, worker=other)
         assert s.worker.released == [["p"]]
         assert [p.worker for p in (await s.pins()).values()] == [other]
+
+
+async def test_a_worker_address_it_was_not_configured_with_is_refused_and_never_called():
+    """Issue 16 (server-side request forgery): ReportTurn took the worker address from the request and
+    connected to it. An address outside the kvmanager's --workers is now INVALID_ARGUMENT naming `worker`,
+    and nothing connects to it."""
+    trap = FakeWorker()
+    trap_server, trap_address = await _serve(lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(trap, s))
+    try:
+        async with Stack("pin-forever") as s:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await s.report("p", worker=trap_address)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("worker:") and trap_address in err.value.details()
+            d = await s.report("p")                       # a configured worker is still served
+            assert d.pin and s.worker.set_pins[-1][0] == "p"
+            await s.servicer.maintain_once(describe=True)
+            assert await s.pins() == {"p": (await s.pins())["p"]}
+        assert trap.set_pins == [] and trap.released == [] and trap.describes == 0
+    finally:
+        await trap_server.stop(0)
+
+
+async def test_known_workers_come_from_configuration_and_dns_only():
+    from kvmanager.workers import KnownWorkers
+    from qllm.targets import Targets
+
+    known = KnownWorkers(Targets(["10.0.0.7:50061", "dns:///localhost:50061"]), min_refresh_s=0.0)
+    await known.start()
+    try:
+        assert await known.knows("10.0.0.7:50061") and await known.knows("127.0.0.1:50061")
+        assert not await known.knows("127.0.0.1:50062") and not await known.knows("169.254.169.254:80")
+    finally:
+        await known.stop()
 
 
 async def test_bad_input_is_invalid_argument():

@@ -58,6 +58,39 @@ async def test_requeue_limit_and_no_worker_end_with_unavailable(fake_worker):
     assert len(core.queues) == 0
 
 
+async def test_a_second_worker_loss_gets_its_own_requeue_window(fake_worker):
+    """Issue 16: worker lost, restarted, lost again 14.8 s later; the first loss's expiry (30 s after it)
+    failed the twice re-queued request after 15.2 s. Each loss now gives the full window."""
+    now = [100.0]
+    a = fake_worker("a")
+    core = RouterCore([a], max_requeues=3, requeue_timeout_s=30.0, clock=lambda: now[0])
+    j = job("r0")
+    core.submit(j)
+    a.die()                                      # loss 1 at t=100: its expiry runs at t=130
+    now[0] = 105.0
+    a.come_back()                                # restarted; the request runs again
+    assert a.sent == ["r0", "r0"]
+    now[0] = 114.8
+    a.die()                                      # loss 2 at t=114.8: the request's window ends at t=144.8
+    now[0] = 130.0
+    core._expire_orphans()                       # loss 1's timer
+    assert not any(e is not RESTART and e.WhichOneof("kind") == "rejected" for e in drain(j))
+    assert len(core.queues) == 1
+    now[0] = 140.0
+    a.come_back()                                # back within the second window: the request completes
+    a.finish("r0")
+    assert drain(j)[-1].tokens.finished and not core.jobs
+
+    b = fake_worker("b")                         # and past its own window it does end with UNAVAILABLE
+    core = RouterCore([b], max_requeues=3, requeue_timeout_s=30.0, clock=lambda: now[0])
+    j = job("r1")
+    core.submit(j)
+    b.die()
+    now[0] += 30.0
+    core._expire_orphans()
+    assert drain(j)[-1].rejected.code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
 async def test_worker_that_comes_back_gets_queued_work(fake_worker):
     a = fake_worker("a", max_num_seqs=1)
     core = RouterCore([a], requeue_timeout_s=5)

@@ -19,7 +19,7 @@ def flags(certs, mutual: bool) -> argparse.Namespace:
 
 @pytest.mark.parametrize("mutual", [False, True])
 async def test_service_serves_tls_from_its_flags(certs, mutual):
-    service = kvmanager_server.build_service()
+    service = kvmanager_server.build_service(workers=["w:1"])
     server, port = await serving.start(service, "127.0.0.1", 0, 0, serving.credentials_from(flags(certs, mutual)))
     try:
         client_cert = (str(certs / "client.crt"), str(certs / "client.key")) if mutual else (None, None)

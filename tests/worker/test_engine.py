@@ -117,25 +117,31 @@ async def test_too_long_is_rejected_with_field(loaded, make_runner):
     assert exc.value.code == "INVALID_ARGUMENT" and exc.value.message.startswith("max_tokens:")
 
 
-def test_long_contexts_read_in_place_match_generate(loaded, make_runner, reference_tokens):
-    """Contexts past IN_PLACE_MIN_TOKENS are attended in place (contiguous runs) and chunk-prefilled."""
-    from worker.model_runner import IN_PLACE_MIN_TOKENS
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "gathered"])
+def test_long_contexts_decoded_in_one_call_match_generate(loaded, make_runner, reference_tokens, monkeypatch,
+                                                          native):
+    """Long chunk-prefilled contexts decode together, one attention call per layer, through the native CPU
+    kernel and through the gathered fallback (what a GPU or a machine without a C compiler runs)."""
+    from worker import paged_decode
 
+    if native and not paged_decode.uses_native(loaded.model.lm_head.weight):
+        pytest.skip("the native decode kernel is not available on this device")
+    monkeypatch.setattr(paged_decode, "uses_native", lambda pool: native)
     runner = make_runner(num_blocks=256, block_size=16)
     ps = [p * 6 for p in prompts(loaded.tokenizer, 2, seed=5)]
-    assert all(len(p) > IN_PLACE_MIN_TOKENS for p in ps)
+    assert all(len(p) > 256 for p in ps)
     reqs = [greedy(f"long{i}", ids, 8, arrival=float(i)) for i, ids in enumerate(ps)]
-    seen_in_place = []
+    decode_rows = []
     begin = runner.begin
 
     def spy(plan):
         state = begin(plan)
-        seen_in_place.append(len(state.layout.decode_in_place))
+        decode_rows.append(state.layout.num_decode)
         return state
 
     runner.begin = spy
     run_offline(runner, reqs, budget=128)
-    assert max(seen_in_place) == 2
+    assert max(decode_rows) == 2
     for r, ids in zip(reqs, ps):
         assert r.output_token_ids == reference_tokens(ids, 8), r.request_id
 

@@ -308,3 +308,17 @@ def test_bad_dtype_and_device_raise():
         with pytest.raises(ValueError, match="CUDA is not available"):
             ml.load_model(None, device="cuda")
     assert ml.parse_dtype(torch.float16) == torch.float16 and ml.parse_dtype("bf16") == torch.bfloat16
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    from worker import model_loader
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(model_loader, "cpu_has_native_bf16", lambda: False)
+    assert model_loader.resolve_dtype("auto", cpu) == torch.float32
+    assert model_loader.resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(model_loader, "cpu_has_native_bf16", lambda: True)
+    assert model_loader.resolve_dtype("AUTO", cpu) == torch.bfloat16
+    assert model_loader.resolve_dtype("float32", cpu) == torch.float32  # an explicit dtype always wins
+    with pytest.raises(ValueError, match="dtype"):
+        model_loader.resolve_dtype("int4", cpu)

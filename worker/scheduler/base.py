@@ -76,7 +76,11 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start:self.start + self.num_tokens]
+        req, end = self.request, self.start + self.num_tokens
+        prompt = req.num_prompt_tokens
+        if self.start >= prompt:  # a decode: no copy of the whole sequence
+            return req.output_token_ids[self.start - prompt:end - prompt]
+        return req.all_token_ids[self.start:end]
 
     @property
     def samples(self) -> bool:

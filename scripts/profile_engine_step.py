@@ -1,0 +1,88 @@
+"""Profile one engine step of the embedded default: where the time of a decode batch (and a mixed step) goes.
+
+  .venv/bin/python scripts/profile_engine_step.py [--dtype float32] [--decodes 30] [--context 1400]
+                                                  [--prefill 512] [--threads 1] [--steps 20] [--top 15]
+
+Builds the real scheduler and model runner, prefills `--decodes` requests of `--context` tokens, then times
+`--steps` decode-only steps and as many mixed steps (the decodes plus a `--prefill`-token chunk of a new
+request), and prints each kind's median step time and torch.profiler's top ops by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from worker.kv_blocks import BlockAllocator
+from worker.model_loader import load_model
+from worker.model_runner import ModelRunner
+from worker.request import Request, SamplingParams
+from worker.scheduler import SchedulerConfig, make_scheduler
+
+
+def build(args):
+    loaded = load_model(None, device=args.device, dtype=args.dtype)
+    block_size = 16
+    kv_tokens = (args.decodes + args.steps + 2) * (args.context + 4 * args.steps + args.prefill + 64)
+    num_blocks = -(-kv_tokens // block_size)
+    runner = ModelRunner(loaded, num_blocks, block_size)
+    config = SchedulerConfig(max_num_seqs=args.decodes + 2, max_num_batched_tokens=max(args.prefill, 2048),
+                             ls_reserved_kv_tokens=0, ls_reserved_slots=0)
+    scheduler = make_scheduler("fcfs", config, BlockAllocator(num_blocks, block_size))
+    vocab = loaded.model.config.vocab_size
+    for i in range(args.decodes):
+        ids = [(31 * i + 7 * j) % (vocab - 1) + 1 for j in range(args.context)]
+        scheduler.add_request(Request(f"d{i}", ids, SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True)))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.requests.values()):
+        plan = scheduler.schedule()
+        scheduler.update(plan, runner.execute(plan))
+    return runner, scheduler, vocab
+
+
+def step(runner, scheduler):
+    plan = scheduler.schedule()
+    started = time.perf_counter()
+    sampled = runner.execute(plan)
+    elapsed = time.perf_counter() - started
+    scheduler.update(plan, sampled)
+    return elapsed, plan
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--decodes", type=int, default=30)
+    p.add_argument("--context", type=int, default=1400)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    runner, scheduler, vocab = build(args)
+    for kind in ("decode", "mixed"):
+        times = []
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for k in range(args.steps):
+                if kind == "mixed":  # a fresh prefill request each step, so every step carries one chunk
+                    ids = [(13 * k + j) % (vocab - 1) + 1 for j in range(args.prefill)]
+                    scheduler.add_request(Request(f"p{k}", ids, SamplingParams(max_tokens=1, ignore_eos=True)))
+                elapsed, plan = step(runner, scheduler)
+                times.append(elapsed)
+        print(f"\n== {kind}: {len(plan.scheduled)} scheduled, {plan.num_tokens} tokens; step median "
+              f"{1000 * statistics.median(times):.1f} ms (min {1000 * min(times):.1f}, max {1000 * max(times):.1f})")
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        print(f"  torch ops: {total / 1000 / len(times):.1f} ms of each step (the rest: Python, native kernel)")
+        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
+        for e in rows:
+            print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.count:7d} calls  "
+                  f"{e.self_cpu_time_total / max(1, e.count):8.1f} us/call  {e.key}")
+
+
+if __name__ == "__main__":
+    main()

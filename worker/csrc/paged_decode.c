@@ -1,0 +1,119 @@
+/* Decode attention over the paged KV pools: every decode row of a step, all heads, in one call.
+ *
+ * The CPU path of worker/paged_decode.py (as vLLM's and SGLang's CPU backends, a small native kernel rather
+ * than one framework call per row). Reads each row's keys and values in place through its block table, once,
+ * with no gathered copy. Pools are [num_blocks, block_size, kv_heads, head_dim] (float32 or bfloat16); q and
+ * out are [rows, heads, head_dim] float32. A head group (heads / kv_heads query heads) shares its KV reads.
+ * window > 0 keeps only the last `window` positions (sliding-window layers); sinks (one logit per head, or
+ * NULL) join the softmax's denominator only (gpt-oss's attention sinks).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Dot products over head_dim with 8 independent partial sums, so the compiler vectorises the loop. */
+static inline float dot_f32(const float *a, const float *b, int d) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline float dot_bf16(const float *a, const uint16_t *b, int d) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * bf16_to_f32(b[i + j]);
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < d; i++) s += a[i] * bf16_to_f32(b[i]);
+    return s;
+}
+
+static void attend_row(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
+                       const int64_t *blocks, int64_t kv_len, float *out, int heads, int kv_heads, int head_dim,
+                       int block_size, float scale, int64_t window, const float *sinks, float *scores) {
+    /* Tokens outermost, so each token's keys (then values) of all heads are read once, in memory order;
+     * scores[head * n + t]. */
+    const int group = heads / kv_heads;
+    const int64_t first = (window > 0 && kv_len > window) ? kv_len - window : 0;
+    const int64_t n = kv_len - first;
+    const int64_t token_stride = (int64_t)kv_heads * head_dim;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t pos = first + t;
+        const int64_t base = (blocks[pos / block_size] * block_size + pos % block_size) * token_stride;
+        for (int head = 0; head < heads; head++) {
+            const int64_t off = base + (int64_t)(head / group) * head_dim;
+            const float *qh = q + (int64_t)head * head_dim;
+            scores[head * n + t] = scale * (is_bf16 ? dot_bf16(qh, (const uint16_t *)k_pool + off, head_dim)
+                                                    : dot_f32(qh, (const float *)k_pool + off, head_dim));
+        }
+    }
+    for (int head = 0; head < heads; head++) {
+        float *s = scores + head * n;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
+        if (sinks != NULL && sinks[head] > m) m = sinks[head];
+        float sum = sinks != NULL ? expf(sinks[head] - m) : 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) {
+            s[t] = expf(s[t] - m);
+            sum += s[t];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < n; t++) s[t] *= inv;
+    }
+    for (int i = 0; i < heads * head_dim; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t pos = first + t;
+        const int64_t base = (blocks[pos / block_size] * block_size + pos % block_size) * token_stride;
+        for (int head = 0; head < heads; head++) {
+            const int64_t off = base + (int64_t)(head / group) * head_dim;
+            const float p = scores[head * n + t];
+            float *o = out + (int64_t)head * head_dim;
+            if (is_bf16) {
+                const uint16_t *v = (const uint16_t *)v_pool + off;
+                for (int i = 0; i < head_dim; i++) o[i] += p * bf16_to_f32(v[i]);
+            } else {
+                const float *v = (const float *)v_pool + off;
+                for (int i = 0; i < head_dim; i++) o[i] += p * v[i];
+            }
+        }
+    }
+}
+
+/* Returns 0, or -1 when scratch memory could not be had. */
+int qllm_paged_decode(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
+                      const int64_t *block_tables, const int64_t *kv_lens, float *out, int rows, int heads,
+                      int kv_heads, int head_dim, int block_size, int max_blocks, float scale, int64_t window,
+                      const float *sinks, int num_threads) {
+    int64_t longest = 1;
+    for (int r = 0; r < rows; r++) longest = kv_lens[r] > longest ? kv_lens[r] : longest;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)heads * (size_t)longest);
+#pragma omp for schedule(dynamic, 1)
+        for (int r = 0; r < rows; r++) {
+            if (scores == NULL) {  /* every thread still takes part in the loop, as OpenMP requires */
+                failed = 1;
+                continue;
+            }
+            attend_row(q + (int64_t)r * heads * head_dim, k_pool, v_pool, is_bf16,
+                       block_tables + (int64_t)r * max_blocks, kv_lens[r], out + (int64_t)r * heads * head_dim,
+                       heads, kv_heads, head_dim, block_size, scale, window, sinks, scores);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

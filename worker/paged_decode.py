@@ -1,0 +1,172 @@
+"""Decode attention for all decode rows of a step in one call per layer, reading the paged KV in place.
+
+A decode row attends one query token to its whole context. One framework attention call per row per layer
+(the old path) cost more in call overhead and copies than in arithmetic, and gathering every row's blocks into
+a padded batch copies the whole KV each layer. So, as vLLM's and SGLang's CPU backends do, the CPU path is a
+small native kernel (worker/csrc/paged_decode.c) that walks each row's block table and reads keys and values
+once, in place. It is compiled on first use with the machine's C compiler into a per-user cache. Where there is
+no compiler, or on a GPU, the rows' blocks are gathered into one padded batch and attended with one masked
+matmul-softmax-matmul, which is what a GPU does well.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qllm.logs import get_logger
+
+log = get_logger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode.c"
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=gnu11")
+
+_lock = threading.Lock()
+_kernel: ctypes.CDLL | None = None
+_kernel_tried = False
+
+
+@dataclass
+class DecodeBatch:
+    """The decode rows of one step: where each row's context lives. Built once per step, before layer 0."""
+
+    block_tables: torch.Tensor       # [rows, max_blocks] int64 on the CPU, padded with block 0
+    kv_lens: torch.Tensor            # [rows] int64 on the CPU: context length including this step's token
+    device_block_tables: torch.Tensor | None = None  # the same on the model's device (gather path only)
+    device_kv_lens: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.kv_lens.shape[0])
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QLLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qllm")
+    return Path(root) / "kernels"
+
+
+def _build_key(compiler: str) -> str:
+    """The library's name changes with the source, the flags, the compiler and the CPU (-march=native)."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join((compiler,) + CFLAGS).encode())
+    h.update(platform.machine().encode())
+    try:
+        with open("/proc/cpuinfo") as f:
+            h.update(next((line for line in f if line.startswith("flags")), "").encode())
+    except OSError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def _compile() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        log.warning("no C compiler: decode attention falls back to a gathered batch", kernel=SOURCE.name)
+        return None
+    target = _cache_dir() / f"paged_decode-{_build_key(compiler)}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target, then rename: workers starting together never load a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
+                           timeout=120)
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            log.warning("decode attention kernel did not compile; using a gathered batch", error=str(exc),
+                        stderr=detail.decode(errors="replace")[-2000:])
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.qllm_paged_decode
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def native_kernel() -> ctypes.CDLL | None:
+    """The compiled CPU kernel, or None when it cannot be built here (compiled once per process)."""
+    global _kernel, _kernel_tried
+    if not _kernel_tried:
+        with _lock:
+            if not _kernel_tried:
+                if os.environ.get("QLLM_NATIVE_DECODE", "1") != "0":
+                    _kernel = _compile()
+                _kernel_tried = True
+    return _kernel
+
+
+def uses_native(pool: torch.Tensor) -> bool:
+    return pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16) and native_kernel() is not None
+
+
+def decode_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, batch: DecodeBatch,
+                     scale: float, window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """query: [rows, heads, head_dim]; pools: [num_blocks, block_size, kv_heads, head_dim].
+
+    Returns [rows, heads, head_dim] in the query's dtype. window > 0: only the last `window` positions of each
+    context are attended; sinks: [heads] logits that join each softmax's denominator.
+    """
+    if uses_native(key_pool):
+        return _native(query, key_pool, value_pool, batch, scale, window, sinks)
+    return _gathered(query, key_pool, value_pool, batch, scale, window, sinks)
+
+
+def _native(query, key_pool, value_pool, batch, scale, window, sinks) -> torch.Tensor:
+    rows, heads, head_dim = query.shape
+    q = query.to(torch.float32).contiguous()
+    out = torch.empty_like(q)
+    s = sinks.to(torch.float32).contiguous() if sinks is not None else None
+    tables, lens = batch.block_tables, batch.kv_lens
+    status = native_kernel().qllm_paged_decode(
+        q.data_ptr(), key_pool.data_ptr(), value_pool.data_ptr(), int(key_pool.dtype == torch.bfloat16),
+        tables.data_ptr(), lens.data_ptr(), out.data_ptr(), rows, heads, key_pool.shape[2], head_dim,
+        key_pool.shape[1], tables.shape[1], float(scale), int(window), s.data_ptr() if s is not None else None,
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("decode attention: no scratch memory for the scores")
+    return out.to(query.dtype)
+
+
+def _gathered(query, key_pool, value_pool, batch, scale, window, sinks) -> torch.Tensor:
+    dev = key_pool.device
+    if batch.device_block_tables is None:
+        batch.device_block_tables = batch.block_tables.to(dev)
+        batch.device_kv_lens = batch.kv_lens.to(dev)
+    tables, lens = batch.device_block_tables, batch.device_kv_lens
+    rows, heads, head_dim = query.shape
+    kv_heads = key_pool.shape[2]
+    k = key_pool[tables].flatten(1, 2)                 # [rows, L, kv_heads, D]
+    v = value_pool[tables].flatten(1, 2)
+    group = heads // kv_heads
+    q = query.view(rows, kv_heads, group, head_dim).float()
+    scores = torch.einsum("rhgd,rlhd->rhgl", q, k.float()) * scale
+    pos = torch.arange(k.shape[1], device=dev)
+    keep = pos[None, :] < lens[:, None]
+    if window > 0:
+        keep &= pos[None, :] >= (lens - window)[:, None]
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, kv_heads, group, 1).expand(rows, -1, -1, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("rhgl,rlhd->rhgd", probs, v.float())
+    return out.reshape(rows, heads, head_dim).to(query.dtype)
