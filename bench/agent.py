@@ -418,7 +418,8 @@ class AgentSender:
     def __init__(self, address: str, *, request_id_prefix: str = "agent", priority: str = BE,
                  timeout_s: float | None = None):
         from bench.client import CHANNEL_OPTIONS
-        from qllm.v1 import common_pb2, router_pb2, router_pb2_grpc
+        from qllm.client import Client
+        from qllm.v1 import common_pb2, router_pb2
 
         self._pb = router_pb2
         self.label = address
@@ -428,8 +429,7 @@ class AgentSender:
             raise ValueError(f"agent: priority {priority!r}: expected {LS} or {BE}")
         self.cls = priority
         self.priority = {LS: common_pb2.PRIORITY_LATENCY_SENSITIVE, BE: common_pb2.PRIORITY_BEST_EFFORT}[priority]
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._client = Client(address, timeout_s=timeout_s, channel_options=CHANNEL_OPTIONS)
 
     async def send_turn(self, program: ProgramSpec, turn: TurnSpec, prompt: str, max_tokens: int,
                         rec: TurnRecord, now: Clock) -> str:
@@ -440,11 +440,11 @@ class AgentSender:
             prompt=prompt, max_tokens=max_tokens, priority=self.priority, ignore_eos=True, temperature=0.0,
             request_id=f"{self.prefix}-{program.index}-{turn.index}", program_id=program.program_id,
             last_turn=last, tool_name="" if last else turn.tool_name)
-        parts = await consume_generate(self._stub.Generate(request, timeout=self.timeout_s), rec, now)
+        parts = await consume_generate(self._client.generate_raw(request), rec, now)
         return "".join(parts)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._client.close()
 
 
 async def run_program(sender: AgentSender, program: ProgramSpec, rec: ProgramRecord, now: Clock,

@@ -11,14 +11,14 @@ Closed loop (`replay_sequential`): one request at a time, for the idle LS floor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
-from typing import Callable, Protocol, Sequence
-
-import grpc
+from typing import AsyncIterator, Callable, Protocol, Sequence
 
 from bench.stats import RequestRecord
 from bench.workload import BE, LS, RequestSpec
+from qllm.client import Client, QLLMError
 
 Clock = Callable[[], float]
 
@@ -175,28 +175,27 @@ async def wait_then_cancel(tasks: list[asyncio.Task], timeout_s: float) -> set[a
     return pending
 
 
-async def consume_generate(call, rec: RequestRecord, now: Clock) -> list[str]:
-    """Reads one Router/Generate stream into rec (token times, finish reason, the server's counts, cached
-    prompt tokens where the record keeps them, or the error); returns the texts of its messages."""
+async def consume_generate(messages: AsyncIterator, rec: RequestRecord, now: Clock) -> list[str]:
+    """Reads one Router/Generate stream (qllm.client's generate_raw) into rec (token times, finish reason, the
+    server's counts, cached prompt tokens where the record keeps them, or the error); returns the texts of its
+    messages. Cancelled, it closes the stream, which cancels the RPC."""
     parts: list[str] = []
     finished = False
     server_count = None
     try:
-        async for msg in call:
-            add_tokens(rec, len(msg.token_ids), now())
-            parts.append(msg.text)
-            if msg.finished:
-                finished = True
-                rec.finish_reason = msg.finish_reason
-                rec.server_prompt_tokens = msg.prompt_tokens or None
-                if hasattr(rec, "cached_prompt_tokens"):
-                    rec.cached_prompt_tokens = msg.cached_prompt_tokens
-                server_count = msg.completion_tokens or None
-    except asyncio.CancelledError:
-        call.cancel()
-        raise
-    except grpc.aio.AioRpcError as exc:
-        rec.error = f"{exc.code().name}: {exc.details()}"
+        async with contextlib.aclosing(messages):
+            async for msg in messages:
+                add_tokens(rec, len(msg.token_ids), now())
+                parts.append(msg.text)
+                if msg.finished:
+                    finished = True
+                    rec.finish_reason = msg.finish_reason
+                    rec.server_prompt_tokens = msg.prompt_tokens or None
+                    if hasattr(rec, "cached_prompt_tokens"):
+                        rec.cached_prompt_tokens = msg.cached_prompt_tokens
+                    server_count = msg.completion_tokens or None
+    except QLLMError as exc:
+        rec.error = f"{exc.code.name}: {exc.message}"
     rec.finished_s = now()
     reconcile_count(rec, server_count)
     if not rec.error:
@@ -208,12 +207,12 @@ async def consume_generate(call, rec: RequestRecord, now: Clock) -> list[str]:
 
 
 class GrpcSender:
-    """qllm.v1.Router/Generate. One channel per class, so BE streams never queue LS ones in the client's
-    HTTP/2 connection."""
+    """qllm.v1.Router/Generate through qllm.client. One client (channel) per class, so BE streams never queue
+    LS ones in the client's HTTP/2 connection."""
 
     def __init__(self, address: str, *, request_id_prefix: str = "bench", temperature: float = 0.0,
                  ignore_eos: bool = True, timeout_s: float | None = None):
-        from qllm.v1 import common_pb2, router_pb2, router_pb2_grpc
+        from qllm.v1 import common_pb2, router_pb2
 
         self._pb = router_pb2
         self.label = address
@@ -223,15 +222,15 @@ class GrpcSender:
         self.ignore_eos = ignore_eos
         self.timeout_s = timeout_s
         self._priority = {LS: common_pb2.PRIORITY_LATENCY_SENSITIVE, BE: common_pb2.PRIORITY_BEST_EFFORT}
-        self._channels = {cls: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for cls in (LS, BE)}
-        self._stubs = {cls: router_pb2_grpc.RouterStub(ch) for cls, ch in self._channels.items()}
+        self._clients = {cls: Client(address, timeout_s=timeout_s, channel_options=CHANNEL_OPTIONS)
+                         for cls in (LS, BE)}
 
     async def send(self, spec: RequestSpec, rec: RequestRecord, now: Clock) -> None:
         request = self._pb.GenerateRequest(
             prompt=spec.prompt, max_tokens=spec.max_tokens, priority=self._priority[spec.cls],
             ignore_eos=self.ignore_eos, temperature=self.temperature, request_id=f"{self.prefix}-{spec.index}")
-        await consume_generate(self._stubs[spec.cls].Generate(request, timeout=self.timeout_s), rec, now)
+        await consume_generate(self._clients[spec.cls].generate_raw(request), rec, now)
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
+        for client in self._clients.values():
+            await client.close()

@@ -21,7 +21,8 @@ from router.discovery import WorkerDiscovery
 from router.deps import KVManagerClient, PredictorClient
 from router.namespaces import RequestIds, program_key
 from router.programs import ProgramTracker
-from router.validation import InvalidField, Limits, validate
+from router.model_info import model_info
+from router.validation import InvalidField, Limits, text_for_prediction, validate
 from router.worker_client import WorkerClient
 
 log = get_logger(__name__)
@@ -69,14 +70,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         structlog.contextvars.bind_contextvars(request_id=rid, priority=label, tenant=tenant.name)
         submit = worker_pb2.SubmitRequest(
             request_id=internal_id, prompt=request.prompt, priority=priority, program_id=program,
-            last_turn=request.last_turn,
+            last_turn=request.last_turn, messages=request.messages, prompt_token_ids=request.prompt_token_ids,
             sampling=worker_pb2.SamplingParams(
                 max_tokens=request.max_tokens, temperature=request.temperature,
                 top_p=request.top_p if request.HasField("top_p") else 1.0,
                 seed=request.seed if request.HasField("seed") else zlib.crc32(rid.encode()),
                 ignore_eos=request.ignore_eos, num_beams=request.num_beams,
                 patience=request.patience if request.HasField("patience") else 1.0,
-                length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0))
+                length_penalty=request.length_penalty if request.HasField("length_penalty") else 1.0,
+                stop=request.stop, stop_token_ids=request.stop_token_ids, logprobs=request.logprobs,
+                top_logprobs=request.top_logprobs))
         job = Job(internal_id, is_ls, submit, arrival=arrival)
         turn = None
         if program:
@@ -99,11 +102,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         first = True
         sent = 0       # tokens the client has
         position = 0   # tokens of the current attempt seen so far (a re-queued request starts over)
+        sent_chars = text_position = 0   # the same for text, which may lag the tokens (held-back stop strings)
         try:
             while True:
                 event = await job.events.get()
                 if event is RESTART:
-                    position = 0
+                    position = text_position = 0
                     log.info("re-queued after losing its worker; replaying", sent_tokens=sent)
                     continue
                 if event.WhichOneof("kind") == "rejected":
@@ -112,15 +116,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     finished = True
                     await context.abort(code, event.rejected.message)
                 delta = event.tokens
-                token_ids, text = list(delta.token_ids), delta.text
-                # A replay re-generates (same seed, same tokens) what the client already has: skip it.
+                token_ids, text, logprobs = list(delta.token_ids), delta.text, delta.logprobs
+                # A replay re-generates (same seed, same tokens and text) what the client already has: skip it.
                 skip = max(0, min(len(token_ids), sent - position))
+                skip_chars = max(0, min(len(text), sent_chars - text_position))
                 position += len(token_ids)
-                if skip:
-                    token_ids, text = token_ids[skip:], ""
-                    if not token_ids and not delta.finished:
+                text_position += len(text)
+                if skip or skip_chars:
+                    token_ids, text, logprobs = token_ids[skip:], text[skip_chars:], logprobs[skip:]
+                    if not token_ids and not text and not delta.finished:
                         continue
                 sent += len(token_ids)
+                sent_chars += len(text)
                 now = time.monotonic()
                 if first and token_ids:
                     metrics.TTFT.labels(label).observe(now - arrival)
@@ -136,11 +143,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         self._spawn(self._report_turn(request, program,
                                                       delta.prompt_tokens + delta.completion_tokens,
                                                       delta.cached_prompt_tokens, job, turn))
-                yield router_pb2.GenerateResponse(
+                response = router_pb2.GenerateResponse(
                     text=text, token_ids=token_ids, finished=delta.finished,
                     finish_reason=delta.finish_reason, request_id=rid, prompt_tokens=delta.prompt_tokens,
                     completion_tokens=delta.completion_tokens,
-                    cached_prompt_tokens=delta.cached_prompt_tokens if delta.finished else 0)
+                    cached_prompt_tokens=delta.cached_prompt_tokens if delta.finished else 0, logprobs=logprobs)
+                matched = delta.WhichOneof("matched_stop")
+                if matched:
+                    setattr(response, matched, getattr(delta, matched))
+                yield response
                 if delta.finished:
                     return
         finally:
@@ -150,16 +161,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 metrics.FINISHED.labels(label, "cancelled").inc()
                 self.core.cancel(job)
 
+    async def GetModelInfo(self, request: router_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
+        try:
+            tenant = self.keyring.authenticate(context.invocation_metadata())
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        return model_info(self.core.workers, self.limits, tenant, self.core.max_be_queue)
+
     async def _set_order_key(self, job: Job, request: router_pb2.GenerateRequest) -> None:
         """Asks the predictor for what the BE order sorts by. A predictor that is down or past its deadline
-        leaves the key unset: the request is then served in arrival order, never failed."""
+        leaves the key unset: the request is then served in arrival order, never failed (so is input the
+        predictor cannot read: token ids)."""
         order = self.core.queues.be_order
+        prompt = text_for_prediction(request)
+        if prompt is None:
+            if order == "oracle":
+                job.true_length = request.max_tokens
+            return
         if order == "ltr":
-            scores = await self.predictor.rank([request.prompt])
+            scores = await self.predictor.rank([prompt])
             job.length_score = scores[0] if scores else None
             job.submit.length_score = job.length_score or 0.0
         elif order == "speculative":
-            estimate = await self.predictor.estimate(request.prompt, request.max_tokens)
+            estimate = await self.predictor.estimate(prompt, request.max_tokens)
             if estimate is not None:
                 job.est_remaining_s = estimate.remaining_s
                 # The worker re-estimates from it as tokens stream (a preempted request that has produced
@@ -169,7 +193,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             job.true_length = request.max_tokens  # the bench sends ignore_eos, so this is the true length
         else:
             # Arrival order needs no score before dispatch: ask in the background, off the request's path.
-            self._spawn(self._record_score(request.prompt))
+            self._spawn(self._record_score(prompt))
 
     async def _record_score(self, prompt: str) -> None:
         scores = await self.predictor.rank([prompt])
@@ -268,6 +292,8 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
         connected = [w for w in workers if w.info is not None]
         if connected:
             limits.max_context = connected[0].info.max_context
+            limits.vocab_size = connected[0].info.vocab_size
+            limits.has_chat_template = connected[0].info.has_chat_template
         else:
             log.warning("no worker reachable yet; serving anyway", workers=args.workers)
 

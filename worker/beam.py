@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker.logprobs import TokenLogprobs
+
 
 @dataclass
 class BeamRow:
@@ -53,6 +55,8 @@ class Hypothesis:
     score: float          # sum_logprobs / len ** length_penalty
     sum_logprobs: float
     eos: bool
+    # Per token, when the request asked for logprobs (worker/logprobs.py TokenLogprobs).
+    logprobs: list = field(default_factory=list)
 
 
 def finished_target(num_beams: int, patience: float) -> int:
@@ -88,9 +92,14 @@ class BeamSearch:
     prompt_len: int
     block_size: int
     eos_token_ids: frozenset[int] = frozenset()
+    # The request's logprobs / top_logprobs: each hypothesis then carries its tokens' log-probabilities (the
+    # model's, as for a sampled token), ranks and alternatives.
+    logprobs: bool = False
+    top_logprobs: int = 0
     # State, reset on (recompute) preemption.
     beams: list[list[int]] = field(default_factory=list)      # generated tokens of each live beam
     scores: list[float] = field(default_factory=list)         # their sum of log-probabilities
+    beam_logprobs: list[list] = field(default_factory=list)   # with logprobs: each live beam's TokenLogprobs
     finished: list[Hypothesis] = field(default_factory=list)
     done: bool = False
 
@@ -108,7 +117,7 @@ class BeamSearch:
         return bool(self.beams)
 
     def reset(self) -> None:
-        self.beams, self.scores, self.finished, self.done = [], [], [], False
+        self.beams, self.scores, self.beam_logprobs, self.finished, self.done = [], [], [], [], False
 
     # --- layout -------------------------------------------------------------------------------------------
     def region(self, table: list[int], slot: int) -> list[int]:
@@ -144,21 +153,41 @@ class BeamSearch:
         top_lp, top_idx = torch.topk(acc.reshape(-1), k=min(2 * k, acc.numel()))
         at_max = gen_len >= self.max_tokens
         penalty = gen_len ** self.length_penalty
-        running: list[tuple[float, int, int]] = []
-        for rank, (lp, idx) in enumerate(zip(top_lp.tolist(), top_idx.tolist())):
-            src, tok = divmod(idx, vocab)
+        candidates = [divmod(idx, vocab) for idx in top_idx.tolist()]
+        history = self.beam_logprobs or [[]]
+        token_logprobs = self._token_logprobs(logprobs, candidates) if self.logprobs else None
+        running: list[tuple[float, int, int, int]] = []
+        for rank, (lp, (src, tok)) in enumerate(zip(top_lp.tolist(), candidates)):
             eos = tok in self.eos_token_ids
             if eos or at_max:
                 if rank < k:
-                    self.finished.append(Hypothesis(beams[src] + [tok], lp / penalty, lp, eos))
+                    self.finished.append(Hypothesis(beams[src] + [tok], lp / penalty, lp, eos,
+                                                    history[src] + [token_logprobs[rank]] if token_logprobs else []))
             elif len(running) < k:
-                running.append((lp, src, tok))
-        self.beams = [beams[src] + [tok] for _, src, tok in running]
-        self.scores = [lp for lp, _, _ in running]
+                running.append((lp, src, tok, rank))
+        self.beams = [beams[src] + [tok] for _, src, tok, _ in running]
+        self.scores = [lp for lp, _, _, _ in running]
+        if token_logprobs:
+            self.beam_logprobs = [history[src] + [token_logprobs[rank]] for _, src, _, rank in running]
         if at_max or len(self.finished) >= self.target or not running:
             self.done = True
             return []
-        return self._copies(table, first, [src for _, src, _ in running], prev_len)
+        return self._copies(table, first, [src for _, src, _, _ in running], prev_len)
+
+    def _token_logprobs(self, logprobs: torch.Tensor, candidates: list[tuple[int, int]]) -> list:
+        """Each candidate token's log-probability under its beam, its rank there and the beam row's most likely
+        tokens (only for requests that ask)."""
+        rows = torch.tensor([src for src, _ in candidates], dtype=torch.long, device=logprobs.device)
+        toks = torch.tensor([tok for _, tok in candidates], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs[rows, toks]
+        ranks = ((logprobs[rows] > chosen[:, None]).sum(dim=-1) + 1).tolist()
+        tops: list[list] = [[] for _ in candidates]
+        if self.top_logprobs:
+            top_lp, top_ids = logprobs.topk(self.top_logprobs, dim=-1)
+            per_row = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
+            tops = [per_row[src] for src, _ in candidates]
+        return [TokenLogprobs(tok, lp, rank, top)
+                for (_, tok), lp, rank, top in zip(candidates, chosen.tolist(), ranks, tops)]
 
     def _copies(self, table: list[int], first: bool, sources: list[int], prev_len: int) -> list[tuple[int, int]]:
         bs = self.block_size

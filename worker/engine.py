@@ -27,6 +27,7 @@ from worker.request import FinishReason, Priority, Request, SamplingParams
 from worker.scheduler import SchedulerConfig, make_scheduler
 from worker.scheduler.base import int8_owner_id
 from qllm.limits import MAX_ABS_LENGTH_PENALTY, MAX_PATIENCE
+from qllm.request_checks import InvalidField, check_logprobs, check_stop, check_with_beams
 from qllm.logs import get_logger
 
 log = get_logger(__name__)
@@ -58,6 +59,10 @@ class EngineOutput:
     cached_prompt_tokens: int = 0
     # Beam search only, on the final output: the finished hypotheses, best first, as (token ids, score).
     beams: list[tuple[list[int], float]] | None = None
+    # One per new token, for requests that asked for logprobs (worker/logprobs.py).
+    logprobs: list | None = None
+    # On the final output of a request that ended at one of its stop_token_ids: which.
+    stop_token_id: int | None = None
 
 
 class RequestRejected(Exception):
@@ -149,7 +154,11 @@ class EngineCore:
         self._wake.set()
 
     def cancel(self, request_id: str) -> None:
-        self._inbox.append(("cancel", request_id))
+        self.end(request_id, FinishReason.CANCELLED)
+
+    def end(self, request_id: str, reason: FinishReason) -> None:
+        """Ends a request early for `reason` (cancelled, or STOP at a stop string found outside the core)."""
+        self._inbox.append(("cancel", (request_id, reason)))
         self._wake.set()
 
     def call(self, fn) -> concurrent.futures.Future:
@@ -173,7 +182,7 @@ class EngineCore:
                 except Exception as exc:  # the caller gets it; the core goes on
                     future.set_exception(exc)
             else:
-                req = self.scheduler.abort(item)
+                req = self.scheduler.abort(*item)
                 if req is not None:
                     outputs.append(self._finished_output(req, []))
         return outputs
@@ -335,13 +344,18 @@ class EngineCore:
                 new = [req.output_token_ids[-1]] if req.request_id in sampled else []
                 if req.beam is not None:  # beams stream nothing until the search ends, then the best sequence
                     new = list(req.output_token_ids) if req.is_finished else []
+                logprobs = None
+                if state.sampled_logprobs and new and req.request_id in state.sampled_logprobs:
+                    logprobs = [state.sampled_logprobs[req.request_id]]
+                elif req.beam is not None and new and req.sampling.logprobs and req.beam.done:
+                    logprobs = req.beam.best().logprobs
                 if req.is_finished:
                     self.runner.release(req.request_id)
-                    outputs.append(self._finished_output(req, new))
+                    outputs.append(self._finished_output(req, new, logprobs))
                 elif new:
                     outputs.append(EngineOutput(req.request_id, new, num_prompt_tokens=req.num_prompt_tokens,
                                                 num_output_tokens=len(req.output_token_ids),
-                                                cached_prompt_tokens=req.num_cached_tokens))
+                                                cached_prompt_tokens=req.num_cached_tokens, logprobs=logprobs))
             if outputs:
                 self._on_outputs(outputs)
             self._publish_gauges()
@@ -360,7 +374,7 @@ class EngineCore:
                          free_kv_tokens=self.allocator.free_tokens,
                          headroom_tokens=self.scheduler.headroom_blocks() * self.allocator.block_size)
 
-    def _finished_output(self, req: Request, new: list[int]) -> EngineOutput:
+    def _finished_output(self, req: Request, new: list[int], logprobs: list | None = None) -> EngineOutput:
         self.runner.release(req.request_id)
         beams = None
         if req.beam is not None and req.beam.done:
@@ -368,7 +382,8 @@ class EngineCore:
         return EngineOutput(req.request_id, new, finished=True,
                             finish_reason=req.finish_reason.value if req.finish_reason else "",
                             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
-                            cached_prompt_tokens=req.num_cached_tokens, beams=beams)
+                            cached_prompt_tokens=req.num_cached_tokens, beams=beams, logprobs=logprobs,
+                            stop_token_id=req.stop_token_id)
 
     def _publish_gauges(self) -> None:
         metrics.RUNNING.set(len(self.scheduler.running))
@@ -394,7 +409,10 @@ class AsyncEngine:
         self.max_context = max_context
         self.config = config
         self.core = EngineCore(runner, config, self._on_outputs)
+        self.vocab_size = runner.model.config.vocab_size
         self._streams: dict[str, asyncio.Queue] = {}
+        # Requests their consumer ended on purpose (a stop string in their text): how the core ends them.
+        self._ending: dict[str, FinishReason] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -418,6 +436,12 @@ class AsyncEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def check(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
+        try:
+            check_stop(sampling.stop, sorted(sampling.stop_token_ids), self.vocab_size)
+            check_logprobs(sampling.logprobs, sampling.top_logprobs)
+            check_with_beams(sampling.num_beams, sampling.stop)
+        except InvalidField as exc:
+            raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
         if sampling.num_beams > 1:
             self.check_beams(sampling)
         total = num_prompt_tokens + sampling.max_tokens
@@ -479,14 +503,28 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
+            ending = self._ending.pop(request_id, None)
             if not finished:
-                self.core.cancel(request_id)
+                if ending is None:
+                    self.core.cancel(request_id)
+                else:
+                    self.core.end(request_id, ending)
+
+    def end_early(self, request_id: str, reason: FinishReason = FinishReason.STOP) -> None:
+        """Marks a running request as ended by its consumer for `reason` (a stop string found in its text, as
+        vLLM's output processor aborts one): when the consumer then closes its generate() stream, the core ends
+        it with that reason, not as cancelled, at the end of its current step (KV freed, or pinned for an agent
+        program's next turn)."""
+        if request_id in self._streams:
+            self._ending[request_id] = reason
 
     def new_beam_search(self, req: Request) -> beam.BeamSearch:
-        """The search state of a beam request; with ignore_eos no candidate ever finishes early."""
+        """The search state of a beam request; with ignore_eos no candidate ever finishes early, except at a stop
+        token (those end a hypothesis as EOS does)."""
         s = req.sampling
+        ends = (frozenset() if s.ignore_eos else req.eos_token_ids) | s.stop_token_ids
         return beam.BeamSearch(s.num_beams, s.patience, s.length_penalty, s.max_tokens, req.num_prompt_tokens,
-                               self.config.block_size, frozenset() if s.ignore_eos else req.eos_token_ids)
+                               self.config.block_size, ends, logprobs=s.logprobs, top_logprobs=s.top_logprobs)
 
     # --- agent-program pins (worker/kv_pins.py), applied on the core thread ------------------------------
     async def set_pin(self, program_id: str, ttl_s: float, keep_score: float) -> tuple[bool, int]:

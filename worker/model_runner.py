@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from worker.logprobs import sampled_logprobs
 from worker.model_loader import LoadedModel
 from worker.paged_cache import ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment
 from worker.paged_decode import DecodeBatch
@@ -34,6 +35,8 @@ class StepState:
     next_stage: int = 0
     pauses: int = 0
     has_beams: bool = False              # live beam-search beams are among the decode rows (worker/beam.py)
+    # Set by finish(): request id -> the sampled token's log-probabilities, for requests that ask.
+    sampled_logprobs: dict | None = None
 
     @property
     def next_layer(self) -> int:
@@ -163,7 +166,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def finish(self, state: StepState) -> dict[str, int]:
-        """Final norm, LM head on the sampling rows only, then sampling."""
+        """Final norm, LM head on the sampling rows only, then sampling (and logprobs for who asks)."""
         if not state.sample_rows:
             return {}
         rows = torch.tensor(state.sample_rows, dtype=torch.long, device=self.device)
@@ -172,6 +175,7 @@ class ModelRunner:
         scheduled = [state.plan.scheduled[i] for i in state.sample_index]
         ids = [s.request.request_id for s in scheduled]
         tokens = self.sampler.sample(logits, ids, [s.request.sampling for s in scheduled])
+        state.sampled_logprobs = sampled_logprobs(logits, tokens, scheduled)
         if not state.has_beams:
             return dict(zip(ids, tokens))
         return self._beam_steps(logits, scheduled, tokens)

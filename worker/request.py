@@ -22,7 +22,7 @@ class Status(enum.Enum):
 
 class FinishReason(str, enum.Enum):
     LENGTH = "length"          # max_tokens reached
-    STOP = "stop"              # end-of-sequence token
+    STOP = "stop"              # end-of-sequence token, a stop token or a stop string
     CANCELLED = "cancelled"    # the client went away
     ERROR = "error"
 
@@ -38,6 +38,13 @@ class SamplingParams:
     num_beams: int = 1
     patience: float = 1.0
     length_penalty: float = 1.0
+    # Stop strings are matched where text is produced (worker/stop_strings.py), which ends the request early;
+    # stop tokens end it here, as it samples them, whatever ignore_eos says (vLLM's semantics).
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    # Log-probability of each sampled token, and of this many most likely alternatives (worker/logprobs.py).
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +79,8 @@ class Request:
     # The predictor's estimate of the output length in tokens (0 = unknown), from the router's speculative
     # order: what is left of it orders waiting BE work and prices ALISE's victims.
     predicted_output_tokens: int = 0
+    # The stop token (sampling.stop_token_ids) the request ended at; None otherwise.
+    stop_token_id: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -120,6 +129,9 @@ class Request:
         self.output_token_ids.append(token_id)
         if not self.sampling.ignore_eos and token_id in self.eos_token_ids:
             self.finish(FinishReason.STOP)
+        elif token_id in self.sampling.stop_token_ids:
+            self.stop_token_id = token_id
+            self.finish(FinishReason.STOP)
         elif len(self.output_token_ids) >= self.sampling.max_tokens:
             self.finish(FinishReason.LENGTH)
 
@@ -132,6 +144,10 @@ class Request:
             return
         best = beam.best()
         self.output_token_ids = list(best.tokens)
+        last = best.tokens[-1] if best.tokens else None
+        if (best.eos and last in self.sampling.stop_token_ids
+                and (self.sampling.ignore_eos or last not in self.eos_token_ids)):
+            self.stop_token_id = last
         self.finish(FinishReason.STOP if best.eos else FinishReason.LENGTH)
 
     def finish(self, reason: FinishReason) -> None:

@@ -15,11 +15,13 @@ import structlog
 from qllm import internal_auth, serving, settings
 from qllm.internal_auth import InternalToken
 from qllm.logs import configure as configure_logging, get_logger
-from qllm.v1 import worker_pb2, worker_pb2_grpc
+from qllm.request_checks import InvalidField
+from qllm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from qllm.wire import DRAINING
 from worker import metrics
-from worker.detokenizer import IncrementalDetokenizer
+from worker import inputs
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
+from worker.output_text import OutputText
 from worker.latency_report import LatencyReporter
 from worker.request import Priority, SamplingParams
 from worker.tokenize import PromptEncoder
@@ -47,7 +49,19 @@ def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
     # length_penalty is taken as sent (the router sends 1.0 when the client leaves it unset).
     return SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                           seed=msg.seed, ignore_eos=msg.ignore_eos, num_beams=num_beams,
-                          patience=msg.patience or 1.0, length_penalty=msg.length_penalty)
+                          patience=msg.patience or 1.0, length_penalty=msg.length_penalty,
+                          stop=tuple(msg.stop), stop_token_ids=frozenset(msg.stop_token_ids),
+                          logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)
+
+
+def logprobs_to_wire(entries: list, tokenizer) -> list[common_pb2.TokenLogprob]:
+    """worker/logprobs.py TokenLogprobs -> wire, with each token's own text (decoded in one call)."""
+    ids = [i for e in entries for i in (e.token_id, *(t for t, _ in e.top))]
+    texts = iter(tokenizer.batch_decode([[i] for i in ids]))
+    return [common_pb2.TokenLogprob(token_id=e.token_id, logprob=e.logprob, rank=e.rank, token=next(texts),
+                                    top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=lp, token=next(texts))
+                                                  for t, lp in e.top])
+            for e in entries]
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -158,8 +172,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if priority is None:
                 raise RequestRejected("INVALID_ARGUMENT", "priority: must be LATENCY_SENSITIVE or BEST_EFFORT")
             sampling = sampling_from_wire(submit.sampling)
-            prompt_ids = await self.prompts.encode(submit.prompt)
-            detok = IncrementalDetokenizer(self.engine.tokenizer)
+            try:
+                prompt_ids = await inputs.prompt_token_ids(submit.prompt, submit.messages, submit.prompt_token_ids,
+                                                           self.engine.tokenizer, self.engine.vocab_size,
+                                                           self.prompts.encode)
+            except InvalidField as exc:
+                raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
+            output = OutputText(self.engine.tokenizer, sampling.stop)
             stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score,
                                           program_id=submit.program_id, last_turn=submit.last_turn,
                                           predicted_output_tokens=submit.predicted_output_tokens)
@@ -170,18 +189,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     metrics.TTFT.labels(label).observe(now - arrival)
                     first = False
                 metrics.TOKENS.labels(label).inc(len(out.new_token_ids))
-                text = detok.push(out.new_token_ids)
-                if out.finished:
-                    text += detok.flush()
+                text, stop_string = output.push(out.new_token_ids, out.finished)
+                finished = out.finished or stop_string is not None
+                reason = "stop" if stop_string is not None else out.finish_reason
+                if finished:
                     metrics.E2E.labels(label).observe(now - arrival)
-                    metrics.FINISHED.labels(label, out.finish_reason).inc()
-                    log.info("finished", reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
+                    metrics.FINISHED.labels(label, reason).inc()
+                    log.info("finished", reason=reason, prompt_tokens=out.num_prompt_tokens,
                              cached_prompt_tokens=out.cached_prompt_tokens, output_tokens=out.num_output_tokens,
                              seconds=round(now - arrival, 4))
-                events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, tokens=worker_pb2.TokenDelta(
-                    token_ids=out.new_token_ids, text=text, finished=out.finished,
-                    finish_reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
-                    completion_tokens=out.num_output_tokens, cached_prompt_tokens=out.cached_prompt_tokens)))
+                delta = worker_pb2.TokenDelta(
+                    token_ids=out.new_token_ids, text=text, finished=finished,
+                    finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+                    completion_tokens=out.num_output_tokens, cached_prompt_tokens=out.cached_prompt_tokens,
+                    logprobs=logprobs_to_wire(out.logprobs, self.engine.tokenizer) if out.logprobs else None)
+                if stop_string is not None:
+                    delta.stop_string = stop_string
+                elif out.stop_token_id is not None:
+                    delta.stop_token_id = out.stop_token_id
+                events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, tokens=delta))
+                if stop_string is not None and not out.finished:
+                    # Nothing after the stop string is sent: the engine ends the request as STOP (frees its KV).
+                    self.engine.end_early(rid)
+                    await stream.aclose()
+                    break
         except RequestRejected as exc:
             metrics.REJECTED.labels(label, exc.code).inc()
             log.info("rejected", code=exc.code, reason=exc.message)
@@ -259,7 +290,9 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
     engine = AsyncEngine(runner, loaded.tokenizer, loaded.eos_token_ids, loaded.max_context, config)
     info = worker_pb2.WorkerInfo(model_name=loaded.name, max_context=loaded.max_context,
                                  vocab_size=loaded.model.config.vocab_size, num_layers=runner.num_layers,
-                                 policy=config.policy, device=str(loaded.device), max_num_seqs=config.max_num_seqs)
+                                 policy=config.policy, device=str(loaded.device), max_num_seqs=config.max_num_seqs,
+                                 has_chat_template=inputs.has_chat_template(loaded.tokenizer),
+                                 eos_token_ids=loaded.eos_token_ids)
     servicer = WorkerServicer(engine, info)
     reporter = LatencyReporter(predictor, worker_address, engine.core.latency_samples, latency_report_interval_s,
                                credentials=predictor_credentials,

@@ -24,13 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qllm/v1/common.proto\x12\x07qllm.v1*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPRIORITY_LATENCY_SENSITIVE\x10\x01\x12\x18\n\x14PRIORITY_BEST_EFFORT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qllm/v1/common.proto\x12\x07qllm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\t\x12)\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x13.qllm.v1.TopLogprob*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPRIORITY_LATENCY_SENSITIVE\x10\x01\x12\x18\n\x14PRIORITY_BEST_EFFORT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qllm.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=33
-  _globals['_PRIORITY']._serialized_end=127
+  _globals['_PRIORITY']._serialized_start=266
+  _globals['_PRIORITY']._serialized_end=360
+  _globals['_CHATMESSAGE']._serialized_start=33
+  _globals['_CHATMESSAGE']._serialized_end=77
+  _globals['_TOPLOGPROB']._serialized_start=79
+  _globals['_TOPLOGPROB']._serialized_end=141
+  _globals['_TOKENLOGPROB']._serialized_start=143
+  _globals['_TOKENLOGPROB']._serialized_end=264
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class RouterStub:
                 request_serializer=qllm_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=qllm_dot_v1_dot_router__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/qllm.v1.Router/GetModelInfo',
+                request_serializer=qllm_dot_v1_dot_router__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=qllm_dot_v1_dot_router__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -53,6 +58,14 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelInfo(self, request, context):
+        """What is served and under which limits: model facts, the workers and their policies, the router's bounds
+        on request fields, and the caller's own classes and rate limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=qllm_dot_v1_dot_router__pb2.GenerateRequest.FromString,
                     response_serializer=qllm_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=qllm_dot_v1_dot_router__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=qllm_dot_v1_dot_router__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class Router:
             '/qllm.v1.Router/Generate',
             qllm_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
             qllm_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qllm.v1.Router/GetModelInfo',
+            qllm_dot_v1_dot_router__pb2.GetModelInfoRequest.SerializeToString,
+            qllm_dot_v1_dot_router__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

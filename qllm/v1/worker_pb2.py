@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from qllm.v1 import common_pb2 as qllm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qllm/v1/worker.proto\x12\x07qllm.v1\x1a\x14qllm/v1/common.proto\"F\n\rSetPinRequest\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\x12\n\nkeep_score\x18\x03 \x01(\x02\".\n\x0eSetPinResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\x0e\n\x06tokens\x18\x02 \x01(\r\")\n\x12ReleasePinsRequest\x12\x13\n\x0bprogram_ids\x18\x01 \x03(\t\"7\n\x13ReleasePinsResponse\x12\x10\n\x08released\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\"\x17\n\x15ListWorkerPinsRequest\"Y\n\tWorkerPin\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x03 \x01(\x01\x12\x12\n\nkeep_score\x18\x04 \x01(\x02\":\n\x16ListWorkerPinsResponse\x12 \n\x04pins\x18\x01 \x03(\x0b\x32\x12.qllm.v1.WorkerPin\"\xa7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x11\n\tnum_beams\x18\x06 \x01(\r\x12\x10\n\x08patience\x18\x07 \x01(\x02\x12\x16\n\x0elength_penalty\x18\x08 \x01(\x02\"\xe1\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.qllm.v1.SamplingParams\x12#\n\x08priority\x18\x04 \x01(\x0e\x32\x11.qllm.v1.Priority\x12\x12\n\nprogram_id\x18\x05 \x01(\t\x12\x11\n\tlast_turn\x18\x06 \x01(\x08\x12\x14\n\x0clength_score\x18\x07 \x01(\x02\x12\x1f\n\x17predicted_output_tokens\x18\x08 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"k\n\rWorkerCommand\x12(\n\x06submit\x18\x01 \x01(\x0b\x32\x16.qllm.v1.SubmitRequestH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.qllm.v1.CancelRequestH\x00\x42\x06\n\x04kind\"\xa6\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"x\n\x0bWorkerEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.qllm.v1.TokenDeltaH\x00\x12&\n\x08rejected\x18\x03 \x01(\x0b\x32\x12.qllm.v1.RejectionH\x00\x42\x06\n\x04kind\"\x11\n\x0f\x44\x65scribeRequest\"\x9d\x02\n\nWorkerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x08 \x01(\x04\x12\x16\n\x0ekv_free_tokens\x18\t \x01(\x04\x12\x13\n\x0bnum_running\x18\n \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0b \x01(\r\x12\x18\n\x10kv_pinned_tokens\x18\x0c \x01(\x04\x12\x10\n\x08num_pins\x18\r \x01(\r2\xd0\x02\n\x06Worker\x12\x39\n\x05Serve\x12\x16.qllm.v1.WorkerCommand\x1a\x14.qllm.v1.WorkerEvent(\x01\x30\x01\x12\x39\n\x08\x44\x65scribe\x12\x18.qllm.v1.DescribeRequest\x1a\x13.qllm.v1.WorkerInfo\x12\x39\n\x06SetPin\x12\x16.qllm.v1.SetPinRequest\x1a\x17.qllm.v1.SetPinResponse\x12H\n\x0bReleasePins\x12\x1b.qllm.v1.ReleasePinsRequest\x1a\x1c.qllm.v1.ReleasePinsResponse\x12K\n\x08ListPins\x12\x1e.qllm.v1.ListWorkerPinsRequest\x1a\x1f.qllm.v1.ListWorkerPinsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qllm/v1/worker.proto\x12\x07qllm.v1\x1a\x14qllm/v1/common.proto\"F\n\rSetPinRequest\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\x12\n\nkeep_score\x18\x03 \x01(\x02\".\n\x0eSetPinResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\x0e\n\x06tokens\x18\x02 \x01(\r\")\n\x12ReleasePinsRequest\x12\x13\n\x0bprogram_ids\x18\x01 \x03(\t\"7\n\x13ReleasePinsResponse\x12\x10\n\x08released\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\"\x17\n\x15ListWorkerPinsRequest\"Y\n\tWorkerPin\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x03 \x01(\x01\x12\x12\n\nkeep_score\x18\x04 \x01(\x02\":\n\x16ListWorkerPinsResponse\x12 \n\x04pins\x18\x01 \x03(\x0b\x32\x12.qllm.v1.WorkerPin\"\xf5\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x11\n\tnum_beams\x18\x06 \x01(\r\x12\x10\n\x08patience\x18\x07 \x01(\x02\x12\x16\n\x0elength_penalty\x18\x08 \x01(\x02\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\r\"\xa3\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.qllm.v1.SamplingParams\x12#\n\x08priority\x18\x04 \x01(\x0e\x32\x11.qllm.v1.Priority\x12\x12\n\nprogram_id\x18\x05 \x01(\t\x12\x11\n\tlast_turn\x18\x06 \x01(\x08\x12\x14\n\x0clength_score\x18\x07 \x01(\x02\x12\x1f\n\x17predicted_output_tokens\x18\x08 \x01(\r\x12&\n\x08messages\x18\t \x03(\x0b\x32\x14.qllm.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\n \x03(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"k\n\rWorkerCommand\x12(\n\x06submit\x18\x01 \x01(\x0b\x32\x16.qllm.v1.SubmitRequestH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.qllm.v1.CancelRequestH\x00\x42\x06\n\x04kind\"\x8f\x02\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\x12\'\n\x08logprobs\x18\x08 \x03(\x0b\x32\x15.qllm.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\rH\x00\x42\x0e\n\x0cmatched_stop\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"x\n\x0bWorkerEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.qllm.v1.TokenDeltaH\x00\x12&\n\x08rejected\x18\x03 \x01(\x0b\x32\x12.qllm.v1.RejectionH\x00\x42\x06\n\x04kind\"\x11\n\x0f\x44\x65scribeRequest\"\xcf\x02\n\nWorkerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x08 \x01(\x04\x12\x16\n\x0ekv_free_tokens\x18\t \x01(\x04\x12\x13\n\x0bnum_running\x18\n \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0b \x01(\r\x12\x18\n\x10kv_pinned_tokens\x18\x0c \x01(\x04\x12\x10\n\x08num_pins\x18\r \x01(\r\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08\x12\x15\n\reos_token_ids\x18\x0f \x03(\r2\xd0\x02\n\x06Worker\x12\x39\n\x05Serve\x12\x16.qllm.v1.WorkerCommand\x1a\x14.qllm.v1.WorkerEvent(\x01\x30\x01\x12\x39\n\x08\x44\x65scribe\x12\x18.qllm.v1.DescribeRequest\x1a\x13.qllm.v1.WorkerInfo\x12\x39\n\x06SetPin\x12\x16.qllm.v1.SetPinRequest\x1a\x17.qllm.v1.SetPinResponse\x12H\n\x0bReleasePins\x12\x1b.qllm.v1.ReleasePinsRequest\x1a\x1c.qllm.v1.ReleasePinsResponse\x12K\n\x08ListPins\x12\x1e.qllm.v1.ListWorkerPinsRequest\x1a\x1f.qllm.v1.ListWorkerPinsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,23 +47,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERPINSRESPONSE']._serialized_start=391
   _globals['_LISTWORKERPINSRESPONSE']._serialized_end=449
   _globals['_SAMPLINGPARAMS']._serialized_start=452
-  _globals['_SAMPLINGPARAMS']._serialized_end=619
-  _globals['_SUBMITREQUEST']._serialized_start=622
-  _globals['_SUBMITREQUEST']._serialized_end=847
-  _globals['_CANCELREQUEST']._serialized_start=849
-  _globals['_CANCELREQUEST']._serialized_end=884
-  _globals['_WORKERCOMMAND']._serialized_start=886
-  _globals['_WORKERCOMMAND']._serialized_end=993
-  _globals['_TOKENDELTA']._serialized_start=996
-  _globals['_TOKENDELTA']._serialized_end=1162
-  _globals['_REJECTION']._serialized_start=1164
-  _globals['_REJECTION']._serialized_end=1206
-  _globals['_WORKEREVENT']._serialized_start=1208
-  _globals['_WORKEREVENT']._serialized_end=1328
-  _globals['_DESCRIBEREQUEST']._serialized_start=1330
-  _globals['_DESCRIBEREQUEST']._serialized_end=1347
-  _globals['_WORKERINFO']._serialized_start=1350
-  _globals['_WORKERINFO']._serialized_end=1635
-  _globals['_WORKER']._serialized_start=1638
-  _globals['_WORKER']._serialized_end=1974
+  _globals['_SAMPLINGPARAMS']._serialized_end=697
+  _globals['_SUBMITREQUEST']._serialized_start=700
+  _globals['_SUBMITREQUEST']._serialized_end=991
+  _globals['_CANCELREQUEST']._serialized_start=993
+  _globals['_CANCELREQUEST']._serialized_end=1028
+  _globals['_WORKERCOMMAND']._serialized_start=1030
+  _globals['_WORKERCOMMAND']._serialized_end=1137
+  _globals['_TOKENDELTA']._serialized_start=1140
+  _globals['_TOKENDELTA']._serialized_end=1411
+  _globals['_REJECTION']._serialized_start=1413
+  _globals['_REJECTION']._serialized_end=1455
+  _globals['_WORKEREVENT']._serialized_start=1457
+  _globals['_WORKEREVENT']._serialized_end=1577
+  _globals['_DESCRIBEREQUEST']._serialized_start=1579
+  _globals['_DESCRIBEREQUEST']._serialized_end=1596
+  _globals['_WORKERINFO']._serialized_start=1599
+  _globals['_WORKERINFO']._serialized_end=1934
+  _globals['_WORKER']._serialized_start=1937
+  _globals['_WORKER']._serialized_end=2273
 # @@protoc_insertion_point(module_scope)

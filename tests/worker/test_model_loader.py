@@ -145,6 +145,9 @@ def test_export_then_from_pretrained_gives_identical_logits(tmp_path, default_mo
     ids = _ids(tokenizer)
     assert tok.encode(TEXT) == ids[0].tolist()
     assert tok.eos_token_id == 0
+    # The ChatML template travels with the tokenizer: other engines render a chat (`messages`) as qllm does.
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     with torch.no_grad():
         assert torch.equal(model(ids).logits, default_model(ids).logits)
 

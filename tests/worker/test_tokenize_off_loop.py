@@ -21,6 +21,8 @@ class Out:
     num_prompt_tokens: int
     num_output_tokens: int
     cached_prompt_tokens: int = 0
+    logprobs: list | None = None
+    stop_token_id: int | None = None
 
 
 class FakeTokenizer:
@@ -32,6 +34,7 @@ class BlockingTokenizerEngine:
     """encode() of the huge prompt blocks until released; generate() yields a token every 5 ms."""
 
     tokenizer = FakeTokenizer()
+    vocab_size = 8192
 
     def __init__(self):
         self.huge_started = threading.Event()

@@ -125,7 +125,8 @@ class Scheduler:
         # Requests inside a step that has started but not finished (a paused step included): the scheduler
         # must not touch their progress or blocks until the step's update arrives.
         self.in_flight: set[str] = set()
-        self._cancel_pending: set[str] = set()
+        # Requests ended while in a step (cancelled, or stopped at a stop string): how they end when it finishes.
+        self._cancel_pending: dict[str, FinishReason] = {}
         self.num_preemptions = 0
         self.pins = PinStore(allocator, config.provisional_pin_s)
         # ALISE (config.kv_policy == "alise"): offloaded requests, the host pool's books in blocks, the moves
@@ -202,15 +203,17 @@ class Scheduler:
     def has_waiting_ls(self) -> bool:
         return any(r.is_ls for r in self.waiting)
 
-    def abort(self, request_id: str) -> Request | None:
-        """Cancels a request; frees its KV now, or when its in-flight step ends. Returns it if finished now."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request | None:
+        """Ends a request early (cancelled, or STOP at a stop string seen in its text); frees its KV now, or when
+        its in-flight step ends (a STOP agent turn is pinned as one that ended by itself). Returns it if
+        finished now."""
         req = self.requests.get(request_id)
         if req is None or req.is_finished:
             return None
         if request_id in self.in_flight:
-            self._cancel_pending.add(request_id)
+            self._cancel_pending.setdefault(request_id, reason)
             return None
-        self._finish(req, FinishReason.CANCELLED)
+        self._finish(req, reason)
         return req
 
     def fail_all(self) -> list[Request]:
@@ -436,8 +439,8 @@ class Scheduler:
             rid = req.request_id
             self.in_flight.discard(rid)
             if rid in self._cancel_pending:
-                self._cancel_pending.discard(rid)
-                self._finish(req, FinishReason.CANCELLED)
+                req.num_computed_tokens = s.start + s.num_tokens   # written: an agent turn's pin keeps it
+                self._finish(req, self._cancel_pending.pop(rid))
                 changed.append(req)
                 continue
             if req.is_finished:
