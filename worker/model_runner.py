@@ -13,8 +13,9 @@ from typing import Callable
 
 import torch
 
-from worker.model_loader import LoadedModel
-from worker.paged_cache import ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment
+from worker.model_loader import LoadedModel, layer_windows
+from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
+                                prefill_mask)
 from worker.paged_decode import DecodeBatch
 from worker.sampling import Sampler
 from worker.scheduler import SchedulerOutput
@@ -52,6 +53,9 @@ class ModelRunner:
         self.decoder = model.model
         self.layers = list(self.decoder.layers)
         self.num_layers = len(self.layers)
+        # Each layer's sliding window (0: full causal), as the model's own masks use them; the attention
+        # function gets its layer's value, so full and sliding layers mix freely (Qwen2-MoE, layer_types).
+        self.windows = layer_windows(model.config)
         self.device = loaded.device
         self.dtype = loaded.dtype
         cfg = model.config
@@ -101,12 +105,9 @@ class ModelRunner:
         row = len(rows)
         for s in prefills:
             kv_len = s.start + s.num_tokens
-            mask = None
-            if s.start > 0:
-                q_pos = torch.arange(s.start, kv_len)
-                mask = (torch.arange(kv_len)[None, :] <= q_pos[:, None]).to(dev)
+            masks = {w: prefill_mask(s.start, s.num_tokens, w, dev) for w in set(self.windows)}
             layout.prefills.append(PrefillSegment(q_start=row, q_len=s.num_tokens,
-                                                  span=self._span(s.block_table, kv_len), mask=mask))
+                                                  span=self._span(s.block_table, kv_len), masks=masks))
             row += s.num_tokens
         # Rows follow `ordered` from now on. A request samples from the row of its last token this step.
         plan.scheduled[:] = ordered
@@ -145,13 +146,14 @@ class ModelRunner:
             state.pauses += 1  # LS arrived while this step was being built: park it before any work
             return False
         while state.next_stage < last:
-            layer = self.layers[state.next_stage // 2]
+            index = state.next_stage // 2
+            layer = self.layers[index]
             if state.next_stage % 2 == 0:
                 normed = layer.input_layernorm(state.hidden)
                 attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None,
                                           position_ids=state.position_ids, cache=self.cache, use_cache=True,
                                           position_embeddings=state.position_embeddings,
-                                          qllm_layout=state.layout)
+                                          qllm_layout=state.layout, qllm_window=self.windows[index])
                 state.hidden = state.hidden + attn
             else:
                 state.hidden = state.hidden + layer.mlp(layer.post_attention_layernorm(state.hidden))

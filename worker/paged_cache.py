@@ -34,7 +34,9 @@ class PrefillSegment:
     q_start: int                 # first row of this request in the flattened batch
     q_len: int
     span: KVSpan                 # context after this step (cached + new)
-    mask: torch.Tensor | None    # [q_len, kv_len] bool; None when the chunk starts at position 0 (causal)
+    # Per attention window (0 = full causal): (first key attended, bool mask [q_len, kv_len - first] or None
+    # when plain causal). A sliding layer skips the keys no query of the chunk can see.
+    masks: dict[int, tuple[int, torch.Tensor | None]]
 
 
 @dataclass
@@ -114,11 +116,30 @@ def _context(pool: torch.Tensor, span: KVSpan) -> torch.Tensor:
     return x.flatten(0, 1)[:span.kv_len].permute(1, 0, 2).unsqueeze(0)
 
 
+def prefill_mask(start: int, q_len: int, window: int, device) -> tuple[int, torch.Tensor | None]:
+    """Keys a chunk of queries at positions start..start+q_len-1 attends, as transformers' masks define them:
+    causal (k <= q) and, with a sliding window W, q - W < k (masking_utils.sliding_window_overlay).
+
+    Returns (first key, bool mask [q_len, kv_len - first]), or (0, None) when it is plain causal from 0.
+    """
+    kv_len = start + q_len
+    first = max(0, start - window + 1) if window > 0 else 0  # older keys are outside every query's window
+    if start == 0 and (window <= 0 or q_len <= window):
+        return 0, None
+    q_pos = torch.arange(start, kv_len)[:, None]
+    k_pos = torch.arange(first, kv_len)[None, :]
+    keep = k_pos <= q_pos
+    if window > 0:
+        keep &= k_pos > q_pos - window
+    return first, keep.to(device)
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, qllm_layout=None,
-                    **kwargs):
+                    qllm_window=0, **kwargs):
     """Attention over the paged pools for a flattened batch: all decodes in one call, then each prefill chunk.
 
-    query: [1, heads, T, D]; key/value: the layer's pools. Returns ([1, T, heads, D], None).
+    query: [1, heads, T, D]; key/value: the layer's pools; qllm_window: this layer's sliding window (0: full),
+    from the runner's per-layer windows (model_loader.layer_windows). Returns ([1, T, heads, D], None).
     """
     layout: BatchLayout = qllm_layout
     _, heads, total, head_dim = query.shape
@@ -126,12 +147,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     n = layout.num_decode
     if n:
         scale = scaling if scaling is not None else head_dim ** -0.5
-        out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), key, value, layout.decode, scale)
+        out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), key, value, layout.decode, scale,
+                                      window=qllm_window)
     for seg in layout.prefills:
         q = query[:, :, seg.q_start:seg.q_start + seg.q_len]
-        k = _context(key, seg.span)
-        v = _context(value, seg.span)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, is_causal=seg.mask is None,
+        first, mask = seg.masks[qllm_window]
+        k = _context(key, seg.span)[:, :, first:]
+        v = _context(value, seg.span)[:, :, first:]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=scaling, enable_gqa=True)
         out[0, seg.q_start:seg.q_start + seg.q_len] = o[0].transpose(0, 1)
     return out, None
