@@ -10,9 +10,12 @@ causal-LM class has the Llama-style layout the engine calls into:
     model.model.embed_tokens, model.model.layers[i], model.model.rotary_emb, model.model.norm, model.lm_head
     layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp
 
-Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE all have it in transformers 5.24. Call decoder layers with keyword
-arguments only: Mixtral's layer takes `position_embeddings` second, the others take it last. Use
-`layer_attention_types(config)` to know which mask (full or sliding-window) each layer expects.
+Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, PhiMoE and GLM-4.5 have it in transformers 5.24; GraniteMoE differs
+only in naming and scalings, which its FamilyAdapter states. Call decoder layers with keyword arguments only:
+Mixtral's layer takes `position_embeddings` second, the others take it last. Use
+`layer_attention_types(config)` / `layer_windows(config)` to know which mask (full or sliding-window, and
+its window) each layer expects. Families with attention the paged path cannot run exactly (multi-head latent
+attention, attention sinks, chunked attention) are refused at load with the reason.
 """
 
 from __future__ import annotations
@@ -274,6 +277,30 @@ def _check_architecture(config: transformers.PretrainedConfig, path: Path) -> No
     _check_attention_modules(skeleton, path)
 
 
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """How the runner calls one family's decoder where it differs from the Llama-style layout: the name of the
+    layer's MoE/MLP block, and the scalings the family's own forward applies around the decoder layers."""
+
+    moe_attr: str = "mlp"
+    embedding_multiplier: float = 1.0   # embeddings *= this before layer 0
+    residual_multiplier: float = 1.0    # each block's output *= this before it joins the residual stream
+    logits_scaling: float = 1.0         # logits /= this
+
+
+# One small adapter per family that needs one (model_type -> adapter from its config); every other family
+# gets the default.
+ADAPTERS = {
+    "granitemoe": lambda c: FamilyAdapter("block_sparse_moe", float(c.embedding_multiplier),
+                                          float(c.residual_multiplier), float(c.logits_scaling)),
+}
+
+
+def family_adapter(config: transformers.PretrainedConfig) -> FamilyAdapter:
+    make = ADAPTERS.get(getattr(config, "model_type", None))
+    return make(config) if make is not None else FamilyAdapter()
+
+
 def _family(config: transformers.PretrainedConfig) -> str:
     """The family's name as transformers spells its config class: DeepseekV3, GptOss, Llama4Text, ..."""
     return type(config).__name__.removesuffix("Config")
@@ -299,12 +326,13 @@ def _unsupported_features(config: transformers.PretrainedConfig) -> list[str]:
             detail = f" (attention_chunk_size {config.attention_chunk_size})"
         reasons.append(f"declares {kind} layers{detail}, which the paged attention does not support yet (it runs "
                        "full and sliding-window causal attention)")
-    # Scalings the model's own forward applies around the decoder layers, which the layer-by-layer runner
-    # does not (GraniteMoE): serving them would give silently wrong tokens.
+    # Scalings the model's own forward applies around the decoder layers: the runner applies them only through
+    # a family adapter; without one, serving would give silently wrong tokens.
     scales = [f"{name} = {value}" for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
               if isinstance(value := getattr(config, name, None), (int, float)) and value != 1]
-    if scales:
-        reasons.append(f"scales by {', '.join(scales)}, which the layer-by-layer runner does not apply yet")
+    if scales and getattr(config, "model_type", None) not in ADAPTERS:
+        reasons.append(f"scales by {', '.join(scales)}, which the layer-by-layer runner applies only through a "
+                       f"family adapter ({', '.join(sorted(ADAPTERS))}), and there is none for this family yet")
     return reasons
 
 
@@ -348,8 +376,10 @@ def _check_layout(model: torch.nn.Module, path: Path | str) -> None:
     layers = base.layers
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"model_dir: {str(path)!r} holds {kind}, whose model.layers is not a non-empty ModuleList")
+    moe_attr = family_adapter(model.config).moe_attr if hasattr(model, "config") else "mlp"
+    wanted = tuple(moe_attr if a == "mlp" else a for a in _LAYER_ATTRS)
     for i, layer in enumerate(layers):
-        lacking = [a for a in _LAYER_ATTRS if getattr(layer, a, None) is None]
+        lacking = [a for a in wanted if getattr(layer, a, None) is None]
         if "mlp" in lacking:
             other = next((a for a in ("block_sparse_moe", "feed_forward", "moe") if hasattr(layer, a)), None)
             if other is not None:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from worker.model_loader import LoadedModel, layer_windows
+from worker.model_loader import LoadedModel, family_adapter, layer_windows
 from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
                                 prefill_mask)
 from worker.paged_decode import DecodeBatch
@@ -56,6 +56,9 @@ class ModelRunner:
         # Each layer's sliding window (0: full causal), as the model's own masks use them; the attention
         # function gets its layer's value, so full and sliding layers mix freely (Qwen2-MoE, layer_types).
         self.windows = layer_windows(model.config)
+        # Per-family naming and scalings (GraniteMoE's block_sparse_moe and multipliers); Llama-style defaults.
+        self.adapter = family_adapter(model.config)
+        self.moe_blocks = [getattr(layer, self.adapter.moe_attr) for layer in self.layers]
         self.device = loaded.device
         self.dtype = loaded.dtype
         cfg = model.config
@@ -129,6 +132,8 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
         hidden = self.decoder.embed_tokens(input_ids)
+        if self.adapter.embedding_multiplier != 1:
+            hidden = hidden * self.adapter.embedding_multiplier
         pos_emb = self.decoder.rotary_emb(hidden, position_ids)
         return StepState(plan, hidden, position_ids, pos_emb, layout, sample_rows, sample_index,
                          has_beams=has_beams or any(s.request.beam is not None and s.samples for s in prefills))
@@ -142,6 +147,7 @@ class ModelRunner:
         """
         self.cache.set_layout(state.layout)
         last = 2 * self.num_layers
+        scale = self.adapter.residual_multiplier
         if state.next_stage == 0 and should_yield is not None and should_yield():
             state.pauses += 1  # LS arrived while this step was being built: park it before any work
             return False
@@ -154,9 +160,10 @@ class ModelRunner:
                                           position_ids=state.position_ids, cache=self.cache, use_cache=True,
                                           position_embeddings=state.position_embeddings,
                                           qllm_layout=state.layout, qllm_window=self.windows[index])
-                state.hidden = state.hidden + attn
+                state.hidden = state.hidden + (attn if scale == 1 else attn * scale)
             else:
-                state.hidden = state.hidden + layer.mlp(layer.post_attention_layernorm(state.hidden))
+                moe = self.moe_blocks[index](layer.post_attention_layernorm(state.hidden))
+                state.hidden = state.hidden + (moe if scale == 1 else moe * scale)
             state.next_stage += 1
             if state.next_stage < last and should_yield is not None and should_yield():
                 state.pauses += 1
@@ -170,7 +177,10 @@ class ModelRunner:
             return {}
         rows = torch.tensor(state.sample_rows, dtype=torch.long, device=self.device)
         hidden = self.decoder.norm(state.hidden[0, rows])
-        logits = self.model.lm_head(hidden).float()
+        logits = self.model.lm_head(hidden)
+        if self.adapter.logits_scaling != 1:
+            logits = logits / self.adapter.logits_scaling
+        logits = logits.float()
         scheduled = [state.plan.scheduled[i] for i in state.sample_index]
         ids = [s.request.request_id for s in scheduled]
         tokens = self.sampler.sample(logits, ids, [s.request.sampling for s in scheduled])
