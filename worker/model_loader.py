@@ -11,11 +11,12 @@ causal-LM class has the Llama-style layout the engine calls into:
     layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp
 
 Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, PhiMoE and GLM-4.5 have it in transformers 5.24; GraniteMoE differs
-only in naming and scalings, which its FamilyAdapter states. Call decoder layers with keyword arguments only:
+only in naming and scalings, gpt-oss in its MoE block's return value; their FamilyAdapters state it. Call decoder layers with keyword arguments only:
 Mixtral's layer takes `position_embeddings` second, the others take it last. Use
 `layer_attention_types(config)` / `layer_windows(config)` to know which mask (full or sliding-window, and
 its window) each layer expects. Families with attention the paged path cannot run exactly (multi-head latent
-attention, attention sinks, chunked attention) are refused at load with the reason.
+attention, chunked attention) are refused at load with the reason; gpt-oss's attention sinks are run
+(worker/paged_cache.py).
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def load_model(
                 config=config,
                 dtype=dt,
                 local_files_only=True,
-                attn_implementation=ATTN_IMPLEMENTATION,
+                attn_implementation=_reference_attention(config),
             )
         except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
             raise ValueError(f"model_dir: cannot load weights from {str(path)!r}: {exc}") from exc
@@ -283,6 +284,7 @@ class FamilyAdapter:
     layer's MoE/MLP block, and the scalings the family's own forward applies around the decoder layers."""
 
     moe_attr: str = "mlp"
+    moe_returns_tuple: bool = False     # the block returns (hidden, router scores) (gpt-oss)
     embedding_multiplier: float = 1.0   # embeddings *= this before layer 0
     residual_multiplier: float = 1.0    # each block's output *= this before it joins the residual stream
     logits_scaling: float = 1.0         # logits /= this
@@ -291,14 +293,23 @@ class FamilyAdapter:
 # One small adapter per family that needs one (model_type -> adapter from its config); every other family
 # gets the default.
 ADAPTERS = {
-    "granitemoe": lambda c: FamilyAdapter("block_sparse_moe", float(c.embedding_multiplier),
-                                          float(c.residual_multiplier), float(c.logits_scaling)),
+    "granitemoe": lambda c: FamilyAdapter("block_sparse_moe", embedding_multiplier=float(c.embedding_multiplier),
+                                          residual_multiplier=float(c.residual_multiplier),
+                                          logits_scaling=float(c.logits_scaling)),
+    "gpt_oss": lambda c: FamilyAdapter(moe_returns_tuple=True),
 }
 
 
 def family_adapter(config: transformers.PretrainedConfig) -> FamilyAdapter:
     make = ADAPTERS.get(getattr(config, "model_type", None))
     return make(config) if make is not None else FamilyAdapter()
+
+
+def _reference_attention(config: transformers.PretrainedConfig) -> str:
+    """sdpa, or eager for a family whose transformers class has no sdpa path (gpt-oss: sinks). The engine
+    replaces it with the paged attention; this is what the model's own forward uses."""
+    cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return ATTN_IMPLEMENTATION if getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 def _family(config: transformers.PretrainedConfig) -> str:
@@ -337,8 +348,8 @@ def _unsupported_features(config: transformers.PretrainedConfig) -> list[str]:
 
 
 def _check_attention_modules(model: torch.nn.Module, path: Path | str) -> None:
-    """Attention the paged path cannot run exactly: per-head sinks (gpt-oss) and K/V projections whose shape
-    is not the pools' num_key_value_heads x head_dim."""
+    """Attention the paged path cannot run exactly: K/V projections whose shape is not the pools'
+    num_key_value_heads x head_dim. (Per-head sinks, gpt-oss, are run: worker/paged_cache.py.)"""
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -346,10 +357,6 @@ def _check_attention_modules(model: torch.nn.Module, path: Path | str) -> None:
     kv_width *= head_dim
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        if isinstance(getattr(attn, "sinks", None), torch.Tensor):
-            raise ValueError(
-                f"model_dir: {str(path)!r} holds a {_family(config)} model, whose attention has per-head sinks "
-                "(learned logits in every softmax), which the paged prefill attention does not support yet")
         for name in ("k_proj", "v_proj"):
             proj = getattr(attn, name, None)
             out = getattr(proj, "out_features", None)

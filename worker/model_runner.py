@@ -163,6 +163,8 @@ class ModelRunner:
                 state.hidden = state.hidden + (attn if scale == 1 else attn * scale)
             else:
                 moe = self.moe_blocks[index](layer.post_attention_layernorm(state.hidden))
+                if self.adapter.moe_returns_tuple:
+                    moe = moe[0]
                 state.hidden = state.hidden + (moe if scale == 1 else moe * scale)
             state.next_stage += 1
             if state.next_stage < last and should_yield is not None and should_yield():

@@ -134,6 +134,23 @@ def prefill_mask(start: int, q_len: int, window: int, device) -> tuple[int, torc
     return first, keep.to(device)
 
 
+def _attention_with_sinks(q, k, v, mask, scale, sinks) -> torch.Tensor:
+    """gpt-oss's attention (its eager_attention_forward): per-head sink logits join each softmax's denominator
+    and are dropped after it. q: [1, heads, Q, D]; k, v: [1, kv_heads, L, D]; mask [Q, L] bool or None
+    (causal with Q == L)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(1, -1, q.shape[2], 1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, qllm_layout=None,
                     qllm_window=0, **kwargs):
     """Attention over the paged pools for a flattened batch: all decodes in one call, then each prefill chunk.
@@ -144,18 +161,22 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layout: BatchLayout = qllm_layout
     _, heads, total, head_dim = query.shape
     out = query.new_empty(1, total, heads, head_dim)
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    sinks = getattr(module, "sinks", None)  # gpt-oss: learned per-head logits in every softmax
     n = layout.num_decode
     if n:
-        scale = scaling if scaling is not None else head_dim ** -0.5
         out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), key, value, layout.decode, scale,
-                                      window=qllm_window)
+                                      window=qllm_window, sinks=sinks)
     for seg in layout.prefills:
         q = query[:, :, seg.q_start:seg.q_start + seg.q_len]
         first, mask = seg.masks[qllm_window]
         k = _context(key, seg.span)[:, :, first:]
         v = _context(value, seg.span)[:, :, first:]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=scaling, enable_gqa=True)
+        if sinks is not None:
+            o = _attention_with_sinks(q, k, v, mask, scale, sinks)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               scale=scaling, enable_gqa=True)
         out[0, seg.q_start:seg.q_start + seg.q_len] = o[0].transpose(0, 1)
     return out, None
 

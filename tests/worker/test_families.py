@@ -70,6 +70,9 @@ SUPPORTED = {
     "granitemoe": (lambda: _config("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2,
                                    embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
                                    attention_multiplier=0.1), [0, 0, 0]),
+    # Attention sinks in prefill and decode, sliding and full layers alternating (layer_types).
+    "gpt_oss": (lambda: _config("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                sliding_window=WINDOW), [WINDOW, 0, WINDOW]),
     "glm4_moe": (lambda: _config("Glm4MoeConfig", head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1),
                  [0, 0, 0]),
@@ -82,9 +85,6 @@ UNSUPPORTED = {
                                     qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_group=1,
                                     topk_group=1, first_k_dense_replace=1),
                     ("DeepseekV3", "multi-head latent attention", "K head 24, V head 12")),
-    "gpt_oss": (lambda: _config("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, head_dim=16,
-                                sliding_window=WINDOW),
-                ("GptOss", "sinks")),
     "granitemoeshared": (lambda: _config("GraniteMoeSharedConfig", num_local_experts=4, num_experts_per_tok=2,
                                          shared_intermediate_size=64, embedding_multiplier=12.0,
                                          residual_multiplier=0.22, logits_scaling=8.0),
@@ -125,9 +125,11 @@ def _prompts(seed: int, lengths=(23, 70, 117)) -> list[list[int]]:
 
 
 def _reference(path, prompts: list[list[int]]) -> list[list[int]]:
-    """transformers' own generate() on the checkpoint, greedy, fp32, its stock sdpa attention and masks."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa",
-                                                 local_files_only=True).eval()
+    """transformers' own generate() on the checkpoint, greedy, fp32, its stock sdpa attention and masks (eager
+    for gpt-oss, which has no sdpa path)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
+                                                 attn_implementation=ml._reference_attention(
+                                                     transformers.AutoConfig.from_pretrained(str(path)))).eval()
     out = []
     with torch.no_grad():
         for ids in prompts:
@@ -207,3 +209,18 @@ def test_prefill_mask_is_transformers_mask(window, start, q_len):
     got = torch.zeros(q_len, kv_len, dtype=torch.bool)
     got[:, first:] = torch.ones(q_len, q_len, dtype=torch.bool).tril() if mask is None else mask
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe_swa", "mixtral_swa", "gpt_oss"])
+def test_windows_and_sinks_through_the_gathered_decode(family, checkpoints, monkeypatch):
+    """The decode fallback a GPU (or a machine without a C compiler) runs honours windows and sinks too."""
+    from worker import paged_decode
+
+    monkeypatch.setattr(paged_decode, "uses_native", lambda pool: False)
+    path = checkpoints(family)
+    prompts = _prompts(seed=len(family) + 1, lengths=(40, 90))
+    expected = _reference(path, prompts)
+    runner = ModelRunner(ml.load_model(str(path), dtype="float32"), num_blocks=64, block_size=BLOCK)
+    reqs = _requests(prompts)
+    _run_chunked(runner, reqs)
+    assert [r.output_token_ids for r in reqs] == expected
