@@ -11,12 +11,12 @@ causal-LM class has the Llama-style layout the engine calls into:
     layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp
 
 Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, PhiMoE and GLM-4.5 have it in transformers 5.24; GraniteMoE differs
-only in naming and scalings, gpt-oss in its MoE block's return value; their FamilyAdapters state it. Call decoder layers with keyword arguments only:
-Mixtral's layer takes `position_embeddings` second, the others take it last. Use
-`layer_attention_types(config)` / `layer_windows(config)` to know which mask (full or sliding-window, and
-its window) each layer expects. Families with attention the paged path cannot run exactly (multi-head latent
-attention, chunked attention) are refused at load with the reason; gpt-oss's attention sinks are run
-(worker/paged_cache.py).
+only in naming and scalings, gpt-oss in its MoE block's return value, which their FamilyAdapters state. Call
+decoder layers with keyword arguments only: Mixtral's layer takes `position_embeddings` second, the others
+take it last. Use `layer_attention_types(config)` / `layer_windows(config)` to know which mask (full or
+sliding-window, and its window) each layer expects. Families with attention the paged path cannot run exactly
+(multi-head latent attention, chunked attention) are refused at load with the reason; gpt-oss's attention
+sinks are run (worker/paged_cache.py).
 """
 
 from __future__ import annotations
