@@ -10,9 +10,13 @@ causal-LM class has the Llama-style layout the engine calls into:
     model.model.embed_tokens, model.model.layers[i], model.model.rotary_emb, model.model.norm, model.lm_head
     layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp
 
-Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE all have it in transformers 5.24. Call decoder layers with keyword
-arguments only: Mixtral's layer takes `position_embeddings` second, the others take it last. Use
-`layer_attention_types(config)` to know which mask (full or sliding-window) each layer expects.
+Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, PhiMoE and GLM-4.5 have it in transformers 5.24; GraniteMoE differs
+only in naming and scalings, gpt-oss in its MoE block's return value, which their FamilyAdapters state. Call
+decoder layers with keyword arguments only: Mixtral's layer takes `position_embeddings` second, the others
+take it last. Use `layer_attention_types(config)` / `layer_windows(config)` to know which mask (full or
+sliding-window, and its window) each layer expects. Families with attention the paged path cannot run exactly
+(multi-head latent attention, chunked attention) are refused at load with the reason; gpt-oss's attention
+sinks are run (worker/paged_cache.py).
 """
 
 from __future__ import annotations
@@ -213,7 +217,7 @@ def load_model(
                 config=config,
                 dtype=dt,
                 local_files_only=True,
-                attn_implementation=ATTN_IMPLEMENTATION,
+                attn_implementation=_reference_attention(config),
             )
         except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
             raise ValueError(f"model_dir: cannot load weights from {str(path)!r}: {exc}") from exc
@@ -260,6 +264,10 @@ def _check_architecture(config: transformers.PretrainedConfig, path: Path) -> No
         raise ValueError(f"model_dir: {str(path)!r} holds an encoder-decoder model ({model_type}); need a decoder-only causal LM")
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"model_dir: {str(path)!r} holds a {model_type!r} model, which is not a causal LM")
+    reasons = _unsupported_features(config)
+    if reasons:
+        raise ValueError(f"model_dir: {str(path)!r} holds a {_family(config)} model, which the worker cannot serve "
+                         f"exactly yet: it {'; it '.join(reasons)}")
     # Instantiate on the meta device (no memory, no weights) just to inspect the module layout.
     try:
         with torch.device("meta"):
@@ -267,6 +275,96 @@ def _check_architecture(config: transformers.PretrainedConfig, path: Path) -> No
     except Exception as exc:  # noqa: BLE001 - any construction failure means we cannot run it
         raise ValueError(f"model_dir: cannot build a {model_type!r} causal LM from {str(path)!r}: {exc}") from exc
     _check_layout(skeleton, path)
+    _check_attention_modules(skeleton, path)
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """How the runner calls one family's decoder where it differs from the Llama-style layout: the name of the
+    layer's MoE/MLP block, and the scalings the family's own forward applies around the decoder layers."""
+
+    moe_attr: str = "mlp"
+    moe_returns_tuple: bool = False     # the block returns (hidden, router scores) (gpt-oss)
+    embedding_multiplier: float = 1.0   # embeddings *= this before layer 0
+    residual_multiplier: float = 1.0    # each block's output *= this before it joins the residual stream
+    logits_scaling: float = 1.0         # logits /= this
+
+
+# One small adapter per family that needs one (model_type -> adapter from its config); every other family
+# gets the default.
+ADAPTERS = {
+    "granitemoe": lambda c: FamilyAdapter("block_sparse_moe", embedding_multiplier=float(c.embedding_multiplier),
+                                          residual_multiplier=float(c.residual_multiplier),
+                                          logits_scaling=float(c.logits_scaling)),
+    "gpt_oss": lambda c: FamilyAdapter(moe_returns_tuple=True),
+}
+
+
+def family_adapter(config: transformers.PretrainedConfig) -> FamilyAdapter:
+    make = ADAPTERS.get(getattr(config, "model_type", None))
+    return make(config) if make is not None else FamilyAdapter()
+
+
+def _reference_attention(config: transformers.PretrainedConfig) -> str:
+    """sdpa, or eager for a family whose transformers class has no sdpa path (gpt-oss: sinks). The engine
+    replaces it with the paged attention; this is what the model's own forward uses."""
+    cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return ATTN_IMPLEMENTATION if getattr(cls, "_supports_sdpa", True) else "eager"
+
+
+def _family(config: transformers.PretrainedConfig) -> str:
+    """The family's name as transformers spells its config class: DeepseekV3, GptOss, Llama4Text, ..."""
+    return type(config).__name__.removesuffix("Config")
+
+
+# Per-family features the engine does not run yet, each found from the config alone (before any weight is
+# read): a checkpoint of such a family is refused at load, never served with wrong tokens.
+def _unsupported_features(config: transformers.PretrainedConfig) -> list[str]:
+    reasons = []
+    rank = getattr(config, "kv_lora_rank", None)
+    if rank:
+        k_head = (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0)
+        v_head = getattr(config, "v_head_dim", None)
+        reasons.append(
+            f"uses multi-head latent attention (K head {k_head}, V head {v_head}, KV compressed to rank {rank}), "
+            "which the paged KV cache does not support yet (its pools hold K and V of num_key_value_heads x "
+            "head_dim)")
+    known = {"full_attention", "sliding_attention"}
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    for kind in dict.fromkeys(t for t in layer_types if t not in known):
+        detail = ""
+        if kind == "chunked_attention" and getattr(config, "attention_chunk_size", None):
+            detail = f" (attention_chunk_size {config.attention_chunk_size})"
+        reasons.append(f"declares {kind} layers{detail}, which the paged attention does not support yet (it runs "
+                       "full and sliding-window causal attention)")
+    # Scalings the model's own forward applies around the decoder layers: the runner applies them only through
+    # a family adapter; without one, serving would give silently wrong tokens.
+    scales = [f"{name} = {value}" for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+              if isinstance(value := getattr(config, name, None), (int, float)) and value != 1]
+    if scales and getattr(config, "model_type", None) not in ADAPTERS:
+        reasons.append(f"scales by {', '.join(scales)}, which the layer-by-layer runner applies only through a "
+                       f"family adapter ({', '.join(sorted(ADAPTERS))}), and there is none for this family yet")
+    return reasons
+
+
+def _check_attention_modules(model: torch.nn.Module, path: Path | str) -> None:
+    """Attention the paged path cannot run exactly: K/V projections whose shape is not the pools'
+    num_key_value_heads x head_dim. (Per-head sinks, gpt-oss, are run: worker/paged_cache.py.)"""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_width = getattr(config, "num_key_value_heads", None) or heads
+    kv_width *= head_dim
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        for name in ("k_proj", "v_proj"):
+            proj = getattr(attn, name, None)
+            out = getattr(proj, "out_features", None)
+            if out is not None and out != kv_width:
+                raise ValueError(
+                    f"model_dir: {str(path)!r} holds a {_family(config)} model, whose decoder layer {i} projects "
+                    f"{name} to {out} features, not num_key_value_heads x head_dim = {kv_width}, which the paged "
+                    "KV pools hold")
 
 
 def _check_layout(model: torch.nn.Module, path: Path | str) -> None:
@@ -285,8 +383,16 @@ def _check_layout(model: torch.nn.Module, path: Path | str) -> None:
     layers = base.layers
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"model_dir: {str(path)!r} holds {kind}, whose model.layers is not a non-empty ModuleList")
+    moe_attr = family_adapter(model.config).moe_attr if hasattr(model, "config") else "mlp"
+    wanted = tuple(moe_attr if a == "mlp" else a for a in _LAYER_ATTRS)
     for i, layer in enumerate(layers):
-        lacking = [a for a in _LAYER_ATTRS if getattr(layer, a, None) is None]
+        lacking = [a for a in wanted if getattr(layer, a, None) is None]
+        if "mlp" in lacking:
+            other = next((a for a in ("block_sparse_moe", "feed_forward", "moe") if hasattr(layer, a)), None)
+            if other is not None:
+                raise ValueError(
+                    f"model_dir: {str(path)!r} holds {kind}, whose decoder layer {i} names its MoE/MLP block "
+                    f"{other!r}; the worker calls layer.mlp and has no adapter for this family yet")
         if lacking:
             raise ValueError(
                 f"model_dir: {str(path)!r} holds {kind}, whose decoder layer {i} ({type(layer).__name__}) lacks "
@@ -352,6 +458,16 @@ def layer_attention_types(config: transformers.PretrainedConfig) -> list[str]:
     if getattr(config, "model_type", None) != "olmoe" and getattr(config, "sliding_window", None):
         return ["sliding_attention"] * n
     return ["full_attention"] * n
+
+
+def layer_windows(config: transformers.PretrainedConfig) -> list[int]:
+    """Per decoder layer, its sliding window W, or 0 for full causal attention.
+
+    transformers' sliding-window mask (masking_utils.sliding_window_overlay) lets a query at position q see
+    the keys at positions q - W < k <= q: the last W positions, its own included.
+    """
+    window = getattr(config, "sliding_window", None) or 0
+    return [window if kind == "sliding_attention" else 0 for kind in layer_attention_types(config)]
 
 
 # --------------------------------------------------------------------------------------------- export

@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 
 from worker.logprobs import sampled_logprobs
-from worker.model_loader import LoadedModel
-from worker.paged_cache import ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment
+from worker.model_loader import LoadedModel, family_adapter, layer_windows
+from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
+                                prefill_mask)
 from worker.paged_decode import DecodeBatch
 from worker.sampling import Sampler
 from worker.scheduler import SchedulerOutput
@@ -55,6 +56,12 @@ class ModelRunner:
         self.decoder = model.model
         self.layers = list(self.decoder.layers)
         self.num_layers = len(self.layers)
+        # Each layer's sliding window (0: full causal), as the model's own masks use them; the attention
+        # function gets its layer's value, so full and sliding layers mix freely (Qwen2-MoE, layer_types).
+        self.windows = layer_windows(model.config)
+        # Per-family naming and scalings (GraniteMoE's block_sparse_moe and multipliers); Llama-style defaults.
+        self.adapter = family_adapter(model.config)
+        self.moe_blocks = [getattr(layer, self.adapter.moe_attr) for layer in self.layers]
         self.device = loaded.device
         self.dtype = loaded.dtype
         cfg = model.config
@@ -104,12 +111,9 @@ class ModelRunner:
         row = len(rows)
         for s in prefills:
             kv_len = s.start + s.num_tokens
-            mask = None
-            if s.start > 0:
-                q_pos = torch.arange(s.start, kv_len)
-                mask = (torch.arange(kv_len)[None, :] <= q_pos[:, None]).to(dev)
+            masks = {w: prefill_mask(s.start, s.num_tokens, w, dev) for w in set(self.windows)}
             layout.prefills.append(PrefillSegment(q_start=row, q_len=s.num_tokens,
-                                                  span=self._span(s.block_table, kv_len), mask=mask))
+                                                  span=self._span(s.block_table, kv_len), masks=masks))
             row += s.num_tokens
         # Rows follow `ordered` from now on. A request samples from the row of its last token this step.
         plan.scheduled[:] = ordered
@@ -131,6 +135,8 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
         hidden = self.decoder.embed_tokens(input_ids)
+        if self.adapter.embedding_multiplier != 1:
+            hidden = hidden * self.adapter.embedding_multiplier
         pos_emb = self.decoder.rotary_emb(hidden, position_ids)
         return StepState(plan, hidden, position_ids, pos_emb, layout, sample_rows, sample_index,
                          has_beams=has_beams or any(s.request.beam is not None and s.samples for s in prefills))
@@ -144,20 +150,25 @@ class ModelRunner:
         """
         self.cache.set_layout(state.layout)
         last = 2 * self.num_layers
+        scale = self.adapter.residual_multiplier
         if state.next_stage == 0 and should_yield is not None and should_yield():
             state.pauses += 1  # LS arrived while this step was being built: park it before any work
             return False
         while state.next_stage < last:
-            layer = self.layers[state.next_stage // 2]
+            index = state.next_stage // 2
+            layer = self.layers[index]
             if state.next_stage % 2 == 0:
                 normed = layer.input_layernorm(state.hidden)
                 attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None,
                                           position_ids=state.position_ids, cache=self.cache, use_cache=True,
                                           position_embeddings=state.position_embeddings,
-                                          qllm_layout=state.layout)
-                state.hidden = state.hidden + attn
+                                          qllm_layout=state.layout, qllm_window=self.windows[index])
+                state.hidden = state.hidden + (attn if scale == 1 else attn * scale)
             else:
-                state.hidden = state.hidden + layer.mlp(layer.post_attention_layernorm(state.hidden))
+                moe = self.moe_blocks[index](layer.post_attention_layernorm(state.hidden))
+                if self.adapter.moe_returns_tuple:
+                    moe = moe[0]
+                state.hidden = state.hidden + (moe if scale == 1 else moe * scale)
             state.next_stage += 1
             if state.next_stage < last and should_yield is not None and should_yield():
                 state.pauses += 1
@@ -171,7 +182,10 @@ class ModelRunner:
             return {}
         rows = torch.tensor(state.sample_rows, dtype=torch.long, device=self.device)
         hidden = self.decoder.norm(state.hidden[0, rows])
-        logits = self.model.lm_head(hidden).float()
+        logits = self.model.lm_head(hidden)
+        if self.adapter.logits_scaling != 1:
+            logits = logits / self.adapter.logits_scaling
+        logits = logits.float()
         scheduled = [state.plan.scheduled[i] for i in state.sample_index]
         ids = [s.request.request_id for s in scheduled]
         tokens = self.sampler.sample(logits, ids, [s.request.sampling for s in scheduled])

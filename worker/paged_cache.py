@@ -34,7 +34,9 @@ class PrefillSegment:
     q_start: int                 # first row of this request in the flattened batch
     q_len: int
     span: KVSpan                 # context after this step (cached + new)
-    mask: torch.Tensor | None    # [q_len, kv_len] bool; None when the chunk starts at position 0 (causal)
+    # Per attention window (0 = full causal): (first key attended, bool mask [q_len, kv_len - first] or None
+    # when plain causal). A sliding layer skips the keys no query of the chunk can see.
+    masks: dict[int, tuple[int, torch.Tensor | None]]
 
 
 @dataclass
@@ -114,25 +116,67 @@ def _context(pool: torch.Tensor, span: KVSpan) -> torch.Tensor:
     return x.flatten(0, 1)[:span.kv_len].permute(1, 0, 2).unsqueeze(0)
 
 
+def prefill_mask(start: int, q_len: int, window: int, device) -> tuple[int, torch.Tensor | None]:
+    """Keys a chunk of queries at positions start..start+q_len-1 attends, as transformers' masks define them:
+    causal (k <= q) and, with a sliding window W, q - W < k (masking_utils.sliding_window_overlay).
+
+    Returns (first key, bool mask [q_len, kv_len - first]), or (0, None) when it is plain causal from 0.
+    """
+    kv_len = start + q_len
+    first = max(0, start - window + 1) if window > 0 else 0  # older keys are outside every query's window
+    if start == 0 and (window <= 0 or q_len <= window):
+        return 0, None
+    q_pos = torch.arange(start, kv_len)[:, None]
+    k_pos = torch.arange(first, kv_len)[None, :]
+    keep = k_pos <= q_pos
+    if window > 0:
+        keep &= k_pos > q_pos - window
+    return first, keep.to(device)
+
+
+def _attention_with_sinks(q, k, v, mask, scale, sinks) -> torch.Tensor:
+    """gpt-oss's attention (its eager_attention_forward): per-head sink logits join each softmax's denominator
+    and are dropped after it. q: [1, heads, Q, D]; k, v: [1, kv_heads, L, D]; mask [Q, L] bool or None
+    (causal with Q == L)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(1, -1, q.shape[2], 1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, qllm_layout=None,
-                    **kwargs):
+                    qllm_window=0, **kwargs):
     """Attention over the paged pools for a flattened batch: all decodes in one call, then each prefill chunk.
 
-    query: [1, heads, T, D]; key/value: the layer's pools. Returns ([1, T, heads, D], None).
+    query: [1, heads, T, D]; key/value: the layer's pools; qllm_window: this layer's sliding window (0: full),
+    from the runner's per-layer windows (model_loader.layer_windows). Returns ([1, T, heads, D], None).
     """
     layout: BatchLayout = qllm_layout
     _, heads, total, head_dim = query.shape
     out = query.new_empty(1, total, heads, head_dim)
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    sinks = getattr(module, "sinks", None)  # gpt-oss: learned per-head logits in every softmax
     n = layout.num_decode
     if n:
-        scale = scaling if scaling is not None else head_dim ** -0.5
-        out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), key, value, layout.decode, scale)
+        out[0, :n] = decode_attention(query[0, :, :n].transpose(0, 1), key, value, layout.decode, scale,
+                                      window=qllm_window, sinks=sinks)
     for seg in layout.prefills:
         q = query[:, :, seg.q_start:seg.q_start + seg.q_len]
-        k = _context(key, seg.span)
-        v = _context(value, seg.span)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, is_causal=seg.mask is None,
-                                           scale=scaling, enable_gqa=True)
+        first, mask = seg.masks[qllm_window]
+        k = _context(key, seg.span)[:, :, first:]
+        v = _context(value, seg.span)[:, :, first:]
+        if sinks is not None:
+            o = _attention_with_sinks(q, k, v, mask, scale, sinks)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               scale=scaling, enable_gqa=True)
         out[0, seg.q_start:seg.q_start + seg.q_len] = o[0].transpose(0, 1)
     return out, None
 
