@@ -761,7 +761,7 @@ async def measure_drain(fleet: Fleet, grace_s: float = 10.0, max_tokens: int = 6
     await streaming
     done_s = time.monotonic() - t0
     await stopping
-    stop_s = time.monotonic() - t0
+    stop_s = stopped_at[0] - t0
     await watcher
     fleet.router_server = None
     return {
@@ -791,6 +791,9 @@ async def measure_worker_drain(fleet: Fleet, grace_s: float = 3.0, max_tokens: i
     victim.service.grace_s = grace_s
     t0 = time.monotonic()
     stopping = asyncio.create_task(serving.stop(victim.service, victim.server))
+    # When the worker itself stopped, not when the requests it handed over finished elsewhere.
+    stopped_at: list[float] = []
+    stopping.add_done_callback(lambda _: stopped_at.append(time.monotonic()))
     await asyncio.sleep(0.05)
     health = health_pb2_grpc.HealthStub(victim.channel)
     try:
@@ -808,7 +811,7 @@ async def measure_worker_drain(fleet: Fleet, grace_s: float = 3.0, max_tokens: i
     await asyncio.gather(task, *new_tasks)
     inflight_done_s = time.monotonic() - t0
     await stopping
-    stop_s = time.monotonic() - t0
+    stop_s = stopped_at[0] - t0
     victim.server = None
     return {
         "grace_s": grace_s,
