@@ -761,7 +761,7 @@ async def measure_drain(fleet: Fleet, grace_s: float = 10.0, max_tokens: int = 6
     await streaming
     done_s = time.monotonic() - t0
     await stopping
-    stop_s = stopped_at[0] - t0
+    stop_s = time.monotonic() - t0
     await watcher
     fleet.router_server = None
     return {
