@@ -45,10 +45,6 @@ class DecodeBatch:
     device_block_tables: torch.Tensor | None = None  # the same on the model's device (gather path only)
     device_kv_lens: torch.Tensor | None = None
 
-    @property
-    def rows(self) -> int:
-        return int(self.kv_lens.shape[0])
-
 
 def _cache_dir() -> Path:
     root = os.environ.get("QLLM_CACHE_DIR") or os.path.join(
