@@ -1,6 +1,6 @@
 """Where the kvmanager's tool-duration predictions and recompute costs come from.
 
-`LocalEstimator` (pure) answers from an in-process predictor.tool_durations model and the default latency
+`LocalEstimator` (pure) answers from an in-process qllm.estimators tool-duration model and the default latency
 model. `PredictorEstimator` asks the predictor service (`PredictToolDuration`, which also prices the
 recompute with the predictor's live latency model) under a short deadline, and falls back to its local
 estimator when the predictor is unset, down or late: a turn always gets a decision, never an error (after a
@@ -21,9 +21,9 @@ import grpc
 
 from kvmanager.manager import Estimate
 from kvmanager.ttl import DurationQuantiles
-from predictor.latency_model import LatencyModel
-from predictor.tool_durations import DEFAULT_LEVELS, ToolDurationModel
 from qllm import tls
+from qllm.estimators.latency_model import LatencyModel
+from qllm.estimators.tool_durations import DEFAULT_LEVELS, ToolDurationModel
 from qllm.logs import get_logger
 from qllm.reachability import Reachability
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc

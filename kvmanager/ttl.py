@@ -4,7 +4,7 @@ Continuum's question. The answer depends on the tool the program calls next: a s
 next turn comes back soon and the pinned KV saves a prefill; a long one means the pin holds memory for
 nothing. Each policy answers `decide(turn, context) -> Decision` and is pure: no clock, no I/O, no grpc.
 `TurnContext` carries what is known when the turn ends: the predicted distribution of the next tool call's
-duration D (quantiles, from predictor/tool_durations.py), the seconds to recompute the context if the pin
+duration D (quantiles, from qllm/estimators/tool_durations.py), the seconds to recompute the context if the pin
 is gone (the latency model's prefill time), P(the program continues after this turn) (learned per turn
 index, kvmanager/continuation.py) and the memory pressure on the worker.
 

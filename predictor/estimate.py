@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from predictor.calibration import Calibration
-from predictor.latency_model import LatencyModel
+from qllm.estimators.latency_model import LatencyModel
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """qllm.v1.Predictor over grpc.aio: a thin translation between the wire and the ranker, the estimate
-(predictor/estimate.py) and the latency model (predictor/latency_model.py).
+(predictor/estimate.py) and the latency model (qllm/estimators/latency_model.py).
 
 Torch-backed rankers run on a one-thread executor, off the event loop, one torch thread; calls that
 arrive while a batch runs are scored together in the next one (predictor/batching.py). The heuristic runs
@@ -17,12 +17,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from predictor.batching import MicroBatcher
 from predictor.estimate import estimate
-from predictor.latency_model import LatencyModel
-from predictor.limits import InvalidInput, Limits
+from predictor.limits import InvalidInput, Limits, check_levels, check_observations, check_times, check_tool_name
 from predictor.ranker import LengthRanker, load_ranker
-from predictor.tool_durations import (DEFAULT_LEVELS, ToolDurationModel, check_levels, check_observations,
-                                      check_times, check_tool_name)
 from qllm import internal_auth, logs, serving, settings
+from qllm.estimators.latency_model import LatencyModel
+from qllm.estimators.tool_durations import DEFAULT_LEVELS, ToolDurationModel
 from qllm.internal_auth import InternalToken
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc
 

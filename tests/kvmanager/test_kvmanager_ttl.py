@@ -5,10 +5,10 @@ import pytest
 
 from kvmanager.ttl import (DurationQuantiles, FixedTTL, NoPin, PinForever, PredictedTTL, TTLParams, Turn,
                            TurnContext, make_policy)
-from predictor.latency_model import LatencyModel
-from predictor.tool_durations import DEFAULT_LEVELS, ToolDurationModel
+from qllm.estimators.latency_model import LatencyModel
+from qllm.estimators.tool_durations import DEFAULT_LEVELS, ToolDurationModel
 
-LATENCY = LatencyModel()  # the default profile: ~0.11 ms a prefill token
+LATENCY = LatencyModel()  # the default profile
 
 
 def turn(tool="ls", last=False, tokens=2000):

@@ -5,8 +5,8 @@ import pytest
 
 from predictor.calibration import DEFAULT, Calibration, isotonic
 from predictor.estimate import estimate, remaining_tokens
-from predictor.latency_model import EwmaLine, LatencyModel
 from predictor.metrics import kendall_tau, mean_batch_tau
+from qllm.estimators.latency_model import EwmaLine, LatencyModel
 
 
 def test_isotonic_is_monotone_and_pools():

@@ -3,9 +3,8 @@ import random
 
 import pytest
 
-from predictor.limits import InvalidInput
-from predictor.tool_durations import (DEFAULT_LEVELS, Empirical, LogNormal, ToolDurationModel, check_levels,
-                                      check_observations, check_times, check_tool_name)
+from predictor.limits import InvalidInput, check_levels, check_observations, check_times, check_tool_name
+from qllm.estimators.tool_durations import DEFAULT_LEVELS, Empirical, LogNormal, ToolDurationModel
 
 
 def test_lognormal_prior():

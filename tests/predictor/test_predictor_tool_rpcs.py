@@ -7,7 +7,7 @@ import pytest
 
 from predictor.ranker import HeuristicRanker
 from predictor.server import build_service
-from predictor.tool_durations import DEFAULT_LEVELS
+from qllm.estimators.tool_durations import DEFAULT_LEVELS
 from qllm import serving
 from qllm.v1 import predictor_pb2, predictor_pb2_grpc
 

@@ -13,8 +13,8 @@ The model, per tool, is an empirical-Bayes posterior predictive (a Dirichlet-pro
 
 where F_seen is the empirical distribution of the tool's last `window` durations (n of them), F_pooled the
 empirical distribution of the last `pooled_window` durations of all tools (m of them), F_prior a fixed wide
-log-normal (median 2 s, sigma 1.5: from 0.1 s to 40 s within two sigmas; the LMCache agent trace's gaps have
-a median of 1.4 s and a p90 of 10 s), k = `tool_prior_weight` and k0 = `pooled_prior_weight` pseudo-samples.
+log-normal (median 2 s, sigma 1.5: from 0.1 s to 40 s within two sigmas, wide enough for the gaps of the
+agent traces in docs/benchmarks.md), k = `tool_prior_weight` and k0 = `pooled_prior_weight` pseudo-samples.
 A tool never seen is answered from the pooled distribution of all tools (shrunk toward the fixed prior), a
 tool seen a few times mostly from its own durations with the pooled tail behind them, and before anything is
 seen at all from the fixed prior. Memory is bounded: `window` samples per tool, `max_tools` tools (the least
@@ -31,12 +31,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from predictor.limits import InvalidInput
-
-MAX_TOOL_NAME_CHARS = 256
 MAX_DURATION_S = 86_400.0  # a day: longer gaps are not tool calls
-MAX_OBSERVATIONS = 4096  # per ObserveToolCalls call
-MAX_QUANTILES = 64  # per PredictToolDuration call
 # The probabilities answered when a caller asks for none: dense in the tail, where pin TTLs are decided.
 DEFAULT_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.975, 0.99, 0.995, 0.999)
 
@@ -230,36 +225,3 @@ class ToolDurationModel:
             return DurationDistribution(base, 0, 0.0, m)
         parts = [(n / (n + k), entry.samples)] + [(w * k / (n + k), c) for w, c in base]
         return DurationDistribution(parts, n, entry.samples.mean(), m)
-
-
-# --- input checks for the Predictor RPCs (raise predictor.limits.InvalidInput naming the field) --------------
-def check_observations(calls: list[tuple[str, float]], field: str = "calls") -> None:
-    if len(calls) > MAX_OBSERVATIONS:
-        raise InvalidInput(field, f"{len(calls)} calls in one report; at most {MAX_OBSERVATIONS}")
-    for i, (tool, duration_s) in enumerate(calls):
-        check_tool_name(tool, f"{field}[{i}].tool_name", required=True)
-        if not math.isfinite(duration_s) or not 0 <= duration_s <= MAX_DURATION_S:
-            raise InvalidInput(f"{field}[{i}].duration_s", f"must be a number of seconds in [0, {MAX_DURATION_S:g}]")
-
-
-def check_tool_name(tool: str, field: str = "tool_name", required: bool = False) -> None:
-    if required and not tool:
-        raise InvalidInput(field, "must not be empty")
-    if len(tool) > MAX_TOOL_NAME_CHARS:
-        raise InvalidInput(field, f"longer than {MAX_TOOL_NAME_CHARS} characters")
-
-
-def check_levels(levels: list[float], field: str = "quantiles") -> None:
-    if len(levels) > MAX_QUANTILES:
-        raise InvalidInput(field, f"{len(levels)} quantiles; at most {MAX_QUANTILES}")
-    for i, q in enumerate(levels):
-        if not (math.isfinite(q) and 0 < q < 1):
-            raise InvalidInput(f"{field}[{i}]", "must be a probability in (0, 1)")
-
-
-def check_times(times: list[float], field: str = "within_s") -> None:
-    if len(times) > MAX_QUANTILES:
-        raise InvalidInput(field, f"{len(times)} times; at most {MAX_QUANTILES}")
-    for i, t in enumerate(times):
-        if math.isnan(t) or t < 0:
-            raise InvalidInput(f"{field}[{i}]", "must be a number of seconds >= 0")

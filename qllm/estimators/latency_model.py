@@ -2,9 +2,8 @@
 decode step vs batch size, each a line `a + b * x` that starts from a profiled default and follows live
 measurements the worker reports (exponentially weighted least squares). Pure: no clock, no torch.
 
-Defaults come from the design brief's measurements of the embedded model on these CPUs (random-weight
-Qwen3-MoE, 8 layers): ~7 ms per layer for a 512-token prefill (~0.11 ms/token) and ~5 ms per decode step at
-batch 1, ~33 ms at batch 32 (~4.1 ms + 0.9 ms per sequence).
+The defaults are the embedded model's profile on CPU (docs/benchmarks.md, "Sizing on these machines"); live
+reports replace them as they come.
 """
 
 from __future__ import annotations
