@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from qllm.v1 import worker_pb2
-from qllm.wire import DRAINING
 from router import metrics
 from router.queues import RequestQueues
 from router.worker_client import WorkerClient
@@ -198,8 +197,7 @@ class RouterCore:
         self._publish()
 
     def _on_event(self, job: Job, event: worker_pb2.WorkerEvent) -> None:
-        if (event.WhichOneof("kind") == "rejected" and event.rejected.message == DRAINING
-                and job.worker is not None):
+        if event.WhichOneof("kind") == "rejected" and event.rejected.draining and job.worker is not None:
             # The worker is shutting down: stop sending it work, run this request elsewhere.
             worker = job.worker
             worker.healthy = False

@@ -17,7 +17,6 @@ from qllm.internal_auth import InternalToken
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.request_checks import InvalidField
 from qllm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from qllm.wire import DRAINING
 from worker import metrics
 from worker import inputs
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
@@ -29,6 +28,8 @@ from worker.tokenize import PromptEncoder
 log = get_logger(__name__)
 
 CLASS_LABEL = {Priority.LATENCY_SENSITIVE: "LS", Priority.BEST_EFFORT: "BE"}
+# The rejection of new work by a draining worker; the router reads Rejection.draining, not this text.
+DRAINING_MESSAGE = "worker draining: not taking new requests"
 
 
 def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
@@ -120,7 +121,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         if self.draining.is_set():
                             # The router re-queues this elsewhere and stops sending here.
                             events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(
-                                code=grpc.StatusCode.UNAVAILABLE.value[0], message=DRAINING)))
+                                code=grpc.StatusCode.UNAVAILABLE.value[0], message=DRAINING_MESSAGE,
+                                draining=True)))
                             continue
                         if rid in tasks:
                             events.put_nowait(worker_pb2.WorkerEvent(request_id=rid, rejected=worker_pb2.Rejection(

@@ -151,8 +151,6 @@ def test_split_target():
 
 
 async def test_draining_worker_rejection_requeues_elsewhere(fake_worker):
-    from qllm.wire import DRAINING
-
     a, b = fake_worker("a", max_num_seqs=1), fake_worker("b", max_num_seqs=1)
     core = RouterCore([a, b])
     j = job("r0")
@@ -160,6 +158,7 @@ async def test_draining_worker_rejection_requeues_elsewhere(fake_worker):
     first = a if a.sent else b
     other = b if first is a else a
     first.handlers["r0"](worker_pb2.WorkerEvent(request_id="r0", rejected=worker_pb2.Rejection(
-        code=grpc.StatusCode.UNAVAILABLE.value[0], message=DRAINING)))
+        code=grpc.StatusCode.UNAVAILABLE.value[0], message="worker draining: not taking new requests",
+        draining=True)))
     assert not first.healthy and other.sent == ["r0"]
     assert drain(j) == [RESTART]
