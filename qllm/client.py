@@ -31,10 +31,9 @@ import grpc
 from asyncio_throttle import Throttler
 
 from qllm import tls
+from qllm.contract import PRIORITY_LABELS, Priority
 from qllm.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-PRIORITIES = {"LS": common_pb2.PRIORITY_LATENCY_SENSITIVE, "BE": common_pb2.PRIORITY_BEST_EFFORT,
-              None: common_pb2.PRIORITY_UNSPECIFIED}
 # Paced calls start this much under the tenant's rate: the router's bucket sees arrival times, which jitter
 # against the client's send times.
 DEFAULT_PACING_HEADROOM = 0.05
@@ -202,12 +201,16 @@ class Client:
                        timeout_s: float | None = None) -> AsyncIterator[Chunk]:
         """Streams one request's chunks. Give exactly one of prompt, messages, prompt_token_ids. priority:
         "LS", "BE", a qllm.v1.Priority value, or None (the router's default class)."""
-        if not isinstance(priority, int) and priority not in PRIORITIES:
-            raise ValueError(f"priority: {priority!r} is not one of 'LS', 'BE', None or a qllm.v1.Priority value")
+        if priority is None:
+            priority = common_pb2.PRIORITY_UNSPECIFIED
+        elif not isinstance(priority, int):
+            if priority not in PRIORITY_LABELS:
+                raise ValueError(f"priority: {priority!r} is not one of 'LS', 'BE', None or a qllm.v1.Priority value")
+            priority = Priority.from_label(priority)
         request = router_pb2.GenerateRequest(
             prompt=prompt or "", messages=[chat_message(m) for m in messages or ()],
             prompt_token_ids=prompt_token_ids or (), max_tokens=max_tokens,
-            priority=priority if isinstance(priority, int) else PRIORITIES[priority], temperature=temperature,
+            priority=priority, temperature=temperature,
             ignore_eos=ignore_eos, stop=stop, stop_token_ids=stop_token_ids, logprobs=logprobs,
             top_logprobs=top_logprobs, num_beams=num_beams, request_id=request_id, program_id=program_id,
             last_turn=last_turn, tool_name=tool_name)

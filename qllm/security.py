@@ -46,7 +46,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-PRIORITIES = ("LS", "BE")
+from qllm.contract import PRIORITY_LABELS
+
 KEY_PREFIX = "qllm_"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -89,7 +90,7 @@ class RateLimit:
 @dataclass(frozen=True)
 class Tenant:
     name: str
-    priorities: frozenset[str] = frozenset(PRIORITIES)
+    priorities: frozenset[str] = frozenset(PRIORITY_LABELS)
     rate_limit: RateLimit | None = None
     enabled: bool = True
 
@@ -98,10 +99,10 @@ class Tenant:
 
     def check_priority(self, priority_label: str) -> None:
         """Raises AuthError PERMISSION_DENIED, naming the field `priority`, when the tenant may not use it."""
-        if priority_label not in PRIORITIES:
+        if priority_label not in PRIORITY_LABELS:
             raise AuthError("PERMISSION_DENIED", f"priority: unknown class {priority_label!r} (LS or BE)")
         if priority_label not in self.priorities:
-            allowed = ", ".join(p for p in PRIORITIES if p in self.priorities) or "none"
+            allowed = ", ".join(p for p in PRIORITY_LABELS if p in self.priorities) or "none"
             raise AuthError("PERMISSION_DENIED",
                             f"priority: tenant {self.name!r} may not use {priority_label} (allowed: {allowed})")
 
@@ -236,10 +237,10 @@ def _parse_tenant(name: Any, spec: Any) -> Tenant:
         raise KeyFileError(f"{where}: tenant names are 1-63 of A-Z a-z 0-9 _ . -")
     _expect(spec, Mapping, where, "an object")
     _no_unknown(spec, {"priorities", "rate_limit", "enabled"}, where)
-    prios = spec.get("priorities", list(PRIORITIES))
+    prios = spec.get("priorities", list(PRIORITY_LABELS))
     _expect(prios, list, f"{where}.priorities", 'a list of "LS" and/or "BE"')
     for j, p in enumerate(prios):
-        if p not in PRIORITIES:
+        if p not in PRIORITY_LABELS:
             raise KeyFileError(f"{where}.priorities[{j}]: unknown class {p!r} (LS or BE)")
     enabled = spec.get("enabled", True)
     _expect(enabled, bool, f"{where}.enabled", "true or false")
@@ -345,6 +346,6 @@ class RateLimiter:
 
 
 __all__: Sequence[str] = (
-    "ANONYMOUS", "AuthError", "KeyFileError", "KeyRing", "PRIORITIES", "RateLimit", "RateLimiter", "Tenant",
+    "ANONYMOUS", "AuthError", "KeyFileError", "KeyRing", "RateLimit", "RateLimiter", "Tenant",
     "bearer_token", "generate_key", "hash_key", "load_key_file", "open_access", "parse_key_file",
 )

@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from qllm import limits as field_limits
+from qllm.contract import Priority
 from qllm.security import Tenant
-from qllm.v1 import common_pb2, router_pb2
+from qllm.v1 import router_pb2
 from router.validation import Limits
-
-PRIORITY_OF_LABEL = {"LS": common_pb2.PRIORITY_LATENCY_SENSITIVE, "BE": common_pb2.PRIORITY_BEST_EFFORT}
 
 
 def model_info(workers: Sequence, limits: Limits, tenant: Tenant, max_be_queue: int) -> router_pb2.ModelInfo:
@@ -26,7 +25,7 @@ def model_info(workers: Sequence, limits: Limits, tenant: Tenant, max_be_queue: 
         max_stop_strings=field_limits.MAX_STOP_STRINGS, max_stop_string_chars=field_limits.MAX_STOP_STRING_CHARS,
         max_stop_token_ids=field_limits.MAX_STOP_TOKEN_IDS, max_top_logprobs=field_limits.MAX_TOP_LOGPROBS,
         default_priority=limits.default_priority, max_be_queue=max_be_queue,
-        tenant_priorities=[PRIORITY_OF_LABEL[p] for p in ("LS", "BE") if tenant.may_use(p)],
+        tenant_priorities=[p for p in Priority if tenant.may_use(p.label)],
         tenant_requests_per_s=tenant.rate_limit.requests_per_s if tenant.rate_limit else 0.0,
         tenant_burst=tenant.rate_limit.burst if tenant.rate_limit else 0.0))
     if first is not None:

@@ -12,9 +12,10 @@ import grpc
 import structlog
 
 from qllm import internal_auth, serving, settings
+from qllm.contract import PRIORITY_LABELS, Priority
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.security import AuthError, KeyRing, RateLimiter, load_key_file, open_access
-from qllm.v1 import common_pb2, kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
+from qllm.v1 import kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics
 from router.core import RESTART, Job, NoWorker, Overloaded, RouterCore, status_code
 from router.discovery import WorkerDiscovery
@@ -53,8 +54,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             tenant = self.keyring.authenticate(context.invocation_metadata())
             self.limiter.check(tenant)
             priority = validate(request, self.limits)
-            is_ls = priority == common_pb2.PRIORITY_LATENCY_SENSITIVE
-            tenant.check_priority("LS" if is_ls else "BE")
+            tenant.check_priority(priority.label)
         except InvalidField as exc:
             metrics.REJECTED.labels("INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -66,7 +66,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # reach them (router/namespaces.py).
         internal_id = self.request_ids.new(tenant.name, rid)
         program = program_key(tenant.name, request.program_id)
-        label = "LS" if is_ls else "BE"
+        label = priority.label
+        is_ls = priority is Priority.LATENCY_SENSITIVE
         structlog.contextvars.bind_contextvars(request_id=rid, priority=label, tenant=tenant.name)
         submit = worker_pb2.SubmitRequest(
             request_id=internal_id, prompt=request.prompt, priority=priority, program_id=program,
@@ -227,7 +228,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--starvation-threshold", type=int, default=32,
                  help="BE request passed over this many times is promoted (0 = off)")
     settings.add(parser, "--promotion-rounds", type=int, default=8, help="how long a promotion lasts")
-    settings.add(parser, "--default-priority", default="BE", choices=["LS", "BE"],
+    settings.add(parser, "--default-priority", default="BE", choices=PRIORITY_LABELS,
                  help="class of requests that leave priority unspecified")
     settings.add(parser, "--max-prompt-bytes", type=int, default=1 << 20, help="largest accepted prompt")
     settings.add(parser, "--max-be-queue", type=int, default=4096,
@@ -242,7 +243,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="API key file (JSON or TOML: tenants, their classes and rate limits); unset = open access")
     settings.add_client_tls_flag(parser, "workers, predictor and kvmanager")
     settings.add(parser, "--predictor-deadline-ms", type=float, default=300.0,
-                 help="predictor call deadline (a merged batch of 64 prompts takes ~130 ms on 2 CPU cores)")
+                 help="predictor call deadline (past it a BE request is served in arrival order)")
 
 
 def default_args(**overrides) -> argparse.Namespace:
@@ -269,9 +270,7 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
     discovery = WorkerDiscovery(core, targets, lambda address: WorkerClient(address, credentials=client_creds,
                                                                                  interceptors=interceptors))
     workers = core.workers
-    limits = Limits(max_prompt_bytes=args.max_prompt_bytes,
-                    default_priority=common_pb2.PRIORITY_LATENCY_SENSITIVE if args.default_priority == "LS"
-                    else common_pb2.PRIORITY_BEST_EFFORT)
+    limits = Limits(max_prompt_bytes=args.max_prompt_bytes, default_priority=Priority.from_label(args.default_priority))
     predictor = PredictorClient(args.predictor or None, args.predictor_deadline_ms / 1000, client_creds, interceptors)
     kvmanager = KVManagerClient(args.kvmanager or None, credentials=client_creds, interceptors=interceptors)
     if args.api_keys:

@@ -1,21 +1,20 @@
-"""Checks a GenerateRequest field by field before anything is queued (pure; no gRPC calls).
+"""The router's validation of a GenerateRequest, field by field, before anything is queued (pure; no gRPC).
 
-Every failure names the field, so a client sees e.g. `top_p: must be in (0, 1], got 1.5`. Limits that depend
-on the model (context length) come from the workers' Describe answer.
+The field rules are the shared contract's (qllm/contract.py); this adds what only the router knows: the
+prompt's byte limit, the model's context and chat template from the workers' Describe answer, the default
+class, and the ids' lengths. Every failure names the field, e.g. `top_p: must be in (0, 1], got 1.5`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from qllm.limits import MAX_ABS_LENGTH_PENALTY, MAX_PATIENCE
-from qllm.request_checks import (InvalidField, check_logprobs, check_messages, check_prompt_token_ids, check_stop,
-                                 check_with_beams, input_kind)
-from qllm.v1 import common_pb2, router_pb2
+from qllm.contract import (InvalidField, Priority, check_messages, check_prompt_token_ids, check_sampling,
+                           input_kind)
+from qllm.v1 import router_pb2
 
 MAX_PROMPT_BYTES = 1 << 20
-VALID_PRIORITIES = {common_pb2.PRIORITY_LATENCY_SENSITIVE, common_pb2.PRIORITY_BEST_EFFORT}
+MAX_ID_CHARS = 256  # request_id, program_id
 
 
 __all__ = ["InvalidField", "Limits", "validate", "text_for_prediction"]
@@ -26,14 +25,14 @@ class Limits:
     max_context: int = 4096
     max_prompt_bytes: int = MAX_PROMPT_BYTES
     max_beams: int = 8
-    default_priority: int = common_pb2.PRIORITY_BEST_EFFORT
+    default_priority: Priority = Priority.BEST_EFFORT
     # From the workers' Describe answer; None / True until one has answered (the worker checks again).
     vocab_size: int | None = None
     has_chat_template: bool = True
 
 
-def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
-    """Raises InvalidField for the first bad field; returns the request's resolved priority."""
+def validate(req: router_pb2.GenerateRequest, limits: Limits) -> Priority:
+    """Raises InvalidField for the first bad field; returns the request's class."""
     kind = input_kind(req.prompt, req.messages, req.prompt_token_ids)
     if kind == "prompt":
         if not req.prompt.strip():
@@ -51,41 +50,25 @@ def validate(req: router_pb2.GenerateRequest, limits: Limits) -> int:
     else:
         if limits.vocab_size is not None:
             check_prompt_token_ids(req.prompt_token_ids, limits.vocab_size)
-    if req.max_tokens == 0:
-        raise InvalidField("max_tokens", "must be at least 1")
     if req.max_tokens >= limits.max_context:
         raise InvalidField("max_tokens", f"{req.max_tokens} leaves no room for the prompt in the model "
                                          f"context of {limits.max_context} tokens")
     if kind == "prompt_token_ids" and len(req.prompt_token_ids) + req.max_tokens > limits.max_context:
         raise InvalidField("max_tokens", f"prompt ({len(req.prompt_token_ids)} tokens) + max_tokens "
                                          f"({req.max_tokens}) exceeds the model context ({limits.max_context})")
-    if not math.isfinite(req.temperature) or req.temperature < 0:
-        raise InvalidField("temperature", f"must be a finite number >= 0, got {req.temperature}")
-    if req.HasField("top_p") and not (0.0 < req.top_p <= 1.0):
-        raise InvalidField("top_p", f"must be in (0, 1], got {req.top_p}")
-    priority = req.priority
-    if priority == common_pb2.PRIORITY_UNSPECIFIED:
-        priority = limits.default_priority
-    elif priority not in VALID_PRIORITIES:
-        raise InvalidField("priority", f"unknown value {priority}")
-    if req.num_beams > limits.max_beams:
-        raise InvalidField("num_beams", f"{req.num_beams} is more than the maximum of {limits.max_beams}")
-    if req.HasField("patience") and not (0 < req.patience <= MAX_PATIENCE):
-        raise InvalidField("patience", f"must be in (0, {MAX_PATIENCE:g}], got {req.patience}")
-    if req.HasField("length_penalty") and not abs(req.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
-        raise InvalidField("length_penalty", f"must be a number in [-{MAX_ABS_LENGTH_PENALTY:g}, "
-                                             f"{MAX_ABS_LENGTH_PENALTY:g}], got {req.length_penalty}")
-    if req.num_beams > 1 and req.temperature > 0:
-        raise InvalidField("temperature", "beam search is deterministic; num_beams > 1 needs temperature 0")
+    check_sampling(max_tokens=req.max_tokens, temperature=req.temperature,
+                   top_p=req.top_p if req.HasField("top_p") else 1.0, num_beams=req.num_beams,
+                   max_beams=limits.max_beams, patience=req.patience if req.HasField("patience") else 1.0,
+                   length_penalty=req.length_penalty if req.HasField("length_penalty") else 1.0, stop=req.stop,
+                   stop_token_ids=req.stop_token_ids, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
+                   vocab_size=limits.vocab_size)
+    priority = Priority.from_wire(req.priority, default=limits.default_priority)
     if req.last_turn and not req.program_id:
         raise InvalidField("last_turn", "is set but program_id is empty")
-    if len(req.request_id) > 256:
-        raise InvalidField("request_id", "is longer than 256 characters")
-    if len(req.program_id) > 256:
-        raise InvalidField("program_id", "is longer than 256 characters")
-    check_stop(req.stop, req.stop_token_ids, limits.vocab_size)
-    check_logprobs(req.logprobs, req.top_logprobs)
-    check_with_beams(req.num_beams, req.stop)
+    if len(req.request_id) > MAX_ID_CHARS:
+        raise InvalidField("request_id", f"is longer than {MAX_ID_CHARS} characters")
+    if len(req.program_id) > MAX_ID_CHARS:
+        raise InvalidField("program_id", f"is longer than {MAX_ID_CHARS} characters")
     return priority
 
 

@@ -26,8 +26,7 @@ from worker.model_runner import ModelRunner, StepState
 from worker.request import FinishReason, Priority, Request, SamplingParams
 from worker.scheduler import SchedulerConfig, make_scheduler
 from worker.scheduler.base import int8_owner_id
-from qllm.limits import MAX_ABS_LENGTH_PENALTY, MAX_PATIENCE
-from qllm.request_checks import InvalidField, check_logprobs, check_stop, check_with_beams
+from qllm.contract import InvalidField, check_sampling
 from qllm.logs import get_logger
 
 log = get_logger(__name__)
@@ -436,14 +435,9 @@ class AsyncEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def check(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
-        try:
-            check_stop(sampling.stop, sorted(sampling.stop_token_ids), self.vocab_size)
-            check_logprobs(sampling.logprobs, sampling.top_logprobs)
-            check_with_beams(sampling.num_beams, sampling.stop)
-        except InvalidField as exc:
-            raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
-        if sampling.num_beams > 1:
-            self.check_beams(sampling)
+        """Invariants of a request reaching this worker: the contract's field rules, then what only this worker
+        knows (its model's context, its KV budget)."""
+        self.check_fields(sampling, self.config.max_num_beams, self.vocab_size)
         total = num_prompt_tokens + sampling.max_tokens
         if total > self.max_context:
             raise RequestRejected("INVALID_ARGUMENT",
@@ -461,20 +455,17 @@ class AsyncEngine:
                                       f"num_beams: {sampling.num_beams} beams of prompt + max_tokens need {need} KV "
                                       f"tokens, more than the worker's KV budget ({capacity} tokens)")
 
-    def check_beams(self, sampling: SamplingParams) -> None:
-        if sampling.num_beams > self.config.max_num_beams:
-            raise RequestRejected("INVALID_ARGUMENT", f"num_beams: {sampling.num_beams} is more than this "
-                                                      f"worker's maximum of {self.config.max_num_beams}")
-        if not 0 < sampling.patience <= MAX_PATIENCE:
-            raise RequestRejected("INVALID_ARGUMENT",
-                                  f"patience: must be in (0, {MAX_PATIENCE:g}], got {sampling.patience}")
-        if not abs(sampling.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
-            raise RequestRejected("INVALID_ARGUMENT",
-                                  f"length_penalty: must be a number in [-{MAX_ABS_LENGTH_PENALTY:g}, "
-                                  f"{MAX_ABS_LENGTH_PENALTY:g}], got {sampling.length_penalty}")
-        if not sampling.greedy:
-            raise RequestRejected("INVALID_ARGUMENT", "temperature: beam search is deterministic; "
-                                                      "num_beams > 1 needs temperature 0")
+    @staticmethod
+    def check_fields(sampling: SamplingParams, max_beams: int, vocab_size: int | None) -> None:
+        """The request contract's rules on the sampling fields (qllm/contract.py), as INVALID_ARGUMENT."""
+        try:
+            check_sampling(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                           num_beams=sampling.num_beams, max_beams=max_beams, patience=sampling.patience,
+                           length_penalty=sampling.length_penalty, stop=sampling.stop,
+                           stop_token_ids=sorted(sampling.stop_token_ids), logprobs=sampling.logprobs,
+                           top_logprobs=sampling.top_logprobs, vocab_size=vocab_size)
+        except InvalidField as exc:
+            raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                        priority: Priority = Priority.BEST_EFFORT, order_key: float = 0.0, program_id: str = "",

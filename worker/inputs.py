@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable, Sequence
 
-from qllm.request_checks import InvalidField, check_messages, check_prompt_token_ids, input_kind
+from qllm.contract import InvalidField, check_messages, check_prompt_token_ids, input_kind
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -6,12 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-
-class Priority(enum.IntEnum):
-    """Scheduling class; the values match qllm.v1.Priority on the wire."""
-
-    LATENCY_SENSITIVE = 1
-    BEST_EFFORT = 2
+from qllm.contract import Priority  # the scheduling class is the request contract's
 
 
 class Status(enum.Enum):

@@ -15,41 +15,28 @@ import structlog
 from qllm import internal_auth, serving, settings
 from qllm.internal_auth import InternalToken
 from qllm.logs import configure as configure_logging, get_logger
-from qllm.request_checks import InvalidField
+from qllm.contract import InvalidField, Priority
 from qllm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker import metrics
 from worker import inputs
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
 from worker.output_text import OutputText
 from worker.latency_report import LatencyReporter
-from worker.request import Priority, SamplingParams
+from worker.request import SamplingParams
 from worker.tokenize import PromptEncoder
 
 log = get_logger(__name__)
 
-CLASS_LABEL = {Priority.LATENCY_SENSITIVE: "LS", Priority.BEST_EFFORT: "BE"}
 # The rejection of new work by a draining worker; the router reads Rejection.draining, not this text.
 DRAINING_MESSAGE = "worker draining: not taking new requests"
 
 
 def sampling_from_wire(msg: worker_pb2.SamplingParams) -> SamplingParams:
-    if msg.max_tokens < 1:
-        raise RequestRejected("INVALID_ARGUMENT", "max_tokens: must be at least 1")
-    if not math.isfinite(msg.temperature) or msg.temperature < 0:
-        raise RequestRejected("INVALID_ARGUMENT", f"temperature: must be a finite number >= 0, got {msg.temperature}")
-    if not 0.0 < msg.top_p <= 1.0:
-        raise RequestRejected("INVALID_ARGUMENT", "top_p: must be in (0, 1]")
-    num_beams = max(1, msg.num_beams)
-    if num_beams > 1:
-        if msg.patience < 0 or math.isnan(msg.patience):
-            raise RequestRejected("INVALID_ARGUMENT", f"patience: must be > 0, got {msg.patience}")
-        if msg.temperature > 0:
-            raise RequestRejected("INVALID_ARGUMENT", "temperature: beam search is deterministic; "
-                                                      "num_beams > 1 needs temperature 0")
+    """Wire to engine, values as sent: the engine checks them (AsyncEngine.check, the request contract)."""
     # proto3 cannot tell an unset patience from 0: 0 means the default, 1.0 (the router always sends it).
     # length_penalty is taken as sent (the router sends 1.0 when the client leaves it unset).
     return SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
-                          seed=msg.seed, ignore_eos=msg.ignore_eos, num_beams=num_beams,
+                          seed=msg.seed, ignore_eos=msg.ignore_eos, num_beams=max(1, msg.num_beams),
                           patience=msg.patience or 1.0, length_penalty=msg.length_penalty,
                           stop=tuple(msg.stop), stop_token_ids=frozenset(msg.stop_token_ids),
                           logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)
@@ -163,23 +150,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def _run_request(self, submit: worker_pb2.SubmitRequest, events: asyncio.Queue) -> None:
         rid = submit.request_id
         arrival = time.monotonic()
-        try:
-            priority = Priority(submit.priority)
-        except ValueError:
-            priority = None
-        label = CLASS_LABEL.get(priority, "unknown")
+        label = "unknown"  # until the priority is read
         structlog.contextvars.bind_contextvars(request_id=rid, priority=label)
         first = True
         try:
-            if priority is None:
-                raise RequestRejected("INVALID_ARGUMENT", "priority: must be LATENCY_SENSITIVE or BEST_EFFORT")
-            sampling = sampling_from_wire(submit.sampling)
             try:
+                priority = Priority.from_wire(submit.priority)
+                label = priority.label
+                structlog.contextvars.bind_contextvars(priority=label)
                 prompt_ids = await inputs.prompt_token_ids(submit.prompt, submit.messages, submit.prompt_token_ids,
                                                            self.engine.tokenizer, self.engine.vocab_size,
                                                            self.prompts.encode)
             except InvalidField as exc:
                 raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
+            sampling = sampling_from_wire(submit.sampling)
             output = OutputText(self.engine.tokenizer, sampling.stop)
             stream = self.engine.generate(rid, prompt_ids, sampling, priority, order_key=submit.length_score,
                                           program_id=submit.program_id, last_turn=submit.last_turn,

@@ -256,8 +256,10 @@ def test_wire_and_router_validation():
     assert sampling_from_wire(worker_pb2.SamplingParams(max_tokens=4, top_p=1.0, num_beams=2)).patience == 1.0
     for msg, field in [(dict(num_beams=2, patience=-1.0), "patience"), (dict(num_beams=2, temperature=0.5),
                                                                            "temperature")]:
+        # The wire's values as the worker checks them (the request contract, with this worker's beam bound).
         with pytest.raises(RequestRejected) as exc:
-            sampling_from_wire(worker_pb2.SamplingParams(max_tokens=4, top_p=1.0, **msg))
+            AsyncEngine.check_fields(sampling_from_wire(worker_pb2.SamplingParams(max_tokens=4, top_p=1.0, **msg)),
+                                     max_beams=8, vocab_size=None)
         assert exc.value.code == "INVALID_ARGUMENT" and exc.value.message.startswith(field)
     for kwargs, field in [(dict(num_beams=9), "num_beams"), (dict(num_beams=2, patience=0.0), "patience"),
                           (dict(num_beams=2, temperature=0.3), "temperature"),
