@@ -53,7 +53,7 @@ class Priority(enum.IntEnum):
         try:
             return cls(value)
         except ValueError:
-            raise InvalidField("priority", f"unknown value {value} (give LATENCY_SENSITIVE or BEST_EFFORT)") from None
+            raise InvalidField("priority", f"must be LATENCY_SENSITIVE or BEST_EFFORT, got {value}") from None
 
 
 PRIORITY_LABELS = tuple(p.label for p in Priority)

@@ -4,8 +4,7 @@ One interface, four orders:
 - `arrival`: first come, first served.
 - `ltr` (vllm-ltr): lowest predicted length score first (the predictor's RankLengths score; larger =
   longer), i.e. shortest predicted job first.
-- `speculative` (ALISE): least estimated remaining execution time first; estimates can be updated while
-  the request waits (`update`).
+- `speculative` (ALISE): least estimated remaining execution time first.
 - `oracle`: true output length first (benchmarks only: an upper bound for `ltr`).
 
 Items are any objects with a `request_id` attribute. The sort key is read from an attribute
@@ -47,7 +46,6 @@ class _Entry(Generic[T]):
     item: T
     arrival: tuple[float, int]
     key: float
-    version: int = 0
     passed_over: int = 0
     promoted: bool = False
 
@@ -67,7 +65,7 @@ class Order(Generic[T]):
         self.promotion_rounds = promotion_rounds
         self._key_fn = key
         self._entries: dict[str, _Entry[T]] = {}
-        self._heap: list[tuple[float, tuple[float, int], int, str]] = []
+        self._heap: list[tuple[float, tuple[float, int], str]] = []  # (key, arrival, request_id)
         self._promoted: deque[tuple[str, int]] = deque()  # (request_id, push seq)
         self._promoted_until: dict[str, int] = {}  # served while promoted: promoted again if back by then
         self._counter = itertools.count()
@@ -100,7 +98,7 @@ class Order(Generic[T]):
         until = self._promoted_until.pop(rid, None)
         if until is not None and until >= self._round:
             self._promote(entry)
-        heapq.heappush(self._heap, (entry.key, entry.arrival, entry.version, rid))
+        heapq.heappush(self._heap, (entry.key, entry.arrival, rid))
 
     def pop(self) -> T:
         """Removes and returns the next request; one scheduling round. IndexError when empty."""
@@ -123,19 +121,9 @@ class Order(Generic[T]):
     def remove(self, request_id: str) -> T | None:
         """Takes a request out (cancelled, or dispatched elsewhere); None when it is not queued."""
         entry = self._entries.pop(request_id, None)
-        return entry.item if entry else None
-
-    def update(self, request_id: str, key: float | None = None) -> bool:
-        """Re-reads (or sets) a waiting request's sort key, e.g. a new remaining-time estimate."""
-        entry = self._entries.get(request_id)
-        if entry is None:
-            return False
-        entry.key = self._sort_key(entry.item) if key is None else float(key)
-        entry.version += 1
-        heapq.heappush(self._heap, (entry.key, entry.arrival, entry.version, request_id))
-        if len(self._heap) > 4 * len(self._entries) + 64:
+        if len(self._heap) > 4 * len(self._entries) + 64:  # removed requests' heap slots go lazily; bound them
             self._compact()
-        return True
+        return entry.item if entry else None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -174,9 +162,10 @@ class Order(Generic[T]):
                 del self._entries[rid]
             return entry
         while self._heap:
-            _, _, version, rid = self._heap[0]
+            _, arrival, rid = self._heap[0]
             entry = self._entries.get(rid)
-            if entry is None or entry.promoted or entry.version != version:
+            # Stale: removed, promoted, or a later push of the same id (its own slot has its own arrival).
+            if entry is None or entry.promoted or entry.arrival != arrival:
                 heapq.heappop(self._heap)
                 continue
             if remove:
@@ -186,7 +175,7 @@ class Order(Generic[T]):
         raise IndexError(f"pop from an empty {self.name or 'order'} queue")
 
     def _compact(self) -> None:
-        self._heap = [(e.key, e.arrival, e.version, rid) for rid, e in self._entries.items() if not e.promoted]
+        self._heap = [(e.key, e.arrival, rid) for rid, e in self._entries.items() if not e.promoted]
         heapq.heapify(self._heap)
 
     def _trim_promoted_until(self) -> None:
@@ -207,7 +196,7 @@ class LtrOrder(Order[T]):
 
 
 class SpeculativeOrder(Order[T]):
-    """Least estimated remaining execution time first (ALISE); `update()` when an estimate changes."""
+    """Least estimated remaining execution time first (ALISE)."""
 
     name = "speculative"
     attribute = "est_remaining_s"

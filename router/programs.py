@@ -19,7 +19,6 @@ class ProgramState:
     turns: int = 0
     worker: str = ""                 # where the last turn ran
     last_end: float | None = None    # when the last turn finished (monotonic)
-    last_tool: str = ""
 
 
 @dataclass
@@ -59,15 +58,10 @@ class ProgramTracker:
         if state is not None:
             state.worker = worker
 
-    def turn_finished(self, program_id: str, last_turn: bool, tool_name: str = "") -> None:
+    def turn_finished(self, program_id: str, last_turn: bool) -> None:
         if last_turn:
             self._programs.pop(program_id, None)
             return
         state = self._programs.get(program_id)
         if state is not None:
             state.last_end = self.clock()
-            state.last_tool = tool_name
-
-    def worker_of(self, program_id: str) -> str:
-        state = self._programs.get(program_id)
-        return state.worker if state is not None else ""

@@ -12,7 +12,7 @@ import grpc
 import structlog
 
 from qllm import internal_auth, serving, settings
-from qllm.contract import PRIORITY_LABELS, Priority
+from qllm.contract import PRIORITY_LABELS, InvalidField, Priority
 from qllm.logs import configure as configure_logging, get_logger
 from qllm.security import AuthError, KeyRing, RateLimiter, load_key_file, open_access
 from qllm.v1 import kvmanager_pb2, router_pb2, router_pb2_grpc, worker_pb2
@@ -23,7 +23,7 @@ from router.deps import KVManagerClient, PredictorClient
 from router.namespaces import RequestIds, program_key
 from router.programs import ProgramTracker
 from router.model_info import model_info
-from router.validation import InvalidField, Limits, text_for_prediction, validate
+from router.validation import Limits, text_for_prediction, validate
 from router.worker_client import WorkerClient
 
 log = get_logger(__name__)
@@ -140,7 +140,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     metrics.FINISHED.labels(label, delta.finish_reason).inc()
                     if program:
                         self.programs.turn_dispatched(program, job.worker_address)
-                        self.programs.turn_finished(program, request.last_turn, request.tool_name)
+                        self.programs.turn_finished(program, request.last_turn)
                         self._spawn(self._report_turn(request, program,
                                                       delta.prompt_tokens + delta.completion_tokens,
                                                       delta.cached_prompt_tokens, job, turn))

@@ -17,9 +17,6 @@ MAX_PROMPT_BYTES = 1 << 20
 MAX_ID_CHARS = 256  # request_id, program_id
 
 
-__all__ = ["InvalidField", "Limits", "validate", "text_for_prediction"]
-
-
 @dataclass
 class Limits:
     max_context: int = 4096

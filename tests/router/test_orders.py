@@ -54,11 +54,7 @@ def test_oracle_and_speculative_keys():
     reqs = {rid: Req(rid, est_remaining_s=t) for rid, t in [("a", 3.0), ("b", 1.0), ("c", 2.0)]}
     for r in reqs.values():
         s.push(r)
-    reqs["a"].est_remaining_s = 0.5  # a new estimate
-    assert s.update("a")
-    assert s.update("c", key=0.1)
-    assert not s.update("zzz")
-    assert drain(s) == ["c", "a", "b"]
+    assert drain(s) == ["b", "c", "a"]
 
 
 def test_custom_key_and_arrival_attribute():
@@ -165,16 +161,3 @@ def test_arrival_order_never_promotes():
         o.push(Req(f"r{i}"))
     assert drain(o) == [f"r{i}" for i in range(100)]
     assert o.promotions == 0
-
-
-def test_update_of_a_promoted_request_keeps_it_first():
-    o = make_order("speculative", starvation_threshold=2)
-    o.push(Req("long", est_remaining_s=100))
-    o.push(Req("a", est_remaining_s=1))
-    o.push(Req("b", est_remaining_s=1))
-    o.push(Req("c", est_remaining_s=1))
-    o.pop(), o.pop()
-    assert o.is_promoted("long")
-    o.update("long", key=500)
-    assert o.pop().request_id == "long"
-    assert drain(o) == ["c"]

@@ -20,7 +20,7 @@ def test_turns_keep_the_programs_first_arrival_and_measure_tool_gaps():
     assert (first.turn_index, first.order_arrival, first.prev_tool_duration_s) == (0, 1.0, 0.0)
     tracker.turn_dispatched("p", "w1:50061")
     clock.t = 3.0
-    tracker.turn_finished("p", last_turn=False, tool_name="search")
+    tracker.turn_finished("p", last_turn=False)
     second = tracker.turn_arrived("p", arrival=4.5)
     assert second.turn_index == 1 and second.order_arrival == 1.0
     assert second.prev_tool_duration_s == 1.5 and second.preferred_worker == "w1:50061"
@@ -32,7 +32,7 @@ def test_tracker_forgets_least_recently_active_programs_beyond_its_bound():
     tracker = ProgramTracker(max_programs=2)
     for p in ("a", "b", "c"):
         tracker.turn_arrived(p, arrival=0.0)
-    assert len(tracker) == 2 and tracker.worker_of("a") == ""
+    assert len(tracker) == 2 and tracker.turn_arrived("a", arrival=1.0).turn_index == 0  # "a" was forgotten
 
 
 def test_affinity_prefers_the_previous_worker_and_falls_back_when_it_is_gone(fake_worker):

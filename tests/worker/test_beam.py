@@ -247,7 +247,8 @@ async def test_engine_streams_best_at_end_and_validates(loaded, make_runner):
 
 def test_wire_and_router_validation():
     from qllm.v1 import router_pb2, worker_pb2
-    from router.validation import InvalidField, Limits, validate
+    from qllm.contract import InvalidField
+    from router.validation import Limits, validate
     from worker.server import sampling_from_wire
 
     sp = sampling_from_wire(worker_pb2.SamplingParams(max_tokens=4, top_p=1.0, num_beams=3, patience=2.0,
