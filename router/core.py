@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from qllm.contract import Priority
 from qllm.v1 import worker_pb2
 from router import metrics
 from router.queues import RequestQueues
@@ -42,10 +43,6 @@ class Job:
     requeued_at: float | None = None       # when it last lost its worker: its own re-queue window starts there
     dispatched_at: float | None = None
     preferred_worker: str = ""             # affinity: the worker holding this program's previous turn
-
-    @property
-    def label(self) -> str:
-        return "LS" if self.is_ls else "BE"
 
 
 class NoWorker(Exception):
@@ -220,8 +217,8 @@ class RouterCore:
 
     def _publish(self) -> None:
         ls, be = self.queues.counts()
-        metrics.QUEUED.labels("LS").set(ls)
-        metrics.QUEUED.labels("BE").set(be)
+        metrics.QUEUED.labels(Priority.LATENCY_SENSITIVE.label).set(ls)
+        metrics.QUEUED.labels(Priority.BEST_EFFORT.label).set(be)
 
 
 def status_code(code: int) -> grpc.StatusCode:
