@@ -399,7 +399,7 @@ class EngineCore:
 
 
 class AsyncEngine:
-    """The asyncio side: validates and tokenizes, submits to the core, streams outputs per request."""
+    """The asyncio side: checks a request's invariants, submits it to the core, streams its outputs."""
 
     def __init__(self, runner: ModelRunner, tokenizer, eos_token_ids: list[int], max_context: int,
                  config: EngineConfig):
