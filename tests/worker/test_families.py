@@ -21,10 +21,9 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from worker import model_loader as ml  # noqa: E402
-from worker.kv_blocks import BlockAllocator  # noqa: E402
+from worker.engine_core import EngineConfig, EngineCore  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 from worker.request import Priority, Request, SamplingParams  # noqa: E402
-from worker.scheduler import SchedulerConfig, make_scheduler  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -148,12 +147,9 @@ def _requests(prompts):
 def _run_chunked(runner, reqs, budget=24, blocks=64):
     """All requests at once under a small token budget: prefills are cut into chunks that start past 0 and
     are longer than the window, mixed in one step with other requests' decodes; block tables interleave."""
-    sched = make_scheduler("fcfs", SchedulerConfig(max_num_batched_tokens=budget), BlockAllocator(blocks, BLOCK))
-    for r in reqs:
-        sched.add_request(r)
-    while sched.has_unfinished():
-        out = sched.schedule()
-        sched.update(out, runner.execute(out))
+    core = EngineCore(runner, EngineConfig(max_num_batched_tokens=budget, kv_budget_tokens=blocks * BLOCK,
+                                           block_size=BLOCK))
+    core.run_to_completion(reqs)
 
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED))
