@@ -27,7 +27,7 @@ def forced(**kw):
 
 def run(loaded, prompts, blocks, n_out=16, classes=None, cost_model=None, **cfg):
     runner = ModelRunner(loaded, blocks, 16)
-    config = EngineConfig(policy="priority", kv_budget_tokens=blocks * 16, block_size=16,
+    config = EngineConfig(policy="priority-evict", kv_budget_tokens=blocks * 16, block_size=16,
                           max_num_batched_tokens=256, admission_output_fraction=0.0, **cfg)
     core = EngineCore(runner, config, lambda outputs: None)
     if cost_model is not None:

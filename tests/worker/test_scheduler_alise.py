@@ -14,7 +14,7 @@ LS, BE = Priority.LATENCY_SENSITIVE, Priority.BEST_EFFORT
 BS = 4
 
 
-def make(policy="priority", blocks=8, host_tokens=64, int8="off", prefill_s=1.0, **cfg):
+def make(policy="priority-evict", blocks=8, host_tokens=64, int8="off", prefill_s=1.0, **cfg):
     sched = make_scheduler(policy, SchedulerConfig(kv_policy="alise", kv_int8=int8, kv_host_budget_tokens=host_tokens,
                                                    admission_output_fraction=0.0, max_num_batched_tokens=64, **cfg),
                            BlockAllocator(blocks, BS))

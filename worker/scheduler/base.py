@@ -26,6 +26,17 @@ class SchedulerConfig:
     # longest BE stays deferred while LS work is runnable). Beyond it the BE step resumes and the LS decodes
     # join the next full iteration.
     max_be_deferral_steps: int = 1
+    # qllm: park a running step at layer boundaries when LS work arrives (QLLM's preemption), and give LS
+    # work that arrives between steps a step of its own; each can be switched off to measure what it buys.
+    layer_parking: bool = True
+    ls_only_steps: bool = True
+    # qllm: LS decode pacing. The time an LS stream may wait for its next token, in seconds: once one is due,
+    # a running BE step parks at the next layer boundary and an LS-only decode step runs. -1: 1.5 x the
+    # measured LS-only decode step (the idle floor's token time); 0: off (LS decodes ride full iterations).
+    ls_tpot_target_s: float = -1.0
+    # qllm: the token budget of a full iteration while LS streams decode beside it (BE prefill chunks shrink,
+    # as Sarathi-Serve's stall-free budget, so a layer of a BE step is short enough to park in time).
+    ls_active_max_batched_tokens: int = 128
     # qllm: KV tokens and running slots that BE admission leaves free for LS work, so an arriving LS request
     # finds room without preempting (and recomputing) a BE request.
     ls_reserved_kv_tokens: int = 1024
@@ -81,6 +92,8 @@ class SchedulerOutput:
     step_id: int = 0
     # A parked step the engine resumes at its next layer (its requests were scheduled when it began).
     resumed: bool = False
+    ls_only: bool = False
+    scheduled_at: float = 0.0     # the scheduler's clock when the step was built
 
     @property
     def num_tokens(self) -> int:
@@ -136,6 +149,7 @@ class Scheduler:
         # Requests ended while in a step (cancelled, or stopped at a stop string): how they end when it finishes.
         self._cancel_pending: dict[str, FinishReason] = {}
         self._step_ids = 0
+        self.clock = time.monotonic
 
     @property
     def allocator(self) -> BlockAllocator:
@@ -241,14 +255,16 @@ class Scheduler:
     def park(self, plan: SchedulerOutput) -> None:
         raise RuntimeError(f"policy {self.name!r} does not park steps")
 
-    def build_step(self, ls_only: bool = False) -> SchedulerOutput:
+    def build_step(self, ls_only: bool = False, skip_running_ls: bool = False,
+                   budget: int | None = None) -> SchedulerOutput:
         """A new step: running requests first (decodes, prefill chunks under the token budget), then waiting
-        ones admitted in queue order. ls_only: LS requests only (nothing in flight is touched)."""
-        out = SchedulerOutput()
+        ones admitted in queue order. ls_only: LS requests only (nothing in flight is touched);
+        skip_running_ls: leave running LS requests to steps of their own."""
+        out = SchedulerOutput(ls_only=ls_only, scheduled_at=self.clock())
         if self.pins:
             self.pins.expire()
         self.make_room(out)
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens if budget is None else budget
         scheduled_ids: set[str] = set()
         preempted_now = False
         for req in self.running_order():
@@ -256,7 +272,7 @@ class Scheduler:
                 break
             if req.request_id in self.in_flight or req.status is not Status.RUNNING:
                 continue
-            if ls_only and not req.is_ls:
+            if (ls_only and not req.is_ls) or (skip_running_ls and req.is_ls):
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
@@ -366,6 +382,7 @@ class Scheduler:
         """Applies a finished step: progress, sampled tokens, finishing. Returns what to stream back."""
         outputs: list[EngineOutput] = []
         sampled = output.sampled
+        now = self.clock()
         for s in plan.scheduled:
             req = s.request
             rid = req.request_id
@@ -382,6 +399,7 @@ class Scheduler:
             if token is None:
                 continue
             req.append_token(token)
+            req.last_token_time = now
             if req.beam is None:
                 new = [token]
                 logprobs = [output.logprobs[rid]] if rid in output.logprobs else None

@@ -1,8 +1,13 @@
-"""`priority`: iteration-level priority (vLLM's --scheduling-policy priority).
+"""`priority`: iteration-level priority exactly as vLLM V1's `--scheduling-policy priority`, and
+`priority-evict`, which also evicts running BE for waiting LS.
 
-LS requests are admitted first at the next iteration; when slots or KV blocks are short, running BE
-requests are preempted (recompute) to make room for waiting LS work. Within a class the order is the
-request's order_key (arrival, or a predicted rank the router sets), then arrival.
+`priority` (vLLM V1): the waiting queue is ordered by class (LS first), then the request's order_key (arrival,
+or a predicted rank the router sets), then arrival; running requests are served in admission order; when a
+running request's next tokens do not fit in the KV cache, the lowest-class, latest-arriving running request
+is preempted (recompute); a waiting request is admitted only when slots and blocks are free.
+
+`priority-evict` also preempts running BE at the start of an iteration to make room for waiting LS work, and
+serves running requests LS first: an LS request never waits for BE to finish. QLLM builds on it.
 """
 
 from __future__ import annotations
@@ -15,9 +20,6 @@ from worker.scheduler.request_queue import class_key
 class PriorityScheduler(Scheduler):
     name = "priority"
     queue_ordering = "priority"
-
-    def running_order(self) -> list[Request]:
-        return sorted(self.running, key=class_key)
 
     def pick_victim(self, candidates: list[Request]) -> Request | None:
         # Lowest class first, then the one that arrived last (it has the least sunk work to lose).
@@ -34,6 +36,14 @@ class PriorityScheduler(Scheduler):
             return (len(self.running) < self.config.max_num_seqs
                     and self.allocator.can_allocate(req.request_id, self._kv_tokens(req, num_tokens)))
         return super().can_admit(req, num_tokens)
+
+
+
+class PriorityEvictScheduler(PriorityScheduler):
+    name = "priority-evict"
+
+    def running_order(self) -> list[Request]:
+        return sorted(self.running, key=class_key)
 
     def make_room(self, output: SchedulerOutput) -> None:
         """Preempts running BE (lowest class, latest arrival first) until waiting LS work can be admitted."""
