@@ -45,6 +45,10 @@ def _config(name: str, **kwargs):
     return cls(**{**COMMON, **kwargs})
 
 
+DEEPSEEK = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                n_group=2, topk_group=1, first_k_dense_replace=1, num_key_value_heads=4)
+
 # family -> (config builder, the per-layer windows the runner must use)
 SUPPORTED = {
     "qwen3_moe": (lambda: _config("Qwen3MoeConfig", head_dim=16, moe_intermediate_size=32, num_experts=4,
@@ -73,6 +77,14 @@ SUPPORTED = {
     # Attention sinks in prefill and decode, sliding and full layers alternating (layer_types).
     "gpt_oss": (lambda: _config("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                 sliding_window=WINDOW), [WINDOW, 0, WINDOW]),
+    # Multi-head latent attention (K head 24, V head 12; the rank-32 latent is what is cached), a dense first
+    # layer (first_k_dense_replace), then MoE layers with a shared expert and the sigmoid, group-limited router.
+    "deepseek_v3": (lambda: _config("DeepseekV3Config", **DEEPSEEK), [0, 0, 0]),
+    # The same with yarn rope scaling: the attention's scaling carries yarn's mscale, which must reach the
+    # paged attention (factor 4 over 128 original positions).
+    "deepseek_v3_yarn": (lambda: _config("DeepseekV3Config", **DEEPSEEK, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0,
+        beta_fast=32, beta_slow=1, rope_theta=10000.0)), [0, 0, 0]),
     "glm4_moe": (lambda: _config("Glm4MoeConfig", head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1),
                  [0, 0, 0]),
@@ -80,11 +92,12 @@ SUPPORTED = {
 
 # family -> (config builder, what the refusal must say besides the family's name)
 UNSUPPORTED = {
-    "deepseek_v3": (lambda: _config("DeepseekV3Config", n_routed_experts=4, num_experts_per_tok=2,
+    # Multi-head latent attention in a family not checked here (DeepSeek-V3's is served).
+    "deepseek_v2": (lambda: _config("DeepseekV2Config", n_routed_experts=4, num_experts_per_tok=2,
                                     moe_intermediate_size=32, kv_lora_rank=32, q_lora_rank=48,
                                     qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_group=1,
                                     topk_group=1, first_k_dense_replace=1),
-                    ("DeepseekV3", "multi-head latent attention", "K head 24, V head 12")),
+                    ("DeepseekV2", "multi-head latent attention", "K head 24, V head 12", "deepseek_v3")),
     "granitemoeshared": (lambda: _config("GraniteMoeSharedConfig", num_local_experts=4, num_experts_per_tok=2,
                                          shared_intermediate_size=64, embedding_multiplier=12.0,
                                          residual_multiplier=0.22, logits_scaling=8.0),
