@@ -137,7 +137,7 @@ def _prompts(seed: int, lengths=(23, 70, 117)) -> list[list[int]]:
     return [[rng.randrange(3, 8192) for _ in range(n)] for n in lengths]
 
 
-def _reference(path, prompts: list[list[int]]) -> list[list[int]]:
+def _reference(path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
     """transformers' own generate() on the checkpoint, greedy, fp32, its stock sdpa attention and masks (eager
     for gpt-oss, which has no sdpa path)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
@@ -146,15 +146,15 @@ def _reference(path, prompts: list[list[int]]) -> list[list[int]]:
     out = []
     with torch.no_grad():
         for ids in prompts:
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=0)
             out.append(gen[0, len(ids):].tolist())
     return out
 
 
-def _requests(prompts):
-    return [Request(f"r{i}", ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
-                    Priority.LATENCY_SENSITIVE if i == 0 else Priority.BEST_EFFORT, arrival_time=float(i))
+def _requests(prompts, new_tokens=NEW_TOKENS, first=Priority.LATENCY_SENSITIVE):
+    return [Request(f"r{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                    first if i == 0 else Priority.BEST_EFFORT, arrival_time=float(i))
             for i, ids in enumerate(prompts)]
 
 
@@ -237,3 +237,59 @@ def test_windows_and_sinks_through_the_gathered_decode(family, checkpoints, monk
     reqs = _requests(prompts)
     _run_chunked(runner, reqs)
     assert [r.output_token_ids for r in reqs] == expected
+
+
+def _run_engine(loaded, reqs, blocks, cost_model, **cfg):
+    """The engine's schedule-apply-execute loop under KV pressure with a given cost model (as
+    tests/worker/test_kv_policy_engine.py drives it), so the moves it forces really happen."""
+    from worker.engine import EngineConfig, EngineCore
+
+    runner = ModelRunner(loaded, blocks, BLOCK)
+    config = EngineConfig(policy="priority", kv_budget_tokens=blocks * BLOCK, block_size=BLOCK,
+                          max_num_batched_tokens=256, admission_output_fraction=0.0, **cfg)
+    core = EngineCore(runner, config, lambda outputs: None)
+    core.scheduler.cost_model = cost_model
+    for r in reqs:
+        core.scheduler.add_request(r)
+    while core.scheduler.has_unfinished():
+        plan = core._schedule()
+        core.scheduler.update(plan, runner.execute(plan))
+    return core
+
+
+def test_deepseek_v3_caches_the_latent_and_moves_it_between_tiers(checkpoints):
+    """Multi-head latent attention caches the compressed latent, as vLLM does: per token and layer
+    kv_lora_rank + qk_rope_head_dim elements (32 + 8 here), not heads x (qk_head_dim + v_head_dim) = 4 x (24 + 12)
+    uncompressed. Under --kv-policy alise those pools (K and V of different head sizes) are swapped to the host
+    and back into other blocks (lossless: still generate()'s tokens) and quantized to int8 and back."""
+    from worker import kv_tiers
+
+    path = checkpoints("deepseek_v3")
+    loaded = ml.load_model(str(path), dtype="float32")
+    runner = ModelRunner(loaded, num_blocks=8, block_size=BLOCK)
+    assert [tuple(l.keys.shape) for l in runner.cache.layers] == [(8, BLOCK, 1, 32)] * 3
+    assert [tuple(l.values.shape) for l in runner.cache.layers] == [(8, BLOCK, 1, 8)] * 3
+    assert runner.cache.bytes == 3 * 8 * BLOCK * (32 + 8) * 4
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 8192) for _ in range(rng.randint(40, 120))] for _ in range(8)]
+    expected = _reference(path, prompts, new_tokens=16)
+    forced = dict(block_bytes=BLOCK * 480, int8_block_bytes=BLOCK * 200, prefill_s_per_token=1.0,
+                  decode_step_s=0.01, swap_out_bytes_per_s=1e9, swap_in_bytes_per_s=1e9,
+                  quantize_bytes_per_s=1e9, dequantize_bytes_per_s=1e9)
+
+    reqs = _requests(prompts, 16, first=Priority.BEST_EFFORT)
+    core = _run_engine(loaded, reqs, 24, kv_tiers.CostModel(**forced), kv_policy="alise", kv_int8="off")
+    assert core.kv_store.block_bytes == 3 * BLOCK * (32 + 8) * 4
+    assert {"swap_out", "swap_in"} <= set(core.scheduler.move_counts)
+    assert core.kv_store.host.used_bytes == 0
+    assert [r.output_token_ids for r in reqs] == expected, "swapped to the host and back"
+
+    reqs = _requests(prompts, 16, first=Priority.BEST_EFFORT)
+    core = _run_engine(loaded, reqs, 24, kv_tiers.CostModel(**forced), kv_policy="alise", kv_int8="be",
+                       kv_host_budget_tokens=0)
+    counts = core.scheduler.move_counts
+    assert counts.get("quantize", 0) >= 1 and counts["quantize"] == counts["dequantize"]
+    assert core.kv_store.int8 == {} and core.kv_store.int8_bytes == 0
+    out = [r.output_token_ids for r in reqs]
+    assert all(len(o) == 16 and o[0] == e[0] for o, e in zip(out, expected))  # lossy past a preemption
