@@ -3,8 +3,8 @@
 One preallocated slab of `budget_bytes`, laid out block-major, [capacity_blocks, layers, block_size,
 kv_heads * (head_dim + value_head_dim)] (each token's keys, then its values: K and V may have different head
 sizes, as DeepSeek-V3's latent pools do), so one request's blocks in a run of host slots are one contiguous
-region and move in one copy. Host slots are handed out as runs (first fit, split over several runs only when the slab is
-fragmented).
+region and move in one copy. Host slots are handed out as runs (first fit, split over several runs only when
+the slab is fragmented).
 
 - On CUDA the slab is pinned CPU memory and the copies run on a side stream: swap-out gathers the request's
   blocks on the device (the compute stream waits for that gather only, so the freed blocks can be reused at

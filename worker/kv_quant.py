@@ -1,9 +1,9 @@
 """int8 quantization of one request's KV blocks (ALISE's quantize tier): symmetric, per-token or per-channel.
 
 `quantize_blocks` gathers a request's KV from every layer's pool (pools as in worker/paged_cache.py:
-[num_blocks, block_size, kv_heads, head_dim]; keys and values may have different head sizes, e.g. DeepSeek-V3's
-latent and rotary parts) into one compact int8 copy of exactly its tokens, with float32
-scales; the pool blocks can then be freed. `dequantize_into` writes it back into whatever blocks the request
+[num_blocks, block_size, kv_heads, head_dim]; keys and values may have different head sizes, e.g.
+DeepSeek-V3's latent and rotary parts) into one compact int8 copy of exactly its tokens, with float32 scales;
+the pool blocks can then be freed. `dequantize_into` writes it back into whatever blocks the request
 gets when it runs again.
 
 Scales are symmetric (zero point 0, q = round(x / s) clamped to [-127, 127], s = max|x| / 127 over the

@@ -207,8 +207,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layout: BatchLayout = qllm_layout
     _, heads, total, head_dim = query.shape
     scale = scaling if scaling is not None else head_dim ** -0.5
-    if layout.cache is not None and layout.cache.latent:
-        return _latent_attention(module, query, layout.cache.layers[module.layer_idx], layout, scale), None
+    if getattr(module, "kv_b_proj", None) is not None:  # multi-head latent attention: key/value are this
+        layer = layout.cache.layers[module.layer_idx]     # step's tokens only; the context is in the pools
+        if not isinstance(layer, LatentPagedLayer):
+            raise TypeError("paged_attention: a multi-head latent attention module needs the latent pools "
+                            "(PagedKVCache.for_config)")
+        return _latent_attention(module, query, layer, layout, scale), None
     out = query.new_empty(1, total, heads, value.shape[-1])
     sinks = getattr(module, "sinks", None)  # gpt-oss: learned per-head logits in every softmax
     n = layout.num_decode

@@ -6,7 +6,11 @@ a padded batch copies the whole KV each layer. So, as vLLM's and SGLang's CPU ba
 small native kernel (worker/csrc/paged_decode.c) that walks each row's block table and reads keys and values
 once, in place. It is compiled on first use with the machine's C compiler into a per-user cache. Where there is
 no compiler, or on a GPU, the rows' blocks are gathered into one padded batch and attended with one masked
-matmul-softmax-matmul, which is what a GPU does well.
+matmul-softmax-matmul, which is what a GPU does well. Keys and values may have different head sizes.
+
+Multi-head latent attention (DeepSeek-V3) caches a compressed latent instead of per-head K/V
+(worker/paged_cache.py); its decode rows go through `latent_decode_attention`, a torch path in the absorbed
+form, on every device.
 """
 
 from __future__ import annotations
@@ -136,8 +140,8 @@ def _native(query, key_pool, value_pool, batch, scale, window, sinks) -> torch.T
     tables, lens = batch.block_tables, batch.kv_lens
     status = native_kernel().qllm_paged_decode(
         q.data_ptr(), key_pool.data_ptr(), value_pool.data_ptr(), int(key_pool.dtype == torch.bfloat16),
-        tables.data_ptr(), lens.data_ptr(), out.data_ptr(), rows, heads, key_pool.shape[2], head_dim,
-        v_head_dim, key_pool.shape[1], tables.shape[1], float(scale), int(window), s.data_ptr() if s is not None else None,
+        tables.data_ptr(), lens.data_ptr(), out.data_ptr(), rows, heads, key_pool.shape[2], head_dim, v_head_dim,
+        key_pool.shape[1], tables.shape[1], float(scale), int(window), s.data_ptr() if s is not None else None,
         torch.get_num_threads())
     if status != 0:
         raise MemoryError("decode attention: no scratch memory for the scores")

@@ -3,6 +3,8 @@ embedded tokenizer), the engine's greedy tokens equal transformers' generate() o
 with chunked prefill and mixed batches, with parks at random layer boundaries (the real core loop), and over
 paged KV (prompts of several blocks, longer than any sliding window, in non-contiguous block tables). Families
 the engine cannot run exactly are refused at load with a message naming the family and what is missing.
+DeepSeek-V3's multi-head latent attention caches the compressed latent; its pools are also checked through the
+host-pool swap and int8 tiers of --kv-policy alise.
 
 CPU, fp32, hidden 64, 3 layers, 4 experts: a few seconds per family. README, "Serving a real Hugging Face MoE
 checkpoint", lists the same matrix.

@@ -4,7 +4,8 @@
  * than one framework call per row). Reads each row's keys and values in place through its block table, once,
  * with no gathered copy. Pools are keys [num_blocks, block_size, kv_heads, head_dim] and values
  * [num_blocks, block_size, kv_heads, v_head_dim] (float32 or bfloat16; v_head_dim may differ from head_dim);
- * q is [rows, heads, head_dim] and out [rows, heads, v_head_dim], float32. A head group (heads / kv_heads query heads) shares its KV reads.
+ * q is [rows, heads, head_dim] and out [rows, heads, v_head_dim], float32. A head group (heads / kv_heads
+ * query heads) shares its KV reads.
  * window > 0 keeps only the last `window` positions (sliding-window layers); sinks (one logit per head, or
  * NULL) join the softmax's denominator only (gpt-oss's attention sinks).
  */
@@ -98,8 +99,7 @@ static void attend_row(const float *q, const void *k_pool, const void *v_pool, i
 int qllm_paged_decode(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
                       const int64_t *block_tables, const int64_t *kv_lens, float *out, int rows, int heads,
                       int kv_heads, int head_dim, int v_head_dim, int block_size, int max_blocks, float scale,
-                      int64_t window,
-                      const float *sinks, int num_threads) {
+                      int64_t window, const float *sinks, int num_threads) {
     int64_t longest = 1;
     for (int r = 0; r < rows; r++) longest = kv_lens[r] > longest ? kv_lens[r] : longest;
     int failed = 0;
