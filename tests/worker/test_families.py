@@ -23,10 +23,9 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from worker import model_loader as ml  # noqa: E402
-from worker.kv_blocks import BlockAllocator  # noqa: E402
+from worker.engine_core import EngineConfig, EngineCore  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 from worker.request import Priority, Request, SamplingParams  # noqa: E402
-from worker.scheduler import SchedulerConfig, make_scheduler  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -163,12 +162,9 @@ def _requests(prompts, new_tokens=NEW_TOKENS, first=Priority.LATENCY_SENSITIVE):
 def _run_chunked(runner, reqs, budget=24, blocks=64):
     """All requests at once under a small token budget: prefills are cut into chunks that start past 0 and
     are longer than the window, mixed in one step with other requests' decodes; block tables interleave."""
-    sched = make_scheduler("fcfs", SchedulerConfig(max_num_batched_tokens=budget), BlockAllocator(blocks, BLOCK))
-    for r in reqs:
-        sched.add_request(r)
-    while sched.has_unfinished():
-        out = sched.schedule()
-        sched.update(out, runner.execute(out))
+    core = EngineCore(runner, EngineConfig(max_num_batched_tokens=budget, kv_budget_tokens=blocks * BLOCK,
+                                           block_size=BLOCK))
+    core.run_to_completion(reqs)
 
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED))
@@ -242,20 +238,14 @@ def test_windows_and_sinks_through_the_gathered_decode(family, checkpoints, monk
 
 
 def _run_engine(loaded, reqs, blocks, cost_model, **cfg):
-    """The engine's schedule-apply-execute loop under KV pressure with a given cost model (as
-    tests/worker/test_kv_policy_engine.py drives it), so the moves it forces really happen."""
-    from worker.engine import EngineConfig, EngineCore
-
+    """The engine under KV pressure with a given cost model (as tests/worker/test_kv_policy_engine.py drives
+    it), so the moves it forces really happen."""
     runner = ModelRunner(loaded, blocks, BLOCK)
     config = EngineConfig(policy="priority", kv_budget_tokens=blocks * BLOCK, block_size=BLOCK,
                           max_num_batched_tokens=256, admission_output_fraction=0.0, **cfg)
     core = EngineCore(runner, config, lambda outputs: None)
-    core.scheduler.cost_model = cost_model
-    for r in reqs:
-        core.scheduler.add_request(r)
-    while core.scheduler.has_unfinished():
-        plan = core._schedule()
-        core.scheduler.update(plan, runner.execute(plan))
+    core.scheduler.kv.set_cost_model(cost_model)
+    core.run_to_completion(reqs)
     return core
 
 
@@ -283,14 +273,14 @@ def test_deepseek_v3_caches_the_latent_and_moves_it_between_tiers(checkpoints):
     reqs = _requests(prompts, 16, first=Priority.BEST_EFFORT)
     core = _run_engine(loaded, reqs, 24, kv_tiers.CostModel(**forced), kv_policy="alise", kv_int8="off")
     assert core.kv_store.block_bytes == 3 * BLOCK * (32 + 8) * 4
-    assert {"swap_out", "swap_in"} <= set(core.scheduler.move_counts)
+    assert {"swap_out", "swap_in"} <= set(core.scheduler.kv.move_counts)
     assert core.kv_store.host.used_bytes == 0
     assert [r.output_token_ids for r in reqs] == expected, "swapped to the host and back"
 
     reqs = _requests(prompts, 16, first=Priority.BEST_EFFORT)
     core = _run_engine(loaded, reqs, 24, kv_tiers.CostModel(**forced), kv_policy="alise", kv_int8="be",
                        kv_host_budget_tokens=0)
-    counts = core.scheduler.move_counts
+    counts = core.scheduler.kv.move_counts
     assert counts.get("quantize", 0) >= 1 and counts["quantize"] == counts["dequantize"]
     assert core.kv_store.int8 == {} and core.kv_store.int8_bytes == 0
     out = [r.output_token_ids for r in reqs]

@@ -9,21 +9,12 @@ from __future__ import annotations
 
 from worker.request import Request
 from worker.scheduler.base import Scheduler, SchedulerOutput
-
-
-def class_key(req: Request):
-    # Within a class: the router's order key (ltr score), then, where the predictor estimated the length
-    # (speculative), the least expected work left first (it shrinks as a preempted request's tokens came),
-    # then arrival.
-    left = req.expected_remaining_tokens if req.predicted_output_tokens else 0
-    return (0 if req.is_ls else 1, req.order_key, left, req.arrival_time)
+from worker.scheduler.request_queue import class_key
 
 
 class PriorityScheduler(Scheduler):
     name = "priority"
-
-    def waiting_key(self, req: Request):
-        return class_key(req)
+    queue_ordering = "priority"
 
     def running_order(self) -> list[Request]:
         return sorted(self.running, key=class_key)
@@ -32,7 +23,7 @@ class PriorityScheduler(Scheduler):
         # Lowest class first, then the one that arrived last (it has the least sunk work to lose).
         return max(candidates, key=lambda r: (not r.is_ls, r.arrival_time), default=None)
 
-    def _may_preempt(self, victim: Request, for_req: Request) -> bool:
+    def may_preempt(self, victim: Request, for_req: Request) -> bool:
         # An LS request is never preempted for a BE one.
         return not (victim.is_ls and not for_req.is_ls)
 
@@ -46,7 +37,7 @@ class PriorityScheduler(Scheduler):
 
     def make_room(self, output: SchedulerOutput) -> None:
         """Preempts running BE (lowest class, latest arrival first) until waiting LS work can be admitted."""
-        waiting_ls = sorted((r for r in self.waiting if r.is_ls), key=class_key)
+        waiting_ls = [r for r in self.waiting if r.is_ls]
         budget = self.config.max_num_batched_tokens
         for req in waiting_ls:
             n = min(req.num_tokens - req.num_computed_tokens, budget)

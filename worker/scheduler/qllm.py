@@ -1,24 +1,72 @@
 """`qllm`: priority scheduling plus preemption at decoder-layer boundaries (QLLM).
 
-Between iterations it behaves as `priority`. Inside an iteration, the engine asks at every decoder-layer
-boundary whether LS work has arrived; if so the running step is parked after layer k (hidden states,
-positions, layout and the KV written so far stay as they are), LS-only steps run (the new LS prefill first;
-a later LS arrival parks that one too, so preemption nests), and the parked step resumes at layer k+1 with
-no recomputation. `SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run before a
-parked BE step resumes; after it the LS decodes join the next full iteration alongside BE.
+Between iterations it behaves as `priority`. Inside an iteration the engine asks at every decoder-layer
+boundary whether the running step should yield (should_park); it does when LS work arrived since the step
+began. The engine then parks the step after layer k (hidden states, positions, layout and the KV written so
+far stay as they are) and schedules again: LS-only steps run (the new LS prefill first; a later LS arrival
+parks that one too, so preemption nests), and the parked step resumes at layer k+1 with no recomputation.
+`SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run before a parked BE step resumes;
+after it the LS decodes join the next full iteration alongside BE.
 
 BE admission also leaves `ls_reserved_kv_tokens` of KV and `ls_reserved_slots` running slots free, so an
 LS request normally starts without preempting BE at all: iteration-level preemption drops a BE request's
 KV and recomputes it later, which is exactly the BE throughput QLLM sets out to keep.
 """
 
+from __future__ import annotations
+
+import dataclasses
+
+from worker.outputs import EngineOutput, ModelRunnerOutput
 from worker.request import Request
+from worker.scheduler.base import SchedulerOutput
 from worker.scheduler.priority import PriorityScheduler
 
 
 class QllmScheduler(PriorityScheduler):
     name = "qllm"
     yields_at_layer_boundaries = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parked: list[SchedulerOutput] = []       # a stack: the latest parked resumes first
+        self._ls_arrived = False                      # since the last schedule
+        self._ls_only_steps = 0                       # while a parked step waits
+
+    def add_request(self, req: Request) -> None:
+        super().add_request(req)
+        if req.is_ls:
+            self._ls_arrived = True
+
+    def schedule(self) -> SchedulerOutput:
+        fresh_ls, self._ls_arrived = self._ls_arrived, False
+        # LS work that arrived since the last look always gets an LS-only step first (nested preemption);
+        # otherwise LS-only steps run while a parked step has been deferred fewer steps than allowed.
+        if self.parked and (fresh_ls or self._ls_only_steps < self.config.max_be_deferral_steps):
+            plan = self.build_step(ls_only=True)
+            if plan:
+                self._ls_only_steps += 1
+                return plan
+        if self.parked:
+            return dataclasses.replace(self.parked.pop(), resumed=True)
+        if self.has_waiting_ls():
+            # LS work that arrived between steps gets a step of its own too, rather than riding a full
+            # iteration with BE prefill chunks; its decodes join the next full iteration.
+            plan = self.build_step(ls_only=True)
+            if plan:
+                return plan
+        return self.build_step()
+
+    def should_park(self, plan: SchedulerOutput) -> bool:
+        return self._ls_arrived
+
+    def park(self, plan: SchedulerOutput) -> None:
+        self.parked.append(plan)
+
+    def update_from_output(self, plan: SchedulerOutput, output: ModelRunnerOutput) -> list[EngineOutput]:
+        if not self.parked:
+            self._ls_only_steps = 0
+        return super().update_from_output(plan, output)
 
     def can_admit(self, req: Request, num_tokens: int) -> bool:
         if not super().can_admit(req, num_tokens):
@@ -32,3 +80,7 @@ class QllmScheduler(PriorityScheduler):
         reserve = min(cfg.ls_reserved_kv_tokens, self.allocator.capacity_tokens // 8)
         left = self.headroom_blocks() - self.admission_blocks(req, num_tokens)
         return left * self.allocator.block_size >= reserve
+
+    def fail_all(self) -> list[EngineOutput]:
+        self.parked.clear()
+        return super().fail_all()
