@@ -63,11 +63,10 @@ class ModelRunner:
         self.moe_blocks = [getattr(layer, self.adapter.moe_attr) for layer in self.layers]
         self.device = loaded.device
         self.dtype = loaded.dtype
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.block_size = block_size
-        self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
-                                  self.dtype, self.device)
+        # K and V pools shaped from the config (paged_cache.kv_shapes; the compressed latent for MLA).
+        self.cache = PagedKVCache.for_config(model.config, self.num_layers, num_blocks, block_size, self.dtype,
+                                             self.device)
         self.sampler = Sampler(self.device)
 
     # --- step lifecycle ---------------------------------------------------------------------------------
