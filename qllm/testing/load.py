@@ -179,7 +179,8 @@ async def measure_cancel(fleet: Fleet, with_companion: bool = False) -> dict:
         deadline = time.monotonic() + 10
         while True:
             info = await w.stub.Describe(worker_pb2.DescribeRequest())
-            if (info.kv_free_tokens == info.kv_capacity_tokens and info.num_running == 0) or time.monotonic() > deadline:
+            drained = info.kv_free_tokens == info.kv_capacity_tokens and info.num_running == 0
+            if drained or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.002)
     finally:

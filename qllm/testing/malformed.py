@@ -54,8 +54,9 @@ def request_strategy():
     bad = {
         "prompt": st.one_of(st.just(""), st.text(alphabet=" \t\n\r\u3000\u00a0\u2028\u205f", min_size=1, max_size=8),
                             st.integers(1, 4096).map(lambda k: "x" * (MAX_PROMPT_BYTES + k)),  # over the byte limit
-                            st.integers(2100, 2600).map(lambda k: "hello " * k),  # over a 2048-token KV budget
-                            st.integers(4100, 4200).map(lambda k: "hello " * k)),  # over the model context
+                            # "hello " is two tokens: both over the model context, past the KV budget too
+                            st.integers(2100, 2600).map(lambda k: "hello " * k),
+                            st.integers(4100, 4200).map(lambda k: "hello " * k)),
         "max_tokens": st.one_of(st.just(0), st.integers(2049, MAX_CONTEXT + 8), st.integers(MAX_CONTEXT, 2**32 - 1)),
         "temperature": st.one_of(edge, f32),
         "top_p": st.one_of(edge, f32),
