@@ -11,6 +11,7 @@ from pathlib import Path
 from bench.agent.driver import AgentSender, PinSampler, run_programs
 from bench.agent.programs import AgentConfig, build_agent_workload
 from bench.agent.summary import ratios, summarize_programs, write_programs
+from bench.policies import PIN_POLICIES
 from bench.scenarios.base import Driven, Scenario, Target
 from qllm import internal_auth
 
@@ -18,7 +19,7 @@ from qllm import internal_auth
 class Agent(Scenario):
     name = "agent"
     summary = "multi-turn agent programs from the LMCache agent trace (KV pin policies)"
-    policies = "no-pin,fixed-ttl,ttl,pin-forever"
+    policies = ",".join(PIN_POLICIES)
     default_drain_cap_s = 120.0
     openai_refusal = ("the agent scenario needs the qllm router (program_id, last_turn, tool_name); "
                       "--openai-url is not supported")

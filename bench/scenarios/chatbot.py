@@ -3,6 +3,7 @@ orders (docs/benchmarks.md, "Scenario chatbot")."""
 
 from __future__ import annotations
 
+from bench.policies import BE_ORDERS
 from bench.scenarios.base import Scenario
 from bench.workload import BE, ChatbotConfig, build_chatbot_workload
 
@@ -10,7 +11,7 @@ from bench.workload import BE, ChatbotConfig, build_chatbot_workload
 class Chatbot(Scenario):
     name = "chatbot"
     summary = "BE only, held-out ShareGPT prompts with their real response lengths (BE orders)"
-    policies = "arrival,ltr,speculative,oracle"
+    policies = ",".join(BE_ORDERS)
     # Overloads one worker moderately, so that a queue forms (where the orders differ) and drains.
     default_be_rate = 2.0
     default_drain_cap_s = 90.0
