@@ -18,8 +18,8 @@ import argparse
 import os
 
 from bench import policies as bench_policies
-from bench.agent.trace import SOURCES as AGENT_SOURCES
 from bench import runner
+from bench.agent.trace import SOURCES as AGENT_SOURCES
 from bench.scenarios import SCENARIOS
 from bench.scenarios.base import DEFAULT_POLICIES, Scenario
 from bench.workload import BE, LS

@@ -8,18 +8,19 @@ import pytest
 
 from qllm.testing import drain, load, malformed
 from qllm.testing.fleet import Fleet
-from qllm.testing.malformed import MAX_PROMPT_BYTES, base_request
+from qllm.testing.malformed import base_request
 from qllm.v1 import router_pb2
 
 # A KV budget below the context, so that "too large for this worker" (RESOURCE_EXHAUSTED) is reachable.
 SMALL_KV = {"workers": 1, "engine": {"kv_budget_tokens": 2048}}
 
 # The contract (README, "Errors"), one field at a time: the fields changed from base_request(), the status,
-# and the field the message starts with ("" for OK).
+# and the field the message starts with ("" for OK). The embedded default's context is 4096 tokens, and
+# "hello " is two of its tokens.
 CASES = [
     ({"prompt": ""}, "INVALID_ARGUMENT", "prompt"),
     ({"prompt": " \t\n\u3000"}, "INVALID_ARGUMENT", "prompt"),
-    ({"prompt": "x" * (MAX_PROMPT_BYTES + 1)}, "INVALID_ARGUMENT", "prompt"),
+    ({"prompt": "x" * (2**20 + 1)}, "INVALID_ARGUMENT", "prompt"),  # over the default --max-prompt-bytes
     ({"prompt": "hello " * 4150, "max_tokens": 1}, "INVALID_ARGUMENT", "max_tokens"),  # over the context
     ({"prompt": "hello " * 1100}, "RESOURCE_EXHAUSTED", "max_tokens"),  # within the context, over the KV budget
     ({"prompt": "\x00"}, "OK", ""),
@@ -100,7 +101,7 @@ def test_generated_bad_requests_get_clear_statuses_and_the_server_keeps_serving(
     r = malformed.measure_malformed(lt, fleet, n=1000)
     print({k: v for k, v in r.items() if k != "outcomes"})
     assert r["wedged"] is None, r["wedged"]
-    assert r["examples"] == 1000
+    assert r["examples"] >= 1000
     unclear = [o for o in r["outcomes"] if o["code"] not in CLEAR_STATUSES
                or (o["code"] != "OK" and o["details"].split(":", 1)[0] not in REQUEST_FIELDS)]
     assert unclear == [], unclear[:5]

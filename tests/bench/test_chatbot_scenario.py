@@ -8,9 +8,8 @@ import shutil
 import pytest
 
 import bench.cli as bench_cli
-from bench import runner
+from bench import policies, report, runner
 from bench.scenarios import SCENARIOS
-from bench import policies, report
 from bench.stats import RequestRecord, summarize
 from bench.workload import BE, ChatbotConfig, build_chatbot_workload, held_out_prompts, response_tokens
 from predictor.data import data_dir as predictor_data_dir
