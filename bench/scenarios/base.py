@@ -11,6 +11,7 @@ from bench.client import Sender, replay
 from bench.stats import RequestRecord
 from bench.tokens import Tokenizer
 from bench.workload import BE, LS, ClassSpec, WorkloadConfig, build_workload
+from qllm.up import Stack
 
 DEFAULT_POLICIES = "fcfs,priority,qllm"
 
@@ -21,7 +22,7 @@ class Target:
     label: str
     sender: Sender
     address: str | None               # the qllm router's (stack or --target); None against an OpenAI peer
-    stack: Any = None                 # qllm.up.Stack in stack mode
+    stack: Stack | None = None        # in stack mode
     worker_addresses: list[str] = field(default_factory=list)
 
 
