@@ -25,6 +25,7 @@ def rss_kib() -> int:
 async def measure_concurrent_streams(fleet: Fleet, n: int = 1000, max_tokens: int = 4) -> dict:
     """n BE streams opened at once: errors, peak open client streams, and the peaks the router held and
     queued (sampled)."""
+
     open_streams = peak_open = 0
     peak_queued = peak_router_held = 0
     stop = asyncio.Event()
@@ -70,6 +71,7 @@ async def measure_concurrent_streams(fleet: Fleet, n: int = 1000, max_tokens: in
 async def measure_memory(fleet: Fleet, n: int = 10_000, concurrency: int = 64, warmup: int = 500) -> dict:
     """RSS before, at the peak of, and after n tiny requests (after a warm-up), and the state left behind in
     the engine and the router."""
+
     async def tiny(i: int, tag: str):
         fields = dict(prompt=f"tiny {i % 97} request", max_tokens=1 + i % 2, ignore_eos=True,
                       priority=LS if i % 5 == 0 else BE)
