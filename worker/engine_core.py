@@ -181,7 +181,7 @@ class EngineCore:
                 self._pending.extend(self.scheduler.finish_requests([request_id], reason))
 
     def _run_step(self) -> tuple[list[EngineOutput], bool]:
-        arrived_at, self._ls_arrived_at = self._ls_arrived_at, None
+        self._ls_arrived_at = None
         plan = self.scheduler.schedule()
         if not plan:
             return self._take_pending(), False
@@ -191,10 +191,7 @@ class EngineCore:
         state = self._parked.pop(plan.step_id) if plan.resumed else self.runner.begin(plan)
         should_park = None
         if self.scheduler.yields_at_layer_boundaries and not self._warming:
-            def should_park():
-                if self._inbox:
-                    self._take_inbox()
-                return self.scheduler.should_park(plan)
+            should_park = self._park_check(plan)
         started = time.monotonic()
         stages_before = state.next_stage
         done = self.runner.run_layers(state, should_park)
@@ -224,6 +221,14 @@ class EngineCore:
                 self.runner.release(out.request_id)
         self.num_steps += 1
         return outputs, True
+
+    def _park_check(self, plan: SchedulerOutput):
+        """What the runner asks at each layer boundary: new arrivals reach the scheduler, which decides."""
+        def should_park() -> bool:
+            if self._inbox:
+                self._take_inbox()
+            return self.scheduler.should_park(plan)
+        return should_park
 
     def _take_pending(self) -> list[EngineOutput]:
         pending, self._pending = self._pending, []
