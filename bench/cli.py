@@ -131,7 +131,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     s.add_argument("--ls-ttft-slo-ms", type=float, default=None,
                    help="LS TTFT SLO (default: --slo-floor-multiple x the idle floor's TTFT p50)")
     s.add_argument("--slo-floor-multiple", type=float, default=5.0, help="LS TTFT SLO as a multiple of the floor")
-    s.add_argument("--ls-tpot-slo-ms", type=float, default=None, help="LS TPOT SLO (default: none)")
+    s.add_argument("--ls-tpot-slo-ms", type=float, default=None,
+                   help="LS TPOT SLO (default: --tpot-slo-floor-multiple x the idle floor's TPOT p50)")
+    s.add_argument("--tpot-slo-floor-multiple", type=float, default=3.0,
+                   help="LS TPOT SLO as a multiple of the floor")
     s.add_argument("--be-ttft-slo-ms", type=float, default=None, help="BE TTFT SLO (default: none)")
 
     k = p.add_argument_group("stack (default mode: a fresh local stack per policy)")

@@ -182,8 +182,11 @@ def markdown(doc: dict) -> str:
                      f"offered {_f(ci.get('offered_prompt_tok_s'), 0)} prompt + {_f(ci.get('offered_output_tok_s'), 0)} "
                      "output tok/s")
     slo = p.get("slo", {})
-    if slo.get("LS", {}).get("ttft_ms") is not None:
-        facts.append(f"LS TTFT SLO {slo['LS']['ttft_ms']:.1f} ms ({slo['LS'].get('source', '')})")
+    ls_slo = slo.get("LS", {})
+    if ls_slo.get("ttft_ms") is not None or ls_slo.get("tpot_ms") is not None:
+        parts = [f"{label} {ls_slo[key]:.1f} ms" for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"))
+                 if ls_slo.get(key) is not None]
+        facts.append(f"LS SLO: {' and '.join(parts)} ({ls_slo.get('source') or ''})")
     lines += [f"- {x}" for x in facts] + [""]
     head = ["policy"] + (["sweep"] if sweeping else []) + [
         "class", "n", "err", "cancel", "no token", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",

@@ -212,16 +212,14 @@ async def run(args: argparse.Namespace) -> int:
             return 1
 
     # The LS SLO comes from the floor measured in this same invocation (idle-ls: from its first run).
-    ls_slo, slo_source = args.ls_ttft_slo_ms, "--ls-ttft-slo-ms"
+    # The LS SLO covers the whole answer: its first token (TTFT) and every one after (TPOT).
     floor_ref = floor_records or (runs[0]["_records"] if scenario.run_is_floor else None)
-    if ls_slo is None:
-        slo_source = None
-        ttft = [r.ttft_s for r in floor_ref or () if r.cls == LS and r.ttft_s is not None]  # LS floors only
-        if ttft:
-            p50 = percentile(ttft, 50) * 1000.0
-            ls_slo = args.slo_floor_multiple * p50
-            slo_source = f"{args.slo_floor_multiple:g} x idle floor TTFT p50 ({p50:.1f} ms)"
-    slos = {LS: {"ttft_ms": ls_slo, "tpot_ms": args.ls_tpot_slo_ms, "source": slo_source},
+    ls_slo, ttft_source = _floor_slo(args.ls_ttft_slo_ms, "--ls-ttft-slo-ms", floor_ref, "ttft_s", "TTFT",
+                                     args.slo_floor_multiple)
+    ls_tpot_slo, tpot_source = _floor_slo(args.ls_tpot_slo_ms, "--ls-tpot-slo-ms", floor_ref, "tpot_s", "TPOT",
+                                          args.tpot_slo_floor_multiple)
+    slo_source = "; ".join(s for s in (ttft_source, tpot_source) if s) or None
+    slos = {LS: {"ttft_ms": ls_slo, "tpot_ms": ls_tpot_slo, "source": slo_source},
             BE: {"ttft_ms": args.be_ttft_slo_ms, "tpot_ms": None,
                  "source": "--be-ttft-slo-ms" if args.be_ttft_slo_ms is not None else None}}
     floor_doc = None
@@ -254,3 +252,15 @@ async def run(args: argparse.Namespace) -> int:
     print(report.markdown(doc))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 1 if failure else 0
+
+
+def _floor_slo(given: float | None, flag: str, floor_records, attr: str, label: str,
+               multiple: float) -> tuple[float | None, str | None]:
+    """An LS SLO in ms: the flag's value, else `multiple` x the idle floor's p50 of `attr` (LS only)."""
+    if given is not None:
+        return given, flag
+    values = [getattr(r, attr) for r in floor_records or () if r.cls == LS and getattr(r, attr) is not None]
+    if not values:
+        return None, None
+    p50 = percentile(values, 50) * 1000.0
+    return multiple * p50, f"{label} {multiple:g} x idle floor {label} p50 ({p50:.1f} ms)"

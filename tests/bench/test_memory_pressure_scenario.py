@@ -10,7 +10,7 @@ from qllm.up import StackConfig
 def test_kv_policies_differ_only_in_the_kv_flag():
     base = StackConfig(worker_args=list(WORKER_ARGS))
     recompute, alise = policies.apply("recompute", base), policies.apply("alise", base)
-    assert recompute.policy == alise.policy == "priority"
+    assert recompute.policy == alise.policy == "priority-evict"
     assert recompute.worker_args[-2:] == ["--kv-policy", "recompute"]
     assert alise.worker_args[-2:] == ["--kv-policy", "alise"]
     assert recompute.worker_args[:-2] == alise.worker_args[:-2] == list(WORKER_ARGS)
