@@ -70,7 +70,7 @@ async def _run_one(sender: Sender, spec: RequestSpec, rec: RequestRecord, now: C
         rec.finished_s = now()
 
 
-def _progress(total: int, label: str, enabled: bool):
+def progress_bar(total: int, label: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=label, unit="req", disable=not enabled, file=sys.stderr, leave=True,
@@ -86,7 +86,7 @@ async def replay(sender: Sender, specs: Sequence[RequestSpec], *, duration_s: fl
         return time.perf_counter() - t0
 
     records = [record_for(s) for s in specs]
-    bar = _progress(len(specs), label or sender.label, progress)
+    bar = progress_bar(len(specs), label or sender.label, progress)
     inflight = 0
 
     async def one(spec: RequestSpec, rec: RequestRecord) -> None:
@@ -132,7 +132,7 @@ async def replay_sequential(sender: Sender, specs: Sequence[RequestSpec], *, dur
         return time.perf_counter() - t0
 
     records: list[RequestRecord] = []
-    bar = _progress(len(specs), label or sender.label, progress)
+    bar = progress_bar(len(specs), label or sender.label, progress)
     try:
         for spec in specs:
             if duration_s is not None and now() >= duration_s:

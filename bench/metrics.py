@@ -94,3 +94,41 @@ async def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float] | None:
         return parse(await asyncio.to_thread(_fetch, url, timeout_s))
     except (OSError, ValueError):
         return None
+
+
+async def scrape_all(urls: list[str]) -> list[dict | None]:
+    return [await scrape(u) for u in urls]
+
+
+# Histograms whose distribution the report shows: a decoder layer's time in steps with BE work, and the
+# preemption latency (LS arrival at the worker until the BE step parked).
+TIMING_HISTOGRAMS = {"layer": "qllm_worker_layer_seconds",
+                     "preemption_latency": "qllm_worker_preemption_latency_seconds",
+                     "preemption_latency_layers": "qllm_worker_preemption_latency_layers"}
+
+
+def worker_timing(before: list[dict | None], after: list[dict | None]) -> dict | None:
+    """Per histogram: count, mean and p50/p90/p99 in ms (first worker that has it; one worker per bench)."""
+    out = {}
+    for b, a in zip(before, after):
+        if a is None:
+            continue
+        for key, name in TIMING_HISTOGRAMS.items():
+            if key not in out:
+                summary = histogram_summary(b or {}, a, name)
+                if summary is not None:
+                    out[key] = summary
+    return out or None
+
+
+def counter_totals(before: list[dict | None], after: list[dict | None]) -> dict | None:
+    """The change of every counter over the run, summed over the workers that answered (None: none did)."""
+    total: dict[str, float] = {}
+    seen = False
+    for b, a in zip(before, after):
+        if a is None:
+            continue
+        seen = True
+        for key, value in counter_deltas(b or {}, a).items():
+            total[key] = total.get(key, 0.0) + value
+    return total if seen else None

@@ -33,10 +33,22 @@ POLICIES: dict[str, Part] = {
     # skip the router's backlog of BE work.
     "fcfs": Part("worker: iteration-level first come first served (vLLM's default); router: one FIFO queue",
                  worker_policy="fcfs", router_args=("--queue-mode", "fifo")),
-    "priority": Part("worker: iteration-level priority, LS before BE (vLLM --scheduling-policy priority)",
+    "priority": Part("worker: iteration-level priority exactly as vLLM V1 --scheduling-policy priority (LS "
+                     "first from the waiting queue; running BE is preempted only when KV runs short)",
                      worker_policy="priority"),
     "qllm": Part("worker: LS preempts a running BE batch at a decoder-layer boundary, BE resumes from the "
-                 "saved layer", worker_policy="qllm"),
+                 "saved layer; LS streams decode in steps of their own at their pace", worker_policy="qllm"),
+    "priority-evict": Part("worker: priority that also preempts running BE for waiting LS and serves running LS "
+                           "first", worker_policy="priority-evict"),
+    # Ablations: qllm with one mechanism switched off, so each figure says what that mechanism buys.
+    "qllm-no-park": Part("worker: qllm without layer-boundary parking (LS waits for the running step to end)",
+                         worker_policy="qllm", worker_args=("--no-layer-parking",)),
+    "qllm-no-ls-steps": Part("worker: qllm without LS-only steps for LS that arrives between steps",
+                             worker_policy="qllm", worker_args=("--no-ls-only-steps",)),
+    "qllm-no-reserve": Part("worker: qllm without the LS KV and slot reserve in BE admission", worker_policy="qllm",
+                            worker_args=("--ls-reserved-kv-tokens", "0", "--ls-reserved-slots", "0")),
+    "qllm-no-pacing": Part("worker: qllm without LS decode pacing (LS decodes ride full BE iterations)",
+                           worker_policy="qllm", worker_args=("--ls-tpot-target-ms", "0")),
     # BE orders (the router's queue decides which BE request a worker starts next; the worker runs fcfs).
     "arrival": Part("router: BE in arrival order (the baseline of the BE orders); worker: fcfs",
                     default_worker_policy="fcfs", router_args=("--be-order", "arrival")),
@@ -60,13 +72,14 @@ POLICIES: dict[str, Part] = {
                 "and memory pressure (ours)", kvmanager_args=("--pin-policy", "ttl")),
     "pin-forever": Part("kvmanager: pin every non-final turn until the program's next turn (the oracle)",
                         kvmanager_args=("--pin-policy", "pin-forever")),
-    # KV memory under pressure (`qllm worker --kv-policy <name>`, issue 7); both run the worker's `priority`
-    # policy (vLLM V1's --scheduling-policy priority) unless another part of the name sets one.
+    # KV memory under pressure (`qllm worker --kv-policy <name>`, issue 7); both run the worker's
+    # `priority-evict` policy (LS admission preempts BE, which is where the KV policies differ) unless another
+    # part of the name sets one.
     "recompute": Part("worker: a preempted request's KV is dropped and recomputed later (vLLM V1); worker policy "
-                      "priority", default_worker_policy="priority", worker_args=("--kv-policy", "recompute")),
+                      "priority-evict", default_worker_policy="priority-evict", worker_args=("--kv-policy", "recompute")),
     "alise": Part("worker: KV victims by class then longest remaining time, each swapped to host, quantized to "
                   "int8 (BE only) or recomputed, whichever the measured cost model finds cheapest (ALISE); worker "
-                  "policy priority", default_worker_policy="priority", worker_args=("--kv-policy", "alise")),
+                  "policy priority-evict", default_worker_policy="priority-evict", worker_args=("--kv-policy", "alise")),
 }
 
 #: the bench policies that are KV pin policies: `<name>` = kvmanager `--pin-policy <name>`

@@ -138,7 +138,7 @@ def validate(doc: Any) -> None:
             validate_class(c, f"{where}.classes.{cls}")
         _num(run.get("total_output_tok_s"), f"{where}.total_output_tok_s", lo=0)
         if doc["scenario"] == "agent" or "jct_ms" in run:  # agent programs: JCT, prefix hits, pinned KV
-            from bench.agent import validate_run
+            from bench.agent.summary import validate_run
 
             validate_run(run, where, SchemaError)
     floor = doc["params"].get("floor")
@@ -182,8 +182,11 @@ def markdown(doc: dict) -> str:
                      f"offered {_f(ci.get('offered_prompt_tok_s'), 0)} prompt + {_f(ci.get('offered_output_tok_s'), 0)} "
                      "output tok/s")
     slo = p.get("slo", {})
-    if slo.get("LS", {}).get("ttft_ms") is not None:
-        facts.append(f"LS TTFT SLO {slo['LS']['ttft_ms']:.1f} ms ({slo['LS'].get('source', '')})")
+    ls_slo = slo.get("LS", {})
+    if ls_slo.get("ttft_ms") is not None or ls_slo.get("tpot_ms") is not None:
+        parts = [f"{label} {ls_slo[key]:.1f} ms" for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"))
+                 if ls_slo.get(key) is not None]
+        facts.append(f"LS SLO: {' and '.join(parts)} ({ls_slo.get('source') or ''})")
     lines += [f"- {x}" for x in facts] + [""]
     head = ["policy"] + (["sweep"] if sweeping else []) + [
         "class", "n", "err", "cancel", "no token", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",
@@ -249,7 +252,7 @@ def markdown(doc: dict) -> str:
             shown = {k: v for k, v in run["worker_metrics"].items() if v}
             lines.append(f"- {label}: " + (", ".join(f"`{k}` {v:g}" for k, v in list(shown.items())[:24])
                                            or "no counter changed"))
-    from bench.agent import markdown as agent_markdown
+    from bench.agent.summary import markdown as agent_markdown
 
     return "\n".join(lines) + "\n" + agent_markdown(doc)
 
@@ -350,7 +353,7 @@ def write(out_dir: str | os.PathLike, name: str, doc: dict, records: dict[str, S
     cdf = out / f"{name}-ttft-cdf.png"
     plot_ttft_cdf(cdf, doc, records, floor_records)
     written.append(cdf)
-    from bench.agent import plot_pinned
+    from bench.agent.summary import plot_pinned
 
     pinned = out / f"{name}-pinned-kv.png"
     if plot_pinned(pinned, doc):

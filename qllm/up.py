@@ -34,7 +34,7 @@ class StackConfig:
     host: str = "127.0.0.1"
     workers: int = 1
     model: str | None = None
-    policy: str = "fcfs"
+    policy: str = "qllm"
     port_offset: int = 0
     metrics: bool = True
     worker_args: list[str] = field(default_factory=list)
@@ -162,7 +162,7 @@ def _is_serving(address: str) -> bool:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--workers", type=int, default=1, help="number of workers")
     settings.add(parser, "--model", default=None, help="local HF MoE checkpoint directory (default: embedded)")
-    settings.add(parser, "--policy", default="fcfs", help="worker scheduling policy")
+    settings.add(parser, "--policy", default="qllm", help="worker scheduling policy (qllm, priority, priority-evict, fcfs)")
     settings.add(parser, "--host", default="127.0.0.1", help="address every service listens on")
 
 

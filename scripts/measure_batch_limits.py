@@ -17,27 +17,24 @@ import time
 
 import torch
 
-from worker.kv_blocks import BlockAllocator
+from worker.engine_core import EngineConfig, EngineCore
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
 from worker.request import Request, SamplingParams
-from worker.scheduler import SchedulerConfig, make_scheduler
 
 
 def run(loaded, seqs: int, tokens: int, kv_tokens: int, workload) -> tuple[float, float]:
     block_size = 16
     runner = ModelRunner(loaded, kv_tokens // block_size, block_size)
-    config = SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=tokens, ls_reserved_kv_tokens=0,
-                             ls_reserved_slots=0)
-    scheduler = make_scheduler("fcfs", config, BlockAllocator(kv_tokens // block_size, block_size))
+    core = EngineCore(runner, EngineConfig(policy="fcfs", max_num_seqs=seqs, max_num_batched_tokens=tokens,
+                                           kv_budget_tokens=kv_tokens, block_size=block_size))
     for i, (prompt, out) in enumerate(workload):
-        scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True)))
+        core.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True)))
     steps = []
     started = time.perf_counter()
-    while scheduler.has_unfinished():
-        plan = scheduler.schedule()
+    while core.has_unfinished_requests():
         t0 = time.perf_counter()
-        scheduler.update(plan, runner.execute(plan))
+        core.step()
         steps.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - started
     return sum(out for _, out in workload) / elapsed, statistics.median(steps)

@@ -97,21 +97,17 @@ async def scenario(engine: AsyncEngine, tokenizer, n_greedy: int, n_beams: int, 
 
 def probe_eos(engine_runner, tokenizer, n_beams: int) -> int:
     """A token the ignore-EOS beam searches of the measured prompts emit often, past their first token."""
-    from worker.kv_blocks import BlockAllocator
+    from worker.engine_core import EngineCore
     from worker.request import Request
-    from worker.scheduler import SchedulerConfig, make_scheduler
 
-    sched = make_scheduler("fcfs", SchedulerConfig(), BlockAllocator(512, 16))
+    core = EngineCore(engine_runner, EngineConfig(kv_budget_tokens=512 * 16, block_size=16))
     reqs = []
     for i in range(n_beams):
         ids = prompt_ids(tokenizer, 100 + i)
         r = Request(f"probe{i}", ids, SamplingParams(max_tokens=BEAM_TOKENS, num_beams=K, ignore_eos=True))
         r.beam = beam_mod.BeamSearch(K, 1.0, 1.0, BEAM_TOKENS, len(ids), 16)
         reqs.append(r)
-        sched.add_request(r)
-    while sched.has_unfinished():
-        plan = sched.schedule()
-        sched.update(plan, engine_runner.execute(plan))
+    core.run_to_completion(reqs)
     counts = collections.Counter(t for r in reqs for h in r.beam.finished for t in h.tokens[1:])
     return counts.most_common(1)[0][0]
 

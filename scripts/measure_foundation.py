@@ -77,11 +77,10 @@ def decode_throughput(batch: int, new_tokens: int = 64, prompt_len: int = 32, de
                       runs: int = 3) -> dict:
     """Engine vs transformers' generate() on the same weights, prompts and device: tokens/s (median of
     `runs` timed runs after a warm-up, prefill included) and how many sequences came out identical."""
-    from worker.kv_blocks import BlockAllocator
+    from worker.engine_core import EngineConfig, EngineCore
     from worker.model_loader import build_default_model, load_model
     from worker.model_runner import ModelRunner
     from worker.request import Request, SamplingParams
-    from worker.scheduler import SchedulerConfig, make_scheduler
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -92,16 +91,12 @@ def decode_throughput(batch: int, new_tokens: int = 64, prompt_len: int = 32, de
     prompts = [[(7 * b + j) % 8000 + 3 for j in range(prompt_len)] for b in range(batch)]
 
     def engine_run() -> tuple[float, list[list[int]]]:
-        sched = make_scheduler("fcfs", SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=4096),
-                               BlockAllocator(2048, 16))
+        core = EngineCore(runner, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
+                                               kv_budget_tokens=2048 * 16, block_size=16))
         reqs = [Request(f"r{b}", p, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
                 for b, p in enumerate(prompts)]
-        for r in reqs:
-            sched.add_request(r)
         t0 = time.perf_counter()
-        while sched.has_unfinished():
-            out = sched.schedule()
-            sched.update(out, runner.execute(out))
+        core.run_to_completion(reqs)
         sync()
         return time.perf_counter() - t0, [r.output_token_ids for r in reqs]
 

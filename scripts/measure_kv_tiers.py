@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from worker import kv_tiers  # noqa: E402
-from worker.engine import EngineConfig, EngineCore  # noqa: E402
+from worker.engine_core import EngineConfig, EngineCore  # noqa: E402
 from worker.model_loader import load_model  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 from worker.request import Priority, Request, SamplingParams  # noqa: E402
@@ -35,26 +35,24 @@ FORCED = dict(prefill_s_per_token=1.0, decode_step_s=0.01, swap_out_bytes_per_s=
 
 def run_group(loaded, prompts, n_out, blocks, **cfg):
     runner = ModelRunner(loaded, blocks, 16)
-    core = EngineCore(runner, EngineConfig(policy="priority", kv_budget_tokens=blocks * 16, block_size=16,
+    core = EngineCore(runner, EngineConfig(policy="priority-evict", kv_budget_tokens=blocks * 16, block_size=16,
                                            max_num_batched_tokens=256, admission_output_fraction=0.0, **cfg),
                       lambda outputs: None)
+    moved: set[str] = set()
     if core.kv_store is not None:
-        cm = core.scheduler.cost_model
-        core.scheduler.cost_model = kv_tiers.CostModel(block_bytes=cm.block_bytes, int8_block_bytes=cm.int8_block_bytes,
-                                                       **FORCED)
+        kv = core.scheduler.kv
+        kv.set_cost_model(kv_tiers.CostModel(block_bytes=kv.cost_model.block_bytes,
+                                             int8_block_bytes=kv.cost_model.int8_block_bytes, **FORCED))
+        apply = core.kv_store.apply
+
+        def apply_noting(moves):  # which requests had their KV moved away
+            moved.update(m.request_id for m in moves if m.kind in ("quantize", "swap_out"))
+            apply(moves)
+        core.kv_store.apply = apply_noting
     reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=n_out, ignore_eos=True), Priority.BEST_EFFORT,
                     arrival_time=float(i)) for i, p in enumerate(prompts)]
-    for r in reqs:
-        core.scheduler.add_request(r)
-    moved: set[str] = set()
-    while core.scheduler.has_unfinished():
-        plan = core.scheduler.schedule()
-        moves = core.scheduler.take_moves()
-        moved.update(m.request_id for m in moves if m.kind in ("quantize", "swap_out"))
-        if moves:
-            core.kv_store.apply(moves)
-        core.scheduler.update(plan, runner.execute(plan))
-    return [r.output_token_ids for r in reqs], moved, dict(core.scheduler.move_counts)
+    core.run_to_completion(reqs)
+    return [r.output_token_ids for r in reqs], moved, dict(core.scheduler.kv.move_counts)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

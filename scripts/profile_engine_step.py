@@ -17,11 +17,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from worker.kv_blocks import BlockAllocator
+from worker.engine_core import EngineConfig, EngineCore
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
 from worker.request import Request, SamplingParams
-from worker.scheduler import SchedulerConfig, make_scheduler
 
 
 def build(args):
@@ -30,26 +29,23 @@ def build(args):
     kv_tokens = (args.decodes + args.steps + 2) * (args.context + 4 * args.steps + args.prefill + 64)
     num_blocks = -(-kv_tokens // block_size)
     runner = ModelRunner(loaded, num_blocks, block_size)
-    config = SchedulerConfig(max_num_seqs=args.decodes + 2, max_num_batched_tokens=max(args.prefill, 2048),
-                             ls_reserved_kv_tokens=0, ls_reserved_slots=0)
-    scheduler = make_scheduler("fcfs", config, BlockAllocator(num_blocks, block_size))
+    core = EngineCore(runner, EngineConfig(policy="fcfs", max_num_seqs=args.decodes + 2,
+                                           max_num_batched_tokens=max(args.prefill, 2048),
+                                           kv_budget_tokens=num_blocks * block_size, block_size=block_size))
     vocab = loaded.model.config.vocab_size
     for i in range(args.decodes):
         ids = [(31 * i + 7 * j) % (vocab - 1) + 1 for j in range(args.context)]
-        scheduler.add_request(Request(f"d{i}", ids, SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True)))
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.requests.values()):
-        plan = scheduler.schedule()
-        scheduler.update(plan, runner.execute(plan))
-    return runner, scheduler, vocab
+        core.add_request(Request(f"d{i}", ids, SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True)))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.requests.values()):
+        core.step()
+    return core, vocab
 
 
-def step(runner, scheduler):
-    plan = scheduler.schedule()
+def step(core):
+    """One engine step, timed: scheduling, the model and the update."""
     started = time.perf_counter()
-    sampled = runner.execute(plan)
-    elapsed = time.perf_counter() - started
-    scheduler.update(plan, sampled)
-    return elapsed, plan
+    core.step()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -64,17 +60,17 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    runner, scheduler, vocab = build(args)
+    core, vocab = build(args)
     for kind in ("decode", "mixed"):
         times = []
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for k in range(args.steps):
                 if kind == "mixed":  # a fresh prefill request each step, so every step carries one chunk
                     ids = [(13 * k + j) % (vocab - 1) + 1 for j in range(args.prefill)]
-                    scheduler.add_request(Request(f"p{k}", ids, SamplingParams(max_tokens=1, ignore_eos=True)))
-                elapsed, plan = step(runner, scheduler)
-                times.append(elapsed)
-        print(f"\n== {kind}: {len(plan.scheduled)} scheduled, {plan.num_tokens} tokens; step median "
+                    core.add_request(Request(f"p{k}", ids, SamplingParams(max_tokens=1, ignore_eos=True)))
+                times.append(step(core))
+        chunk = f" + a {args.prefill}-token chunk" if kind == "mixed" else ""
+        print(f"\n== {kind}: {args.decodes} decodes{chunk}; step median "
               f"{1000 * statistics.median(times):.1f} ms (min {1000 * min(times):.1f}, max {1000 * max(times):.1f})")
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         print(f"  torch ops: {total / 1000 / len(times):.1f} ms of each step (the rest: Python, native kernel)")

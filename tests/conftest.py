@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -8,27 +6,23 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# The fleet and robustness tests measure with scripts/measure_fleet.py itself, the code that prints the same
-# figures for the notes: they import it by name.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
 
 @pytest.fixture(scope="module")
 def lt():
-    """An event loop on its own thread for a module's in-process fleets (measure_fleet.LoopThread)."""
-    import measure_fleet as mf
+    """An event loop on its own thread for a module's in-process fleets (qllm.testing.fleet.LoopThread)."""
+    from qllm.testing.fleet import LoopThread, quiet_logs
 
-    with mf.quiet_logs(), mf.LoopThread() as loop:
+    with quiet_logs(), LoopThread() as loop:
         yield loop
 
 
 @pytest.fixture
 def fleet(lt, request):
-    """A router + in-process workers on free ports (measure_fleet.Fleet); parametrize indirectly with its
+    """A router + in-process workers on free ports (qllm.testing.fleet.Fleet); parametrize indirectly with its
     keyword arguments (default: one worker)."""
-    import measure_fleet as mf
+    from qllm.testing.fleet import Fleet
 
-    f = lt.run(mf.Fleet(**getattr(request, "param", {"workers": 1})).start())
+    f = lt.run(Fleet(**getattr(request, "param", {"workers": 1})).start())
     yield f
     lt.run(f.stop())
 

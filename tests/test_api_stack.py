@@ -83,7 +83,7 @@ async def kv_settles(engine, timeout_s=10.0):
     """Waits until the engine holds no request and all KV is free again."""
     alloc = engine.core.allocator
     for _ in range(int(timeout_s / 0.02)):
-        if alloc.free_tokens == alloc.capacity_tokens and not engine.core.scheduler.has_unfinished():
+        if alloc.free_tokens == alloc.capacity_tokens and not engine.core.has_unfinished_requests():
             return True
         await asyncio.sleep(0.02)
     return False
@@ -168,7 +168,7 @@ async def test_parked_requests_still_stop_at_their_stop_string(stack):
     stops = [stop_across_tokens(stack["tokenizer"], ids) for ids, _ in refs]
     rng = random.Random(7)
     before = engine.core.num_layer_preemptions
-    engine.core._should_yield = lambda: rng.random() < 0.3
+    engine.core.scheduler.should_park = lambda plan: rng.random() < 0.3
     try:
         be = [asyncio.create_task(chunks(stack["client"], prompt=p, max_tokens=20, priority="BE", stop=[s],
                                          **SAMPLED)) for p, (s, _, _) in zip(prompts, stops)]
@@ -176,7 +176,7 @@ async def test_parked_requests_still_stop_at_their_stop_string(stack):
                                          ignore_eos=True)) for i in range(4)]
         results = await asyncio.gather(*be, *ls)
     finally:
-        del engine.core._should_yield
+        del engine.core.scheduler.should_park
     assert engine.core.num_layer_preemptions - before > 5
     for got, (stop, completes_at, text_before), (ids, _) in zip(results, stops, refs):
         assert got[-1].finish_reason == "stop" and got[-1].stop_string == stop

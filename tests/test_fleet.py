@@ -1,15 +1,16 @@
 """A local fleet (router + in-process workers on free ports): a worker lost mid-load, and 1,000 concurrent
-streams. The measurements live in scripts/measure_fleet.py, which prints the same figures for the notes."""
+streams. The measurements are qllm/testing's (scripts/measure_fleet.py prints the same)."""
 
-import measure_fleet as mf  # scripts/, on the path from tests/conftest.py
 import pytest
+
+from qllm.testing import load, loss
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fleet", [{"workers": 2}], indirect=True)
 def test_worker_killed_mid_load_requeues_and_replays_exactly(lt, fleet):
     n, max_tokens = 48, 24
-    r = lt.run(mf.measure_worker_loss(fleet, n=n, max_tokens=max_tokens, kill_after_tokens=4), 240)
+    r = lt.run(loss.measure_worker_loss(fleet, n=n, max_tokens=max_tokens, kill_after_tokens=4), 240)
     print(r)
     assert r["on_killed_worker"] >= 8, r
     assert r["tokens_streamed_before_kill"]["min"] >= 4, r   # every replayed stream had tokens to skip
@@ -26,7 +27,7 @@ def test_worker_killed_mid_load_requeues_and_replays_exactly(lt, fleet):
 @pytest.mark.parametrize("fleet", [{"workers": 1}], indirect=True)
 def test_thousand_concurrent_streams_without_errors(lt, fleet):
     n = 1000
-    r = lt.run(mf.measure_concurrent_streams(fleet, n=n, max_tokens=4), 300)
+    r = lt.run(load.measure_concurrent_streams(fleet, n=n, max_tokens=4), 300)
     print(r)
     assert r["errors"] == {} and r["completed"] == n, r
     assert r["peak_open_client_streams"] == n, r
@@ -40,7 +41,7 @@ def test_worker_sigkilled_in_a_subprocess_fleet_loses_nothing(tmp_path):
     """The same against real processes (qllm.up.Stack: predictor, kvmanager, 2 workers, router), worker0
     SIGKILLed once every request has streamed a few tokens."""
     n = 48
-    r = mf.measure_sigkill(n=n, max_tokens=24, port_offset=1300, log_dir=str(tmp_path))
+    r = loss.measure_sigkill(n=n, max_tokens=24, port_offset=1300, log_dir=str(tmp_path))
     print(r)
     assert r["lost"] == 0 and r["errors"] == [] and r["completed"] == n, r
     assert r["requeued"] >= 1, r

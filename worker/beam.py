@@ -210,3 +210,18 @@ class BeamSearch:
 
     def best(self) -> Hypothesis:
         return max(self.finished, key=lambda h: h.score)
+
+
+def advance(plan, beam_logprobs: dict) -> tuple[dict[str, int], list[tuple[int, int]]]:
+    """Advances each beam request of a finished step by one token from its rows' log-probabilities. Returns
+    the token reported per request (it only counts the step) and the KV block copies the next step needs."""
+    tokens: dict[str, int] = {}
+    copies: list[tuple[int, int]] = []
+    for s in plan.scheduled:
+        logprobs = beam_logprobs.get(s.request.request_id)
+        if logprobs is None:
+            continue
+        search = s.request.beam
+        copies.extend(search.step(logprobs, s.block_table))
+        tokens[s.request.request_id] = search.beams[0][-1] if search.beams else 0
+    return tokens, copies

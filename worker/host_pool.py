@@ -1,9 +1,10 @@
 """A budgeted host pool for swapped-out KV blocks (ALISE's swap tier).
 
-One preallocated slab of `budget_bytes`, laid out block-major, [capacity_blocks, layers, 2 (k/v), block_size,
-kv_heads, head_dim], so one request's blocks in a run of host slots are one contiguous region and move in one
-copy. Host slots are handed out as runs (first fit, split over several runs only when the slab is
-fragmented).
+One preallocated slab of `budget_bytes`, laid out block-major, [capacity_blocks, layers, block_size,
+kv_heads * (head_dim + value_head_dim)] (each token's keys, then its values: K and V may have different head
+sizes, as DeepSeek-V3's latent pools do), so one request's blocks in a run of host slots are one contiguous
+region and move in one copy. Host slots are handed out as runs (first fit, split over several runs only when
+the slab is fragmented).
 
 - On CUDA the slab is pinned CPU memory and the copies run on a side stream: swap-out gathers the request's
   blocks on the device (the compute stream waits for that gather only, so the freed blocks can be reused at
@@ -34,12 +35,14 @@ class HostPoolFull(Exception):
 
 class HostKVPool:
     def __init__(self, num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 budget_bytes: int, device: torch.device | str = "cpu"):
+                 budget_bytes: int, device: torch.device | str = "cpu", value_head_dim: int | None = None):
         self.device = torch.device(device)
         self.num_layers = num_layers
-        self.block_shape = (num_layers, 2, block_size, kv_heads, head_dim)
+        self.key_width = kv_heads * head_dim                        # elements of one token's keys (one layer)
+        self.value_width = kv_heads * (value_head_dim or head_dim)  # ... and of its values
+        self.block_shape = (num_layers, block_size, self.key_width + self.value_width)
         elem = torch.empty((), dtype=dtype).element_size()
-        self.block_bytes = num_layers * 2 * block_size * kv_heads * head_dim * elem
+        self.block_bytes = num_layers * block_size * (self.key_width + self.value_width) * elem
         self.capacity_blocks = max(0, budget_bytes // self.block_bytes)
         self.is_cuda = self.device.type == "cuda"
         self.slab = torch.empty((self.capacity_blocks, *self.block_shape), dtype=dtype,
@@ -157,16 +160,16 @@ class HostKVPool:
         self.drop(request_id)  # safe on CUDA too: later copies into these slots queue behind this one
 
     def _gather(self, key_pools, value_pools, ids) -> torch.Tensor:
-        """[n, layers, 2, block_size, kv_heads, head_dim] on the pools' device."""
-        per_layer = [torch.stack((k.index_select(0, ids), v.index_select(0, ids)), dim=1)
+        """[n, layers, block_size, key_width + value_width] on the pools' device."""
+        per_layer = [torch.cat((k.index_select(0, ids).flatten(2), v.index_select(0, ids).flatten(2)), dim=-1)
                      for k, v in zip(key_pools, value_pools)]
         return torch.stack(per_layer, dim=1)
 
-    @staticmethod
-    def _scatter(staged, key_pools, value_pools, ids) -> None:
+    def _scatter(self, staged, key_pools, value_pools, ids) -> None:
+        kw = self.key_width
         for layer, (k, v) in enumerate(zip(key_pools, value_pools)):
-            k.index_copy_(0, ids, staged[:, layer, 0].to(k.dtype))
-            v.index_copy_(0, ids, staged[:, layer, 1].to(v.dtype))
+            k.index_copy_(0, ids, staged[:, layer, :, :kw].reshape(-1, *k.shape[1:]).to(k.dtype))
+            v.index_copy_(0, ids, staged[:, layer, :, kw:].reshape(-1, *v.shape[1:]).to(v.dtype))
 
     def _copy_segments_out(self, staged, segments, non_blocking: bool) -> None:
         offset = 0

@@ -1,8 +1,9 @@
 """int8 quantization of one request's KV blocks (ALISE's quantize tier): symmetric, per-token or per-channel.
 
 `quantize_blocks` gathers a request's KV from every layer's pool (pools as in worker/paged_cache.py:
-[num_blocks, block_size, kv_heads, head_dim]) into one compact int8 copy of exactly its tokens, with float32
-scales; the pool blocks can then be freed. `dequantize_into` writes it back into whatever blocks the request
+[num_blocks, block_size, kv_heads, head_dim]; keys and values may have different head sizes, e.g.
+DeepSeek-V3's latent and rotary parts) into one compact int8 copy of exactly its tokens, with float32 scales;
+the pool blocks can then be freed. `dequantize_into` writes it back into whatever blocks the request
 gets when it runs again.
 
 Scales are symmetric (zero point 0, q = round(x / s) clamped to [-127, 127], s = max|x| / 127 over the
@@ -128,10 +129,11 @@ def fp_bytes(key_pools: list[torch.Tensor], value_pools: list[torch.Tensor], num
     return per_block * num_blocks
 
 
-def int8_block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int) -> int:
+def int8_block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
+                     value_head_dim: int | None = None) -> int:
     """Compact bytes of one full block quantized per token: the cost model's estimate. (Per-channel scales
     are shared by all of a request's tokens, so they cost more for a short request and less for a long one;
-    what a request is charged is its copy's actual `nbytes`.)"""
-    data = block_size * kv_heads * head_dim
-    scales = block_size * kv_heads * 4
-    return 2 * num_layers * (data + scales)
+    what a request is charged is its copy's actual `nbytes`.) value_head_dim defaults to head_dim."""
+    data = block_size * kv_heads * (head_dim + (value_head_dim or head_dim))
+    scales = 2 * block_size * kv_heads * 4
+    return num_layers * (data + scales)

@@ -20,18 +20,20 @@ class KVTierStore:
         self.cache = cache
         layer = cache.layers[0]
         _, bs, kv_heads, head_dim = layer.keys.shape
+        value_head_dim = layer.values.shape[-1]  # may differ from keys' (DeepSeek-V3's latent pools)
         self.num_layers = len(cache.layers)
         self.host = HostKVPool(self.num_layers, block_size, kv_heads, head_dim, layer.keys.dtype,
-                               (host_budget_tokens // block_size) * self._block_bytes(), device)
+                               (host_budget_tokens // block_size) * self._block_bytes(), device,
+                               value_head_dim=value_head_dim)
         self.quantizer = KVQuantizer()
         self.int8: dict[str, QuantizedKV] = {}
         self.int8_bytes = 0
         self.block_bytes = self.host.block_bytes
-        self.int8_block_bytes = int8_block_bytes(self.num_layers, block_size, kv_heads, head_dim)
+        self.int8_block_bytes = int8_block_bytes(self.num_layers, block_size, kv_heads, head_dim, value_head_dim)
 
     def _block_bytes(self) -> int:
-        k = self.cache.layers[0].keys
-        return self.num_layers * 2 * k[0].numel() * k.element_size()
+        k, v = self.cache.layers[0].keys, self.cache.layers[0].values
+        return self.num_layers * (k[0].numel() * k.element_size() + v[0].numel() * v.element_size())
 
     @property
     def key_pools(self):

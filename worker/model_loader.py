@@ -15,8 +15,10 @@ only in naming and scalings, gpt-oss in its MoE block's return value, which thei
 decoder layers with keyword arguments only: Mixtral's layer takes `position_embeddings` second, the others
 take it last. Use `layer_attention_types(config)` / `layer_windows(config)` to know which mask (full or
 sliding-window, and its window) each layer expects. Families with attention the paged path cannot run exactly
-(multi-head latent attention, chunked attention) are refused at load with the reason; gpt-oss's attention
-sinks are run (worker/paged_cache.py).
+(chunked attention; multi-head latent attention other than DeepSeek-V3's) are refused at load with the reason;
+gpt-oss's attention sinks and DeepSeek-V3's multi-head latent attention (its compressed latent cached, K and V
+of different head sizes) are run (worker/paged_cache.py). DeepSeek-V3's dense first layers and its MoE layers
+(sigmoid, group-limited router, shared experts) are both its layer's `mlp`, which the runner calls as is.
 """
 
 from __future__ import annotations
@@ -317,18 +319,24 @@ def _family(config: transformers.PretrainedConfig) -> str:
     return type(config).__name__.removesuffix("Config")
 
 
+# Families with multi-head latent attention the paged path runs (worker/paged_cache.py caches the latent that
+# their attention module hands to cache.update; tests/worker/test_families.py checks each against generate()).
+# Another family with kv_lora_rank is refused until it is checked the same way.
+LATENT_ATTENTION_FAMILIES = ("deepseek_v3",)
+
+
 # Per-family features the engine does not run yet, each found from the config alone (before any weight is
 # read): a checkpoint of such a family is refused at load, never served with wrong tokens.
 def _unsupported_features(config: transformers.PretrainedConfig) -> list[str]:
     reasons = []
     rank = getattr(config, "kv_lora_rank", None)
-    if rank:
+    if rank and getattr(config, "model_type", None) not in LATENT_ATTENTION_FAMILIES:
         k_head = (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0)
         v_head = getattr(config, "v_head_dim", None)
         reasons.append(
             f"uses multi-head latent attention (K head {k_head}, V head {v_head}, KV compressed to rank {rank}), "
-            "which the paged KV cache does not support yet (its pools hold K and V of num_key_value_heads x "
-            "head_dim)")
+            f"which the worker serves only for the families it is verified on ({', '.join(LATENT_ATTENTION_FAMILIES)}"
+            "): this family's attention module may differ (sparse indexers, another cache layout)")
     known = {"full_attention", "sliding_attention"}
     layer_types = list(getattr(config, "layer_types", None) or [])
     for kind in dict.fromkeys(t for t in layer_types if t not in known):
@@ -355,8 +363,17 @@ def _check_attention_modules(model: torch.nn.Module, path: Path | str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_width = getattr(config, "num_key_value_heads", None) or heads
     kv_width *= head_dim
+    latent_attrs = ("expand_kv", "kv_b_proj", "layer_idx", "qk_nope_head_dim", "v_head_dim")
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
+        if getattr(config, "kv_lora_rank", None):  # latent attention: what worker/paged_cache.py calls on it
+            lacking = [a for a in latent_attrs if not hasattr(attn, a)]
+            if lacking:
+                raise ValueError(
+                    f"model_dir: {str(path)!r} holds a {_family(config)} model, whose decoder layer {i} "
+                    f"attention ({type(attn).__name__}) lacks {', '.join(lacking)}, which the paged multi-head "
+                    "latent attention calls")
+            continue
         for name in ("k_proj", "v_proj"):
             proj = getattr(attn, name, None)
             out = getattr(proj, "out_features", None)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from worker.logprobs import sampled_logprobs
+from worker.outputs import ModelRunnerOutput
 from worker.model_loader import LoadedModel, family_adapter, layer_windows
 from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
                                 prefill_mask)
@@ -36,8 +37,6 @@ class StepState:
     next_stage: int = 0
     pauses: int = 0
     has_beams: bool = False              # live beam-search beams are among the decode rows (worker/beam.py)
-    # Set by finish(): request id -> the sampled token's log-probabilities, for requests that ask.
-    sampled_logprobs: dict | None = None
 
     @property
     def next_layer(self) -> int:
@@ -64,19 +63,19 @@ class ModelRunner:
         self.moe_blocks = [getattr(layer, self.adapter.moe_attr) for layer in self.layers]
         self.device = loaded.device
         self.dtype = loaded.dtype
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.block_size = block_size
-        self.cache = PagedKVCache(self.num_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
-                                  self.dtype, self.device)
+        # K and V pools shaped from the config (paged_cache.kv_shapes; the compressed latent for MLA).
+        self.cache = PagedKVCache.for_config(model.config, self.num_layers, num_blocks, block_size, self.dtype,
+                                             self.device)
         self.sampler = Sampler(self.device)
 
     # --- step lifecycle ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def begin(self, plan: SchedulerOutput) -> StepState:
-        decodes = [s for s in plan.scheduled if s.num_tokens == 1 and s.start > 0]
-        prefills = [s for s in plan.scheduled if not (s.num_tokens == 1 and s.start > 0)]
-        ordered = decodes + prefills
+        """Lays out a plan's rows (the scheduler puts decodes first) and embeds them; the plan is not changed."""
+        scheduled = plan.scheduled
+        num_decodes = sum(1 for s in scheduled if s.is_decode)
+        decodes, prefills = scheduled[:num_decodes], scheduled[num_decodes:]
         rows = decodes
         has_beams = any(s.request.beam is not None for s in decodes)
         if has_beams:  # a beam-search request decodes all its live beams, one row each
@@ -88,7 +87,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         bs = self.block_size
-        for s in (rows + prefills if has_beams else ordered):
+        for s in rows + prefills:
             ids.extend(s.token_ids)
             if s.num_tokens == 1:
                 positions.append(s.start)
@@ -115,19 +114,18 @@ class ModelRunner:
             layout.prefills.append(PrefillSegment(q_start=row, q_len=s.num_tokens,
                                                   span=self._span(s.block_table, kv_len), masks=masks))
             row += s.num_tokens
-        # Rows follow `ordered` from now on. A request samples from the row of its last token this step.
-        plan.scheduled[:] = ordered
+        # A request samples from the row of its last token this step.
         sample_rows, sample_index = [], []
         row = 0
         if has_beams:
-            index_of = {id(s): i for i, s in enumerate(ordered)}
+            index_of = {id(s): i for i, s in enumerate(scheduled)}
             for s in rows + prefills:
                 row += s.num_tokens
                 if s.samples:
                     sample_rows.append(row - 1)
                     sample_index.append(index_of[id(getattr(s, "parent", s))])
         else:
-            for i, s in enumerate(ordered):
+            for i, s in enumerate(scheduled):
                 row += s.num_tokens
                 if s.samples:
                     sample_rows.append(row - 1)
@@ -176,10 +174,11 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def finish(self, state: StepState) -> dict[str, int]:
-        """Final norm, LM head on the sampling rows only, then sampling (and logprobs for who asks)."""
+    def finish(self, state: StepState) -> ModelRunnerOutput:
+        """Final norm, LM head on the sampling rows only, then sampling (and logprobs for who asks); a beam
+        request gets its rows' log-probabilities, from which the engine advances its search."""
         if not state.sample_rows:
-            return {}
+            return ModelRunnerOutput()
         rows = torch.tensor(state.sample_rows, dtype=torch.long, device=self.device)
         hidden = self.decoder.norm(state.hidden[0, rows])
         logits = self.model.lm_head(hidden)
@@ -189,34 +188,25 @@ class ModelRunner:
         scheduled = [state.plan.scheduled[i] for i in state.sample_index]
         ids = [s.request.request_id for s in scheduled]
         tokens = self.sampler.sample(logits, ids, [s.request.sampling for s in scheduled])
-        state.sampled_logprobs = sampled_logprobs(logits, tokens, scheduled)
-        if not state.has_beams:
-            return dict(zip(ids, tokens))
-        return self._beam_steps(logits, scheduled, tokens)
+        output = ModelRunnerOutput(dict(zip(ids, tokens)), sampled_logprobs(logits, tokens, scheduled))
+        if state.has_beams:
+            groups: dict[str, list[int]] = {}
+            for j, s in enumerate(scheduled):
+                if s.request.beam is not None:
+                    groups.setdefault(s.request.request_id, []).append(j)
+            output.beam_logprobs = {rid: torch.log_softmax(logits[js], dim=-1) for rid, js in groups.items()}
+        return output
 
-    def _beam_steps(self, logits: torch.Tensor, scheduled: list, tokens: list[int]) -> dict[str, int]:
-        """Plain requests keep their sampled token; each beam request advances its search from its rows'
-        log-probabilities (the token reported for it only counts the step), then its KV blocks are reordered."""
-        out: dict[str, int] = {}
-        groups: dict[str, tuple] = {}
-        for j, s in enumerate(scheduled):
-            if s.request.beam is None:
-                out[s.request.request_id] = tokens[j]
-            else:
-                groups.setdefault(s.request.request_id, (s, []))[1].append(j)
-        copies: list[tuple[int, int]] = []
-        for rid, (s, js) in groups.items():
-            beam = s.request.beam
-            logprobs = torch.log_softmax(logits[js], dim=-1)
-            copies.extend(beam.step(logprobs, s.block_table))
-            out[rid] = beam.beams[0][-1] if beam.beams else 0
-        if copies:
-            src = torch.tensor([a for a, _ in copies], dtype=torch.long, device=self.device)
-            dst = torch.tensor([b for _, b in copies], dtype=torch.long, device=self.device)
-            for layer in self.cache.layers:  # gather first, then scatter: a permutation of regions is safe
-                layer.keys[dst] = layer.keys[src]
-                layer.values[dst] = layer.values[src]
-        return out
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copies KV blocks (source, destination) in every layer; gather first, then scatter, so a
+        permutation of regions is safe."""
+        if not copies:
+            return
+        src = torch.tensor([a for a, _ in copies], dtype=torch.long, device=self.device)
+        dst = torch.tensor([b for _, b in copies], dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys[dst] = layer.keys[src]
+            layer.values[dst] = layer.values[src]
 
     def _span(self, block_table: list[int], kv_len: int) -> KVSpan:
         n_blocks = -(-kv_len // self.block_size)
@@ -224,11 +214,6 @@ class ModelRunner:
         if blocks[-1] - blocks[0] == n_blocks - 1 and all(b - a == 1 for a, b in zip(blocks, blocks[1:])):
             return KVSpan(kv_len, first_block=blocks[0])
         return KVSpan(kv_len, block_ids=torch.tensor(blocks, dtype=torch.long, device=self.device))
-
-    def execute(self, plan: SchedulerOutput) -> dict[str, int]:
-        state = self.begin(plan)
-        self.run_layers(state)
-        return self.finish(state)
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)

@@ -4,6 +4,12 @@
 preallocated pool per layer (the block ids come from worker/kv_blocks.py), and `paged_attention` is an
 attention function registered with transformers' `AttentionInterface`, so the model's own decoder-layer
 modules run unchanged over a flattened batch in which every request has its own length.
+
+Multi-head latent attention (DeepSeek-V3) is cached in its compressed form, as vLLM does: per token and layer
+the kv_lora_rank latent (after kv_a_layernorm) and the rotated qk_rope_head_dim key part, which is what the
+model's own attention hands to `cache.update`. Prefill chunks expand their context through the module's
+kv_b_proj (transformers' own expand_kv, then the same attention); decodes attend the latent directly with
+kv_b_proj absorbed into the query and the output (worker/paged_decode.py, latent_decode_attention).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from worker.paged_decode import DecodeBatch, decode_attention
+from worker.paged_decode import DecodeBatch, decode_attention, latent_decode_attention
 
 ATTN_IMPLEMENTATION = "qllm_paged"
 
@@ -51,18 +57,21 @@ class BatchLayout:
     num_decode: int                      # the first num_decode rows are single-token decodes
     decode: DecodeBatch | None           # where those rows' contexts live
     prefills: list[PrefillSegment]
+    cache: "PagedKVCache | None" = None  # set by PagedKVCache.set_layout: latent layers are read from it
 
 
 class PagedLayer(CacheLayerMixin):
-    """One decoder layer's pool: keys and values of shape [num_blocks, block_size, kv_heads, head_dim]."""
+    """One decoder layer's pools: keys [num_blocks, block_size, kv_heads, head_dim] and values
+    [num_blocks, block_size, kv_heads, value_head_dim] (value_head_dim defaults to head_dim)."""
 
     is_sliding = False
 
-    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device,
+                 value_head_dim: int | None = None):
         super().__init__()
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = torch.zeros((num_blocks, block_size, kv_heads, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros((num_blocks, block_size, kv_heads, value_head_dim or head_dim), dtype=dtype,
+                                  device=device)
         self.device = device
         self.is_initialized = True
         self.layout: BatchLayout | None = None
@@ -89,21 +98,58 @@ class PagedLayer(CacheLayerMixin):
         return -1
 
 
+class LatentPagedLayer(PagedLayer):
+    """A multi-head-latent-attention layer's pools: keys hold the compressed latent [.., 1, kv_lora_rank],
+    values the rotated shared key part [.., 1, qk_rope_head_dim], exactly what DeepseekV3Attention passes to
+    cache.update. update returns this step's own tokens, so the module's expand_kv expands only those (the
+    attention reads the whole context from the pools itself: paged_attention)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        super().update(key_states, value_states)
+        return key_states, value_states
+
+
+def kv_shapes(config) -> tuple[int, int, int, bool]:
+    """(kv_heads, key head size, value head size, latent) of one token's cache entry per layer.
+
+    Multi-head latent attention (config.kv_lora_rank) caches the latent: one "head" of kv_lora_rank (keys
+    pool) and qk_rope_head_dim (values pool). Others: num_key_value_heads x head_dim for both.
+    """
+    if getattr(config, "kv_lora_rank", None):
+        return 1, int(config.kv_lora_rank), int(config.qk_rope_head_dim), True
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kv_heads, head_dim, head_dim, False
+
+
 class PagedKVCache(Cache):
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        super().__init__(layers=[PagedLayer(num_blocks, block_size, kv_heads, head_dim, dtype, device)
+                 dtype: torch.dtype, device: torch.device, value_head_dim: int | None = None,
+                 latent: bool = False):
+        kind = LatentPagedLayer if latent else PagedLayer
+        super().__init__(layers=[kind(num_blocks, block_size, kv_heads, head_dim, dtype, device, value_head_dim)
                                  for _ in range(num_layers)])
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.latent = latent
+
+    @classmethod
+    def for_config(cls, config, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype,
+                   device: torch.device) -> "PagedKVCache":
+        """The pools a model with this config needs (kv_shapes)."""
+        kv_heads, k_dim, v_dim, latent = kv_shapes(config)
+        return cls(num_layers, num_blocks, block_size, kv_heads, k_dim, dtype, device, value_head_dim=v_dim,
+                   latent=latent)
 
     def set_layout(self, layout: BatchLayout) -> None:
+        layout.cache = self
         for layer in self.layers:
             layer.layout = layout
 
     @property
     def bytes(self) -> int:
-        return sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.layers)
+        return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+                   for l in self.layers)
 
 
 def _context(pool: torch.Tensor, span: KVSpan) -> torch.Tensor:
@@ -160,8 +206,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     """
     layout: BatchLayout = qllm_layout
     _, heads, total, head_dim = query.shape
-    out = query.new_empty(1, total, heads, head_dim)
     scale = scaling if scaling is not None else head_dim ** -0.5
+    if getattr(module, "kv_b_proj", None) is not None:  # multi-head latent attention: key/value are this
+        layer = layout.cache.layers[module.layer_idx]     # step's tokens only; the context is in the pools
+        if not isinstance(layer, LatentPagedLayer):
+            raise TypeError("paged_attention: a multi-head latent attention module needs the latent pools "
+                            "(PagedKVCache.for_config)")
+        return _latent_attention(module, query, layer, layout, scale), None
+    out = query.new_empty(1, total, heads, value.shape[-1])
     sinks = getattr(module, "sinks", None)  # gpt-oss: learned per-head logits in every softmax
     n = layout.num_decode
     if n:
@@ -179,6 +231,28 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                                                scale=scaling, enable_gqa=True)
         out[0, seg.q_start:seg.q_start + seg.q_len] = o[0].transpose(0, 1)
     return out, None
+
+
+def _latent_attention(module, query, layer: LatentPagedLayer, layout: BatchLayout, scale: float) -> torch.Tensor:
+    """Multi-head latent attention over the latent pools (DeepseekV3Attention: query [1, heads, T, qk_nope +
+    qk_rope]; K of that size, V of v_head_dim per head). Decodes: the absorbed form over the latent. Prefill
+    chunks: the context's latent expanded by the module's own expand_kv (kv_b_proj), then causal attention,
+    as transformers computes it. Returns [1, T, heads, v_head_dim]."""
+    _, heads, total, _ = query.shape
+    out = query.new_empty(1, total, heads, module.v_head_dim)
+    n = layout.num_decode
+    if n:
+        out[0, :n] = latent_decode_attention(query[0, :, :n].transpose(0, 1), layer.keys, layer.values,
+                                             layout.decode, scale, module.kv_b_proj.weight,
+                                             module.qk_nope_head_dim)
+    for seg in layout.prefills:
+        q = query[:, :, seg.q_start:seg.q_start + seg.q_len]
+        first, mask = seg.masks[0]
+        k, v = module.expand_kv(_context(layer.keys, seg.span), _context(layer.values, seg.span))
+        o = F.scaled_dot_product_attention(q, k[:, :, first:], v[:, :, first:], attn_mask=mask,
+                                           is_causal=mask is None, scale=scale)
+        out[0, seg.q_start:seg.q_start + seg.q_len] = o[0].transpose(0, 1)
+    return out
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

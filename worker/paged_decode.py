@@ -6,7 +6,11 @@ a padded batch copies the whole KV each layer. So, as vLLM's and SGLang's CPU ba
 small native kernel (worker/csrc/paged_decode.c) that walks each row's block table and reads keys and values
 once, in place. It is compiled on first use with the machine's C compiler into a per-user cache. Where there is
 no compiler, or on a GPU, the rows' blocks are gathered into one padded batch and attended with one masked
-matmul-softmax-matmul, which is what a GPU does well.
+matmul-softmax-matmul, which is what a GPU does well. Keys and values may have different head sizes.
+
+Multi-head latent attention (DeepSeek-V3) caches a compressed latent instead of per-head K/V
+(worker/paged_cache.py); its decode rows go through `latent_decode_attention`, a torch path in the absorbed
+form, on every device.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def _compile() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int]
     return lib
 
 
@@ -115,9 +120,10 @@ def uses_native(pool: torch.Tensor) -> bool:
 
 def decode_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, batch: DecodeBatch,
                      scale: float, window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """query: [rows, heads, head_dim]; pools: [num_blocks, block_size, kv_heads, head_dim].
+    """query: [rows, heads, head_dim]; key_pool: [num_blocks, block_size, kv_heads, head_dim]; value_pool:
+    [num_blocks, block_size, kv_heads, v_head_dim] (v_head_dim may differ from head_dim).
 
-    Returns [rows, heads, head_dim] in the query's dtype. window > 0: only the last `window` positions of each
+    Returns [rows, heads, v_head_dim] in the query's dtype. window > 0: only the last `window` positions of each
     context are attended; sinks: [heads] logits that join each softmax's denominator.
     """
     if uses_native(key_pool):
@@ -127,13 +133,14 @@ def decode_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: to
 
 def _native(query, key_pool, value_pool, batch, scale, window, sinks) -> torch.Tensor:
     rows, heads, head_dim = query.shape
+    v_head_dim = value_pool.shape[-1]
     q = query.to(torch.float32).contiguous()
-    out = torch.empty_like(q)
+    out = q.new_empty(rows, heads, v_head_dim)
     s = sinks.to(torch.float32).contiguous() if sinks is not None else None
     tables, lens = batch.block_tables, batch.kv_lens
     status = native_kernel().qllm_paged_decode(
         q.data_ptr(), key_pool.data_ptr(), value_pool.data_ptr(), int(key_pool.dtype == torch.bfloat16),
-        tables.data_ptr(), lens.data_ptr(), out.data_ptr(), rows, heads, key_pool.shape[2], head_dim,
+        tables.data_ptr(), lens.data_ptr(), out.data_ptr(), rows, heads, key_pool.shape[2], head_dim, v_head_dim,
         key_pool.shape[1], tables.shape[1], float(scale), int(window), s.data_ptr() if s is not None else None,
         torch.get_num_threads())
     if status != 0:
@@ -165,4 +172,40 @@ def _gathered(query, key_pool, value_pool, batch, scale, window, sinks) -> torch
     else:
         probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("rhgl,rlhd->rhgd", probs, v.float())
-    return out.reshape(rows, heads, head_dim).to(query.dtype)
+    return out.reshape(rows, heads, v.shape[-1]).to(query.dtype)
+
+
+def latent_decode_attention(query: torch.Tensor, latent_pool: torch.Tensor, rope_pool: torch.Tensor,
+                            batch: DecodeBatch, scale: float, kv_b_weight: torch.Tensor,
+                            nope_dim: int) -> torch.Tensor:
+    """Multi-head latent attention (DeepSeek-V3) for the decode rows, over the cached latent, in the absorbed
+    form (as vLLM's MLA decode): kv_b_proj's key half is folded into the query and its value half applied to
+    the attended latent, so no context token is ever expanded to per-head K/V.
+
+    query: [rows, heads, nope_dim + rope_dim] (the nope part, then the rotated part); latent_pool [num_blocks,
+    block_size, 1, kv_lora_rank]; rope_pool [num_blocks, block_size, 1, rope_dim] (rotated keys);
+    kv_b_weight: kv_b_proj.weight, [heads * (nope_dim + v_head_dim), kv_lora_rank]. For each head h and context
+    token t with latent c_t: score = scale * ((W_UK[h]^T q_nope[h]) . c_t + q_rot[h] . k_rot_t), which is
+    q . k_t for transformers' expanded key k_t = [W_UK[h] c_t, k_rot_t]; out[h] = W_UV[h] (sum_t p_t c_t),
+    which is sum_t p_t v_t for its expanded value v_t = W_UV[h] c_t. Computed in float32 (a torch path on every
+    device). Returns [rows, heads, v_head_dim] in the query's dtype.
+    """
+    dev = latent_pool.device
+    if batch.device_block_tables is None:
+        batch.device_block_tables = batch.block_tables.to(dev)
+        batch.device_kv_lens = batch.kv_lens.to(dev)
+    tables, lens = batch.device_block_tables, batch.device_kv_lens
+    rows, heads, _ = query.shape
+    rank = latent_pool.shape[-1]
+    w = kv_b_weight.float().view(heads, -1, rank)
+    w_uk, w_uv = w[:, :nope_dim], w[:, nope_dim:]                # [heads, nope, rank], [heads, v, rank]
+    c = latent_pool[tables].flatten(1, 2)[:, :, 0].float()       # [rows, L, rank]
+    k_rot = rope_pool[tables].flatten(1, 2)[:, :, 0].float()     # [rows, L, rope]
+    q = query.float()
+    q_latent = torch.einsum("rhn,hnc->rhc", q[..., :nope_dim], w_uk)
+    scores = (torch.einsum("rhc,rlc->rhl", q_latent, c) + torch.einsum("rhp,rlp->rhl", q[..., nope_dim:], k_rot))
+    scores = scores * scale
+    keep = torch.arange(c.shape[1], device=dev)[None, :] < lens[:, None]
+    probs = torch.softmax(scores.masked_fill(~keep[:, None, :], float("-inf")), dim=-1)
+    out_latent = torch.einsum("rhl,rlc->rhc", probs, c)
+    return torch.einsum("rhc,hvc->rhv", out_latent, w_uv).to(query.dtype)

@@ -76,6 +76,8 @@ class Request:
     predicted_output_tokens: int = 0
     # The stop token (sampling.stop_token_ids) the request ended at; None otherwise.
     stop_token_id: int | None = None
+    # When its latest token was sampled (the scheduler's clock): what LS decode pacing (qllm) times from.
+    last_token_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

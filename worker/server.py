@@ -216,7 +216,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add_service_flags(parser, port=50061, metrics_port=9161)
     settings.add(parser, "--model", default=None, help="local HF MoE checkpoint directory (default: embedded)")
-    settings.add(parser, "--policy", default="fcfs", help="scheduling policy: fcfs, priority, qllm")
+    settings.add(parser, "--policy", default="qllm",
+                 help="scheduling policy: qllm (LS preempts BE at layer boundaries and decodes at its own pace), "
+                      "priority (vLLM V1's), priority-evict (priority that evicts BE for waiting LS), fcfs")
     settings.add(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
     settings.add(parser, "--dtype", default="auto",
                  help="weights' dtype: auto (bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32), "
@@ -228,6 +230,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--block-size", type=int, default=16, help="KV block size in tokens")
     settings.add(parser, "--max-be-deferral-steps", type=int, default=1,
                  help="qllm: LS-only steps that may run while a preempted BE step waits")
+    settings.add(parser, "--layer-parking", type=bool, default=True,
+                 help="qllm: park a running step at a layer boundary when LS work arrives or an LS token is due")
+    settings.add(parser, "--ls-only-steps", type=bool, default=True,
+                 help="qllm: LS work that arrives between steps gets a step of its own")
+    settings.add(parser, "--ls-tpot-target-ms", type=float, default=-1.0,
+                 help="qllm: how long an LS stream may wait for its next token before BE yields to it; -1 = 1.5 x "
+                      "the measured LS-only decode step (the idle floor), 0 = off (LS decodes ride BE iterations)")
+    settings.add(parser, "--ls-active-max-batched-tokens", type=int, default=128,
+                 help="qllm: token budget of a BE iteration while LS streams decode beside it")
     settings.add(parser, "--ls-reserved-kv-tokens", type=int, default=1024,
                  help="qllm: KV tokens BE admission leaves free for LS (capped at 1/8 of the cache)")
     settings.add(parser, "--ls-reserved-slots", type=int, default=2,
@@ -257,6 +268,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(policy=args.policy, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_budget_tokens=args.kv_budget_tokens,
                         block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps,
+                        layer_parking=args.layer_parking, ls_only_steps=args.ls_only_steps,
+                        ls_tpot_target_s=args.ls_tpot_target_ms / 1000 if args.ls_tpot_target_ms > 0
+                        else args.ls_tpot_target_ms,
+                        ls_active_max_batched_tokens=args.ls_active_max_batched_tokens,
                         ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots,
                         admission_output_fraction=args.admission_output_fraction,
                         provisional_pin_s=args.provisional_pin_s, kv_policy=args.kv_policy,

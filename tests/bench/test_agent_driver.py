@@ -11,8 +11,9 @@ import pytest
 
 import bench.cli as bench_cli
 from bench import report
-from bench.agent import (AgentSender, ProgramRecord, ProgramSpec, TurnSpec, markdown, plot_pinned, ratios,
-                         run_program, run_programs, summarize_programs)
+from bench.agent.driver import AgentSender, ProgramRecord, run_program, run_programs
+from bench.agent.programs import ProgramSpec, TurnSpec
+from bench.agent.summary import markdown, plot_pinned, ratios, summarize_programs
 from bench.workload import data_dir
 from qllm.cli import build_parser
 from qllm.v1 import router_pb2, router_pb2_grpc

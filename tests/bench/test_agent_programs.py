@@ -1,4 +1,4 @@
-"""Agent programs built from the LMCache agent trace (bench/agent.py): deterministic, well-formed, sized to the
+"""Agent programs built from the LMCache agent trace (bench/agent/): deterministic, well-formed, sized to the
 model's window; tool names and tool gaps as documented."""
 
 import json
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from bench.agent import (AgentConfig, TraceCall, TraceSession, _Pieces, _program_turns, build_agent_workload,
-                         llm_chars_per_s, load_agent_trace, tool_name)
+from bench.agent.programs import AgentConfig, _Pieces, _program_turns, build_agent_workload
+from bench.agent.trace import TraceCall, TraceSession, llm_chars_per_s, load_agent_trace, tool_name
 from bench.tokens import load_tokenizer
 from bench.workload import data_dir
 

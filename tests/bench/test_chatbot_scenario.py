@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 import bench.cli as bench_cli
-from bench import policies, report
+from bench import policies, report, runner
+from bench.scenarios import SCENARIOS
 from bench.stats import RequestRecord, summarize
 from bench.workload import BE, ChatbotConfig, build_chatbot_workload, held_out_prompts, response_tokens
 from predictor.data import data_dir as predictor_data_dir
@@ -188,15 +189,16 @@ def _args(argv):
 
 
 def test_cli_chatbot_defaults():
+    chatbot, mixed_scenario = SCENARIOS["chatbot"], SCENARIOS["mixed"]
     args = _args(["--scenario", "chatbot"])
-    assert bench_cli._be_rate(args) == bench_cli.DEFAULT_BE_RATE["chatbot"]
-    assert bench_cli._drain_cap(args) == bench_cli.DEFAULT_DRAIN_CAP["chatbot"]
-    assert bench_cli.SCENARIO_POLICIES["chatbot"] == "arrival,ltr,speculative,oracle"
-    cfg = bench_cli._chatbot_config(_args(["--scenario", "chatbot", "--be-rate", "0.5", "--rate", "2"]), None)
+    assert chatbot.be_rate(args) == chatbot.default_be_rate
+    assert chatbot.drain_cap(args) == chatbot.default_drain_cap_s
+    assert chatbot.policies == "arrival,ltr,speculative,oracle"
+    cfg = chatbot.config(_args(["--scenario", "chatbot", "--be-rate", "0.5", "--rate", "2"]), None)
     assert cfg.rate == 1.0 and cfg.max_prompt_tokens == 1024 and cfg.output_range == (8, 1024)
-    assert bench_cli._chatbot_config(args, {"rate": 0.5}).rate == 0.5 * bench_cli.DEFAULT_BE_RATE["chatbot"]
+    assert chatbot.config(args, {"rate": 0.5}).rate == 0.5 * chatbot.default_be_rate
     mixed = _args([])
-    assert bench_cli._be_rate(mixed) == 1.0 and bench_cli._drain_cap(mixed) == 30.0
+    assert mixed_scenario.be_rate(mixed) == 1.0 and mixed_scenario.drain_cap(mixed) == 30.0
 
 
 async def test_cli_chatbot_run_against_a_router(fake_router, chat_data, tiny_tokenizer, monkeypatch, tmp_path):
@@ -240,8 +242,8 @@ async def test_cli_chatbot_stack_mode_default_policies(fake_router, chat_data, t
         def stop(self):
             pass
 
-    monkeypatch.setattr(bench_cli, "Stack", FakeStack)
-    monkeypatch.setattr(bench_cli, "_port_free", lambda host, port: True)
+    monkeypatch.setattr(runner, "Stack", FakeStack)
+    monkeypatch.setattr(runner, "_port_free", lambda host, port: True)
     monkeypatch.setenv("QLLM_SHARED_DATA", str(chat_data))
     tok = tmp_path / "tok.json"
     tok.write_text(open(tiny_tokenizer.name).read())

@@ -6,6 +6,7 @@ import json
 import pytest
 
 import bench.cli as bench_cli
+from bench import runner
 from qllm.cli import build_parser
 from qllm.up import ROUTER_PORT
 
@@ -69,8 +70,8 @@ async def test_stack_mode_one_fresh_stack_per_policy(fake_router, data_env, tmp_
         def stop(self):
             started.append("stop")
 
-    monkeypatch.setattr(bench_cli, "Stack", FakeStack)
-    monkeypatch.setattr(bench_cli, "_port_free", lambda host, port: True)
+    monkeypatch.setattr(runner, "Stack", FakeStack)
+    monkeypatch.setattr(runner, "_port_free", lambda host, port: True)
     out = tmp_path / "out"
     rc = await bench_cli.run(_args(["--policies", "fcfs,qllm", "--port-offset", str(port - ROUTER_PORT),
                                     "--tokenizer", data_env, "--out", str(out), "--sweep", "be-rate=0,2",
@@ -130,8 +131,8 @@ async def test_stack_that_fails_to_start_keeps_earlier_results(fake_router, data
         def stop(self):
             stopped.append(self.config.policy)
 
-    monkeypatch.setattr(bench_cli, "Stack", FlakyStack)
-    monkeypatch.setattr(bench_cli, "_port_free", lambda host, port: True)
+    monkeypatch.setattr(runner, "Stack", FlakyStack)
+    monkeypatch.setattr(runner, "_port_free", lambda host, port: True)
     out = tmp_path / "out"
     rc = await bench_cli.run(_args(["--policies", "fcfs,qllm,priority", "--port-offset", str(port - ROUTER_PORT),
                                     "--tokenizer", data_env, "--out", str(out), *FAST]))

@@ -1,4 +1,4 @@
-"""scripts/peer_vllm.py's pure parts: the figures read off a bench document, ratios, medians over rounds, the
+"""bench/peer_vllm.py's pure parts: the figures read off a bench document, ratios, medians over rounds, the
 table, the round order, the thread binding and the dist-info alias. Nothing here needs vLLM installed."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import peer_vllm as pv
+from bench import peer_vllm as pv
 
 
 def bench_doc(*, floor_ttft=20.0, floor_tpot=5.0, be_tok_s=800.0, ls_p99=400.0, ls_e2e=2800.0, cancelled=3):

@@ -98,11 +98,13 @@ def test_sweep_plot(tmp_path):
 
 
 def test_policy_mapping():
-    base = StackConfig(port_offset=7, worker_args=["--x", "1"])
+    assert StackConfig().policy == "qllm"  # the default of `qllm up`
+    base = StackConfig(port_offset=7, worker_args=["--x", "1"], policy="priority-evict")
     for name in ("fcfs", "priority", "qllm"):
         cfg = policies.apply(name, base)
         assert cfg.policy == name and cfg.port_offset == 7 and cfg.worker_args == ["--x", "1"]
-    assert base.policy == "fcfs"  # not mutated
+    assert base.policy == "priority-evict"  # not mutated
+    assert policies.apply("qllm-no-pacing", base).worker_args == ["--x", "1", "--ls-tpot-target-ms", "0"]
     assert policies.parse_list("fcfs, qllm") == ["fcfs", "qllm"]
     with pytest.raises(policies.UnknownPolicy) as err:
         policies.parse_list("fcfs,lifo")

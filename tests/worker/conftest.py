@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from worker.engine import EngineConfig, EngineCore
+from worker.engine_core import EngineConfig, EngineCore
 from worker.model_loader import build_default_model, load_model
 from worker.model_runner import ModelRunner
 
@@ -52,7 +52,7 @@ def run_with_random_layer_yields():
         done = []
         core = EngineCore(runner, EngineConfig(policy="qllm", max_num_batched_tokens=64), done.extend)
         rng = random.Random(seed)
-        core._should_yield = lambda: rng.random() < p
+        core.scheduler.should_park = lambda plan: rng.random() < p
         for r in reqs:
             core.submit(r)
         core.start()
@@ -65,3 +65,4 @@ def run_with_random_layer_yields():
             core.stop()
         return core, done
     return _run
+

@@ -8,9 +8,8 @@ import torch
 
 from worker import beam as beam_mod
 from worker.engine import AsyncEngine, EngineConfig, RequestRejected
-from worker.kv_blocks import BlockAllocator
+from worker.engine_core import EngineCore
 from worker.request import FinishReason, Priority, Request, SamplingParams
-from worker.scheduler import SchedulerConfig, make_scheduler
 
 LS, BE = Priority.LATENCY_SENSITIVE, Priority.BEST_EFFORT
 BS = 16
@@ -35,19 +34,17 @@ def greedy(rid, ids, n, priority=BE, arrival=0.0):
     return Request(rid, list(ids), SamplingParams(max_tokens=n, ignore_eos=True), priority, arrival_time=arrival)
 
 
-def run_offline(runner, reqs, policy="fcfs", budget=64, blocks=256, **config):
-    sched = make_scheduler(policy, SchedulerConfig(max_num_batched_tokens=budget, **config),
-                           BlockAllocator(blocks, BS))
-    for r in reqs:
-        sched.add_request(r)
-    steps = 0
-    while sched.has_unfinished():
-        out = sched.schedule()
-        sched.update(out, runner.execute(out))
-        steps += 1
-        assert steps < 10_000
-    assert sched.allocator.num_free_blocks == blocks
-    return sched
+def offline_core(runner, policy="fcfs", budget=64, **config):
+    return EngineCore(runner, EngineConfig(policy=policy, max_num_batched_tokens=budget, block_size=BS,
+                                           kv_budget_tokens=runner.cache.num_blocks * BS, **config))
+
+
+def run_offline(runner, reqs, policy="fcfs", budget=64, **config):
+    """Through EngineCore.step() on this thread; every block is free again at the end."""
+    core = offline_core(runner, policy, budget, **config)
+    core.run_to_completion(reqs)
+    assert core.allocator.num_free_blocks == core.allocator.num_blocks
+    return core
 
 
 @pytest.fixture(scope="module")
@@ -146,22 +143,22 @@ def test_prompt_kv_is_shared_not_copied(loaded, make_runner):
     assert len(ids) % BS and len(ids) > 2 * BS
     k, n = 4, 8
     r = beam_request("share", ids, k, n)
-    sched = make_scheduler("fcfs", SchedulerConfig(max_num_batched_tokens=512), BlockAllocator(256, BS))
-    sched.add_request(r)
-    out = sched.schedule()
-    used = 256 - sched.allocator.num_free_blocks
+    core = offline_core(runner, budget=512)
+    core.add_request(r)
+    core.step()
+    alloc = core.allocator
+    used = alloc.num_blocks - alloc.num_free_blocks
     assert used * BS == beam_mod.kv_tokens(len(ids), n, k, BS)
     assert used * BS < beam_mod.kv_tokens_copying_prompt(len(ids), n, k, BS)
     assert used == -(-len(ids) // BS) + k * -(-(len(ids) % BS + n) // BS)
-    sched.update(out, runner.execute(out))
-    while sched.has_unfinished():
-        out = sched.schedule()
-        assert 256 - sched.allocator.num_free_blocks == used  # no growth: the whole layout is reserved
-        tables = [row.block_table for s in out.scheduled for row in r.beam.rows(s)] if r.beam.started else []
+    while core.has_unfinished_requests():
+        assert alloc.num_blocks - alloc.num_free_blocks == used  # no growth: the whole layout is reserved
+        table = alloc.block_table("share")
+        tables = [r.beam.block_table(table, b) for b in range(len(r.beam.beams))]
         for t in tables:  # every beam reads the same full prompt blocks
             assert t[:len(ids) // BS] == tables[0][:len(ids) // BS]
         assert len({tuple(t[len(ids) // BS:]) for t in tables}) == len(tables)
-        sched.update(out, runner.execute(out))
+        core.step()
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "qllm"])
@@ -179,21 +176,11 @@ def test_kv_pressure_preemption_restarts_beams_identically(loaded, make_runner, 
     reqs = [beam_request(f"b{i}", ids, k, n, arrival=float(i)) for i, ids in enumerate(ps)]
     # Greedy requests admitted first, optimistically (no output reserve), then grow into the beams' KV.
     reqs += [greedy(f"g{i}", (ids * 4)[:30], 60, arrival=i - 10.0) for i, ids in enumerate(ps[:2])]
-    preempted = []
-    sched = make_scheduler(policy, SchedulerConfig(max_num_batched_tokens=256, admission_output_fraction=0.0,
-                                                   ls_reserved_kv_tokens=0, ls_reserved_slots=0),
-                           BlockAllocator(20, BS))
-    runner = make_runner(num_blocks=20)
-    for r in reqs:
-        sched.add_request(r)
-    while sched.has_unfinished():
-        out = sched.schedule()
-        preempted += out.preempted
-        sched.update(out, runner.execute(out))
+    run_offline(make_runner(num_blocks=20), reqs, policy, budget=256, admission_output_fraction=0.0,
+                ls_reserved_kv_tokens=0, ls_reserved_slots=0)
     for r, expected in zip(reqs, ref):
         assert r.output_token_ids == expected, r.request_id
-    assert any(rid.startswith("b") for rid in preempted), preempted
-    assert sched.allocator.num_free_blocks == 20
+    assert any(r.num_preemptions for r in reqs if r.request_id.startswith("b")), [r.num_preemptions for r in reqs]
 
 
 def test_layer_boundary_parking_keeps_beams(loaded, make_runner, run_with_random_layer_yields):

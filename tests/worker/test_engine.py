@@ -6,10 +6,9 @@ import random
 
 import pytest
 
-from worker.engine import AsyncEngine, EngineConfig, EngineCore, RequestRejected
-from worker.kv_blocks import BlockAllocator
+from worker.engine import AsyncEngine, EngineConfig, RequestRejected
+from worker.engine_core import EngineCore
 from worker.request import Priority, Request, SamplingParams
-from worker.scheduler import SchedulerConfig, make_scheduler
 
 LS, BE = Priority.LATENCY_SENSITIVE, Priority.BEST_EFFORT
 
@@ -21,14 +20,12 @@ def prompts(tokenizer, n, seed=0):
             for _ in range(n)]
 
 
-def run_offline(runner, reqs, policy="fcfs", budget=64, blocks=256, block_size=16):
-    sched = make_scheduler(policy, SchedulerConfig(max_num_batched_tokens=budget),
-                           BlockAllocator(blocks, block_size))
-    for r in reqs:
-        sched.add_request(r)
-    while sched.has_unfinished():
-        out = sched.schedule()
-        sched.update(out, runner.execute(out))
+def run_offline(runner, reqs, policy="fcfs", budget=64):
+    """Through EngineCore.step() on this thread, with the runner's whole cache as the KV budget."""
+    core = EngineCore(runner, EngineConfig(policy=policy, max_num_batched_tokens=budget, block_size=runner.block_size,
+                                           kv_budget_tokens=runner.cache.num_blocks * runner.block_size))
+    core.run_to_completion(reqs)
+    return core
 
 
 def greedy(rid, ids, n, priority=BE, arrival=0.0):
@@ -57,7 +54,7 @@ def test_kv_pressure_preemption_keeps_tokens(loaded, make_runner, reference_toke
     ps = prompts(loaded.tokenizer, 4, seed=2)
     runner = make_runner(num_blocks=16, block_size=16)  # 256 tokens: not enough for all at once
     reqs = [greedy(f"r{i}", ids[:100], 10, LS if i == 3 else BE, float(i)) for i, ids in enumerate(ps)]
-    run_offline(runner, reqs, policy=policy, budget=256, blocks=16)
+    run_offline(runner, reqs, policy=policy, budget=256)
     for r, ids in zip(reqs, ps):
         assert r.output_token_ids == reference_tokens(ids[:100], 10), r.request_id
 
@@ -103,7 +100,7 @@ async def test_cancel_frees_kv(loaded, make_runner):
                 break
             await asyncio.sleep(0.02)
         assert alloc.free_tokens == alloc.capacity_tokens
-        assert not engine.core.scheduler.has_unfinished()
+        assert not engine.core.has_unfinished_requests()
     finally:
         engine.stop()
 

@@ -3,6 +3,8 @@ embedded tokenizer), the engine's greedy tokens equal transformers' generate() o
 with chunked prefill and mixed batches, with parks at random layer boundaries (the real core loop), and over
 paged KV (prompts of several blocks, longer than any sliding window, in non-contiguous block tables). Families
 the engine cannot run exactly are refused at load with a message naming the family and what is missing.
+DeepSeek-V3's multi-head latent attention caches the compressed latent; its pools are also checked through the
+host-pool swap and int8 tiers of --kv-policy alise.
 
 CPU, fp32, hidden 64, 3 layers, 4 experts: a few seconds per family. README, "Serving a real Hugging Face MoE
 checkpoint", lists the same matrix.
@@ -21,10 +23,9 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from worker import model_loader as ml  # noqa: E402
-from worker.kv_blocks import BlockAllocator  # noqa: E402
+from worker.engine_core import EngineConfig, EngineCore  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 from worker.request import Priority, Request, SamplingParams  # noqa: E402
-from worker.scheduler import SchedulerConfig, make_scheduler  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -44,6 +45,10 @@ def _config(name: str, **kwargs):
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
     return cls(**{**COMMON, **kwargs})
 
+
+DEEPSEEK = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                n_group=2, topk_group=1, first_k_dense_replace=1, num_key_value_heads=4)
 
 # family -> (config builder, the per-layer windows the runner must use)
 SUPPORTED = {
@@ -73,6 +78,14 @@ SUPPORTED = {
     # Attention sinks in prefill and decode, sliding and full layers alternating (layer_types).
     "gpt_oss": (lambda: _config("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                 sliding_window=WINDOW), [WINDOW, 0, WINDOW]),
+    # Multi-head latent attention (K head 24, V head 12; the rank-32 latent is what is cached), a dense first
+    # layer (first_k_dense_replace), then MoE layers with a shared expert and the sigmoid, group-limited router.
+    "deepseek_v3": (lambda: _config("DeepseekV3Config", **DEEPSEEK), [0, 0, 0]),
+    # The same with yarn rope scaling: the attention's scaling carries yarn's mscale, which must reach the
+    # paged attention (factor 4 over 128 original positions).
+    "deepseek_v3_yarn": (lambda: _config("DeepseekV3Config", **DEEPSEEK, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0,
+        beta_fast=32, beta_slow=1, rope_theta=10000.0)), [0, 0, 0]),
     "glm4_moe": (lambda: _config("Glm4MoeConfig", head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1),
                  [0, 0, 0]),
@@ -80,11 +93,12 @@ SUPPORTED = {
 
 # family -> (config builder, what the refusal must say besides the family's name)
 UNSUPPORTED = {
-    "deepseek_v3": (lambda: _config("DeepseekV3Config", n_routed_experts=4, num_experts_per_tok=2,
+    # Multi-head latent attention in a family not checked here (DeepSeek-V3's is served).
+    "deepseek_v2": (lambda: _config("DeepseekV2Config", n_routed_experts=4, num_experts_per_tok=2,
                                     moe_intermediate_size=32, kv_lora_rank=32, q_lora_rank=48,
                                     qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_group=1,
                                     topk_group=1, first_k_dense_replace=1),
-                    ("DeepseekV3", "multi-head latent attention", "K head 24, V head 12")),
+                    ("DeepseekV2", "multi-head latent attention", "K head 24, V head 12", "deepseek_v3")),
     "granitemoeshared": (lambda: _config("GraniteMoeSharedConfig", num_local_experts=4, num_experts_per_tok=2,
                                          shared_intermediate_size=64, embedding_multiplier=12.0,
                                          residual_multiplier=0.22, logits_scaling=8.0),
@@ -124,7 +138,7 @@ def _prompts(seed: int, lengths=(23, 70, 117)) -> list[list[int]]:
     return [[rng.randrange(3, 8192) for _ in range(n)] for n in lengths]
 
 
-def _reference(path, prompts: list[list[int]]) -> list[list[int]]:
+def _reference(path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
     """transformers' own generate() on the checkpoint, greedy, fp32, its stock sdpa attention and masks (eager
     for gpt-oss, which has no sdpa path)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
@@ -133,27 +147,24 @@ def _reference(path, prompts: list[list[int]]) -> list[list[int]]:
     out = []
     with torch.no_grad():
         for ids in prompts:
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=0)
             out.append(gen[0, len(ids):].tolist())
     return out
 
 
-def _requests(prompts):
-    return [Request(f"r{i}", ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
-                    Priority.LATENCY_SENSITIVE if i == 0 else Priority.BEST_EFFORT, arrival_time=float(i))
+def _requests(prompts, new_tokens=NEW_TOKENS, first=Priority.LATENCY_SENSITIVE):
+    return [Request(f"r{i}", ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                    first if i == 0 else Priority.BEST_EFFORT, arrival_time=float(i))
             for i, ids in enumerate(prompts)]
 
 
 def _run_chunked(runner, reqs, budget=24, blocks=64):
     """All requests at once under a small token budget: prefills are cut into chunks that start past 0 and
     are longer than the window, mixed in one step with other requests' decodes; block tables interleave."""
-    sched = make_scheduler("fcfs", SchedulerConfig(max_num_batched_tokens=budget), BlockAllocator(blocks, BLOCK))
-    for r in reqs:
-        sched.add_request(r)
-    while sched.has_unfinished():
-        out = sched.schedule()
-        sched.update(out, runner.execute(out))
+    core = EngineCore(runner, EngineConfig(max_num_batched_tokens=budget, kv_budget_tokens=blocks * BLOCK,
+                                           block_size=BLOCK))
+    core.run_to_completion(reqs)
 
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED))
@@ -224,3 +235,54 @@ def test_windows_and_sinks_through_the_gathered_decode(family, checkpoints, monk
     reqs = _requests(prompts)
     _run_chunked(runner, reqs)
     assert [r.output_token_ids for r in reqs] == expected
+
+
+def _run_engine(loaded, reqs, blocks, cost_model, **cfg):
+    """The engine under KV pressure with a given cost model (as tests/worker/test_kv_policy_engine.py drives
+    it), so the moves it forces really happen."""
+    runner = ModelRunner(loaded, blocks, BLOCK)
+    config = EngineConfig(policy="priority", kv_budget_tokens=blocks * BLOCK, block_size=BLOCK,
+                          max_num_batched_tokens=256, admission_output_fraction=0.0, **cfg)
+    core = EngineCore(runner, config, lambda outputs: None)
+    core.scheduler.kv.set_cost_model(cost_model)
+    core.run_to_completion(reqs)
+    return core
+
+
+def test_deepseek_v3_caches_the_latent_and_moves_it_between_tiers(checkpoints):
+    """Multi-head latent attention caches the compressed latent, as vLLM does: per token and layer
+    kv_lora_rank + qk_rope_head_dim elements (32 + 8 here), not heads x (qk_head_dim + v_head_dim) = 4 x (24 + 12)
+    uncompressed. Under --kv-policy alise those pools (K and V of different head sizes) are swapped to the host
+    and back into other blocks (lossless: still generate()'s tokens) and quantized to int8 and back."""
+    from worker import kv_tiers
+
+    path = checkpoints("deepseek_v3")
+    loaded = ml.load_model(str(path), dtype="float32")
+    runner = ModelRunner(loaded, num_blocks=8, block_size=BLOCK)
+    assert [tuple(l.keys.shape) for l in runner.cache.layers] == [(8, BLOCK, 1, 32)] * 3
+    assert [tuple(l.values.shape) for l in runner.cache.layers] == [(8, BLOCK, 1, 8)] * 3
+    assert runner.cache.bytes == 3 * 8 * BLOCK * (32 + 8) * 4
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 8192) for _ in range(rng.randint(40, 120))] for _ in range(8)]
+    expected = _reference(path, prompts, new_tokens=16)
+    # The pools' real sizes (3 layers x (32 + 8) fp32, or int8 + two scales), recompute made expensive.
+    forced = dict(block_bytes=BLOCK * 480, int8_block_bytes=BLOCK * 144, prefill_s_per_token=1.0,
+                  decode_step_s=0.01, swap_out_bytes_per_s=1e9, swap_in_bytes_per_s=1e9,
+                  quantize_bytes_per_s=1e9, dequantize_bytes_per_s=1e9)
+
+    reqs = _requests(prompts, 16, first=Priority.BEST_EFFORT)
+    core = _run_engine(loaded, reqs, 24, kv_tiers.CostModel(**forced), kv_policy="alise", kv_int8="off")
+    assert core.kv_store.block_bytes == 3 * BLOCK * (32 + 8) * 4
+    assert {"swap_out", "swap_in"} <= set(core.scheduler.kv.move_counts)
+    assert core.kv_store.host.used_bytes == 0
+    assert [r.output_token_ids for r in reqs] == expected, "swapped to the host and back"
+
+    reqs = _requests(prompts, 16, first=Priority.BEST_EFFORT)
+    core = _run_engine(loaded, reqs, 24, kv_tiers.CostModel(**forced), kv_policy="alise", kv_int8="be",
+                       kv_host_budget_tokens=0)
+    counts = core.scheduler.kv.move_counts
+    assert counts.get("quantize", 0) >= 1 and counts["quantize"] == counts["dequantize"]
+    assert core.kv_store.int8 == {} and core.kv_store.int8_bytes == 0
+    out = [r.output_token_ids for r in reqs]
+    assert all(len(o) == 16 and o[0] == e[0] for o, e in zip(out, expected))  # lossy past a preemption

@@ -110,3 +110,19 @@ def test_copy_rates_are_measured():
 def test_zero_budget_holds_nothing():
     p = HostKVPool(LAYERS, BS, HEADS, DIM, torch.float32, 0, "cpu")
     assert p.capacity_blocks == 0 and not p.has_room(1)
+
+
+def test_keys_and_values_of_different_head_sizes_round_trip():
+    """DeepSeek-V3's latent pools: keys [.., 1, kv_lora_rank], values [.., 1, qk_rope_head_dim]."""
+    g = torch.Generator().manual_seed(5)
+    keys = [torch.randn(BLOCKS, BS, 1, 32, generator=g) for _ in range(LAYERS)]
+    values = [torch.randn(BLOCKS, BS, 1, 8, generator=g) for _ in range(LAYERS)]
+    block_bytes = LAYERS * BS * (32 + 8) * 4
+    p = HostKVPool(LAYERS, BS, 1, 32, torch.float32, 4 * block_bytes, "cpu", value_head_dim=8)
+    assert p.block_bytes == block_bytes and p.capacity_blocks == 4
+    src, dst = [7, 2, 11], [0, 1, 3]
+    want_k, want_v = [k[src].clone() for k in keys], [v[src].clone() for v in values]
+    p.swap_out("a", keys, values, src)
+    p.swap_in("a", keys, values, dst)
+    for layer in range(LAYERS):
+        assert torch.equal(keys[layer][dst], want_k[layer]) and torch.equal(values[layer][dst], want_v[layer])

@@ -2,6 +2,7 @@
 
 import math
 
+from worker.outputs import ModelRunnerOutput
 from worker.kv_blocks import BlockAllocator
 from worker.kv_pins import PinStore, owner_id
 from worker.request import FinishReason, Priority, Request, SamplingParams
@@ -29,10 +30,10 @@ def turn(rid, prompt, max_tokens=3, program="p", last=False, priority=BE, arriva
 
 def run(sched, limit=500, token=7):
     steps = []
-    while sched.has_unfinished():
+    while sched.has_unfinished_requests():
         out = sched.schedule()
         steps.append(out)
-        sched.update(out, {s.request.request_id: token for s in out.scheduled if s.samples})
+        sched.update_from_output(out, ModelRunnerOutput({s.request.request_id: token for s in out.scheduled if s.samples}))
         assert len(steps) < limit
     return steps
 
@@ -184,8 +185,8 @@ def test_cancelled_turns_and_plain_requests_pin_nothing():
     t = turn("t", [1, 2, 3, 4], max_tokens=50)
     sched.add_request(t)
     out = sched.schedule()
-    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
-    sched.abort("t")
+    sched.update_from_output(out, ModelRunnerOutput({s.request.request_id: 7 for s in out.scheduled if s.samples}))
+    sched.finish_requests(["t"])
     run(sched)
     assert len(sched.pins) == 0 and sched.allocator.num_free_blocks == sched.allocator.num_blocks
 
@@ -224,7 +225,7 @@ def test_be_waits_for_a_pin_while_work_runs():
     run(sched)
     running = Request("run", [1, 2, 3, 4], SamplingParams(max_tokens=8, ignore_eos=True), BE, frozenset({0}))
     sched.add_request(running)                     # 12 tokens = 3 blocks
-    sched.update(sched.schedule(), {})
+    sched.update_from_output(sched.schedule(), ModelRunnerOutput())
     be = Request("be", list(range(1, 12)), SamplingParams(max_tokens=4, ignore_eos=True), BE, frozenset({0}))
     sched.add_request(be)                          # needs 4 blocks; 3 are free
     out = sched.schedule()
@@ -239,7 +240,7 @@ def test_a_turn_that_cannot_start_gives_its_prefix_back_to_the_pin():
     tokens = sched.pins.pinned_tokens
     blocker = Request("b", [1, 2], SamplingParams(max_tokens=20, ignore_eos=True), BE, frozenset({0}))
     sched.add_request(blocker)
-    sched.update(sched.schedule(), {})
+    sched.update_from_output(sched.schedule(), ModelRunnerOutput())
     t2 = turn("t2", t1.all_token_ids + [5, 5], program="p", arrival=1.0)
     sched.add_request(t2)
     out = sched.schedule()                         # max_num_seqs = 1: t2 cannot start

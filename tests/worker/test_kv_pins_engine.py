@@ -10,10 +10,9 @@ from qllm import serving
 from qllm.v1 import worker_pb2, worker_pb2_grpc
 from worker import server as worker_server
 from worker.engine import EngineConfig
-from worker.kv_blocks import BlockAllocator
+from worker.engine_core import EngineCore
 from worker.model_loader import load_model
 from worker.request import Priority, Request, SamplingParams
-from worker.scheduler import SchedulerConfig, make_scheduler
 
 BE = Priority.BEST_EFFORT
 
@@ -23,10 +22,11 @@ def words(rng, n):
     return " ".join(rng.choice(vocab) for _ in range(n))
 
 
-def run(sched, runner):
-    while sched.has_unfinished():
-        out = sched.schedule()
-        sched.update(out, runner.execute(out))
+def offline_core(runner, budget):
+    # A provisional pin outlives the reference generate() calls between turns, however loaded the machine.
+    return EngineCore(runner, EngineConfig(max_num_batched_tokens=budget, block_size=runner.block_size,
+                                           kv_budget_tokens=runner.cache.num_blocks * runner.block_size,
+                                           provisional_pin_s=600.0))
 
 
 def test_program_turns_reuse_their_pin_and_match_a_full_recompute(loaded, make_runner, reference_tokens):
@@ -36,7 +36,8 @@ def test_program_turns_reuse_their_pin_and_match_a_full_recompute(loaded, make_r
     tok = loaded.tokenizer
     rng = random.Random(7)
     runner = make_runner(num_blocks=512, block_size=16)
-    sched = make_scheduler("fcfs", SchedulerConfig(max_num_batched_tokens=96), BlockAllocator(512, 16))
+    core = offline_core(runner, 96)
+    sched = core.scheduler
     contexts = {p: tok.encode(words(rng, rng.randint(20, 120))) for p in ("a", "b", "c")}
     previous: dict[str, int] = {}
     for k in range(4):
@@ -46,7 +47,7 @@ def test_program_turns_reuse_their_pin_and_match_a_full_recompute(loaded, make_r
         other = Request(f"other{k}", tok.encode(words(rng, 40)), SamplingParams(max_tokens=5, ignore_eos=True))
         for r in [*reqs.values(), other]:
             sched.add_request(r)
-        run(sched, runner)
+        core.run_to_completion()
         for p, r in reqs.items():
             assert r.output_token_ids == reference_tokens(r.prompt_token_ids, 6), (p, k)
             # Everything of the previous turn but its last output token had KV, and the prompt extends it.
@@ -60,15 +61,16 @@ def test_program_turns_reuse_their_pin_and_match_a_full_recompute(loaded, make_r
 def test_a_diverging_prompt_reuses_only_the_common_prefix(loaded, make_runner, reference_tokens):
     tok = loaded.tokenizer
     runner = make_runner()
-    sched = make_scheduler("fcfs", SchedulerConfig(max_num_batched_tokens=512), BlockAllocator(256, 16))
+    core = offline_core(runner, 512)
+    sched = core.scheduler
     prompt = tok.encode(words(random.Random(1), 100))
     first = Request("t0", prompt, SamplingParams(max_tokens=4, ignore_eos=True), program_id="p")
     sched.add_request(first)
-    run(sched, runner)
+    core.run_to_completion()
     edited = prompt[:37] + tok.encode(" agent search result line")   # the program rewrote its context
     second = Request("t1", edited, SamplingParams(max_tokens=8, ignore_eos=True), program_id="p")
     sched.add_request(second)
-    run(sched, runner)
+    core.run_to_completion()
     assert second.num_cached_tokens == 37
     assert second.output_token_ids == reference_tokens(edited, 8)
 

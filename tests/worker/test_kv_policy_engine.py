@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worker import kv_tiers
-from worker.engine import EngineConfig, EngineCore
+from worker.engine_core import EngineConfig, EngineCore
 from worker.model_runner import ModelRunner
 from worker.request import Priority, Request, SamplingParams
 
@@ -27,19 +27,15 @@ def forced(**kw):
 
 def run(loaded, prompts, blocks, n_out=16, classes=None, cost_model=None, **cfg):
     runner = ModelRunner(loaded, blocks, 16)
-    config = EngineConfig(policy="priority", kv_budget_tokens=blocks * 16, block_size=16,
+    config = EngineConfig(policy="priority-evict", kv_budget_tokens=blocks * 16, block_size=16,
                           max_num_batched_tokens=256, admission_output_fraction=0.0, **cfg)
     core = EngineCore(runner, config, lambda outputs: None)
     if cost_model is not None:
-        core.scheduler.cost_model = cost_model
+        core.scheduler.kv.set_cost_model(cost_model)
     classes = classes or [BE] * len(prompts)
     reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=n_out, ignore_eos=True), cls, arrival_time=float(i))
             for i, (p, cls) in enumerate(zip(prompts, classes))]
-    for r in reqs:
-        core.scheduler.add_request(r)
-    while core.scheduler.has_unfinished():
-        plan = core._schedule()
-        core.scheduler.update(plan, runner.execute(plan))
+    core.run_to_completion(reqs)
     return [r.output_token_ids for r in reqs], core
 
 
@@ -64,10 +60,10 @@ def loaded_module():
 def test_lossless_policies_match_an_unpressured_run(loaded_module, workload, name, cfg, moves):
     prompts, reference = workload
     out, core = run(loaded_module, prompts, blocks=24, cost_model=forced() if cfg else None, **cfg)
-    assert set(core.scheduler.move_counts) == moves
+    assert set(core.scheduler.kv.move_counts) == moves
     assert out == reference
     if core.kv_store is not None:  # everything came back: nothing left on the host
-        assert core.kv_store.host.used_bytes == 0 and core.scheduler.host_used_blocks == 0
+        assert core.kv_store.host.used_bytes == 0 and core.scheduler.kv.host_used_blocks == 0
         assert core.kv_store.host.out_rate.bytes > 0
 
 
@@ -75,7 +71,7 @@ def test_int8_round_trips_and_mostly_keeps_greedy_tokens(loaded_module, workload
     prompts, reference = workload
     out, core = run(loaded_module, prompts, blocks=24, cost_model=forced(), kv_policy="alise", kv_int8="be",
                     kv_host_budget_tokens=0)
-    counts = core.scheduler.move_counts
+    counts = core.scheduler.kv.move_counts
     assert counts.get("quantize", 0) >= 1 and counts["quantize"] == counts["dequantize"]
     assert core.kv_store.int8 == {} and core.kv_store.int8_bytes == 0
     # lossy: each request keeps at least its tokens from before its first preemption; most match outright
@@ -87,7 +83,7 @@ def test_int8_never_touches_ls_under_the_be_bound(loaded_module, workload):
     prompts, reference = workload
     out, core = run(loaded_module, prompts, blocks=24, classes=[LS] * len(prompts), cost_model=forced(),
                     kv_policy="alise", kv_int8="be", kv_host_budget_tokens=0)
-    assert "quantize" not in core.scheduler.move_counts and core.scheduler.move_counts.get("recompute", 0) >= 1
+    assert "quantize" not in core.scheduler.kv.move_counts and core.scheduler.kv.move_counts.get("recompute", 0) >= 1
     assert out == reference
 
 
@@ -96,7 +92,7 @@ def test_tier_bytes_and_measured_rates(loaded_module):
     core = EngineCore(runner, EngineConfig(kv_budget_tokens=512, block_size=16, kv_policy="alise"), lambda o: None)
     core.kv_store.calibrate(num_blocks=4)
     core._refresh_cost_model()
-    model = core.scheduler.cost_model
+    model = core.scheduler.kv.cost_model
     assert model.block_bytes == 16 * 8192  # 8 layers x K,V x 2 heads x 64 x fp32, per token
     assert model.swap_out_bytes_per_s == core.kv_store.host.out_rate.bytes_per_s and core.kv_store.host.out_rate.bytes
     assert core.tier_bytes() == {"gpu": 0, "host": 0, "int8": 0}

@@ -95,3 +95,20 @@ def test_compact_copy_is_about_a_quarter_of_fp32():
     q = KVQuantizer("token", "token").quantize_blocks(keys, values, list(range(BLOCKS)), BLOCKS * BS)
     assert q.nbytes == int8_block_bytes(LAYERS, BS, HEADS, DIM) * BLOCKS
     assert q.nbytes < fp_bytes(keys, values, BLOCKS) / 2
+
+
+def test_keys_and_values_of_different_head_sizes():
+    """DeepSeek-V3's latent pools: keys [.., 1, kv_lora_rank], values [.., 1, qk_rope_head_dim]."""
+    g = torch.Generator().manual_seed(6)
+    keys = [torch.randn(BLOCKS, BS, 1, 32, generator=g) for _ in range(LAYERS)]
+    values = [torch.randn(BLOCKS, BS, 1, 8, generator=g) for _ in range(LAYERS)]
+    quant = KVQuantizer("token", "token")
+    q = quant.quantize_blocks(keys, values, list(range(BLOCKS)), BLOCKS * BS)
+    assert q.nbytes == int8_block_bytes(LAYERS, BS, 1, 32, value_head_dim=8) * BLOCKS
+    ref_k, ref_v = gather_tokens(keys, [1, 2], 6), gather_tokens(values, [1, 2], 6)
+    q = KVQuantizer().quantize_blocks(keys, values, [1, 2], 6)
+    quant.dequantize_into(q, keys, values, [9, 10])
+    got_k, got_v = gather_tokens(keys, [9, 10], 6), gather_tokens(values, [9, 10], 6)
+    assert got_k.shape == (LAYERS, 6, 1, 32) and got_v.shape == (LAYERS, 6, 1, 8)
+    assert torch.all((got_k - ref_k).abs() <= q.keys.scales / 2 + 1e-6)
+    assert torch.all((got_v - ref_v).abs() <= q.values.scales / 2 + 1e-6)

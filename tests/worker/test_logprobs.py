@@ -3,31 +3,20 @@ log_softmax of the Hugging Face model's own logits for the same sequence, within
 
 import torch
 
-from worker.kv_blocks import BlockAllocator
+from worker.engine_core import EngineConfig, EngineCore
 from worker.request import Request, SamplingParams
-from worker.scheduler import SchedulerConfig, make_scheduler
 
 TOLERANCE = 1e-4
 
 
-def run_collecting_logprobs(runner, reqs, budget=48, blocks=256, block_size=16):
-    """The scheduler/runner loop of the engine, keeping each step's logprobs per request."""
-    sched = make_scheduler("fcfs", SchedulerConfig(max_num_batched_tokens=budget), BlockAllocator(blocks, block_size))
-    for r in reqs:
-        sched.add_request(r)
+def run_collecting_logprobs(runner, reqs, budget=48):
+    """Through EngineCore.step(), keeping each streamed token's logprobs per request."""
+    core = EngineCore(runner, EngineConfig(max_num_batched_tokens=budget, block_size=runner.block_size,
+                                           kv_budget_tokens=runner.cache.num_blocks * runner.block_size))
     got = {r.request_id: [] for r in reqs}
-    steps_without = 0
-    while sched.has_unfinished():
-        plan = sched.schedule()
-        state = runner.begin(plan)
-        runner.run_layers(state)
-        sampled = runner.finish(state)
-        if not state.sampled_logprobs:
-            steps_without += 1
-        for rid, entry in (state.sampled_logprobs or {}).items():
-            got[rid].append(entry)
-        sched.update(plan, sampled)
-    return got, steps_without
+    for out in core.run_to_completion(reqs):
+        got[out.request_id].extend(out.logprobs or [])
+    return got
 
 
 def test_logprobs_equal_log_softmax_of_transformers_logits(loaded, make_runner, reference_model):
@@ -39,7 +28,7 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(loaded, make_runner, 
             Request("sampled", prompts[1], SamplingParams(max_tokens=10, ignore_eos=True, temperature=1.3, seed=5,
                                                           top_p=0.9, logprobs=True, top_logprobs=20)),
             Request("plain", prompts[2], SamplingParams(max_tokens=10, ignore_eos=True))]
-    got, _ = run_collecting_logprobs(make_runner(), reqs)   # chunked prefills batched with decodes
+    got = run_collecting_logprobs(make_runner(), reqs)   # chunked prefills batched with decodes
     assert got["plain"] == []
     worst = 0.0
     for r in reqs[:2]:
@@ -66,8 +55,12 @@ def test_no_request_asks_no_logprobs_work(loaded, make_runner):
     reqs = [Request(f"r{i}", loaded.tokenizer.encode("batch job " * (i + 1)), SamplingParams(max_tokens=4,
                                                                                                ignore_eos=True))
             for i in range(3)]
-    got, steps_without = run_collecting_logprobs(make_runner(), reqs)
-    assert all(v == [] for v in got.values()) and steps_without > 0
+    runner = make_runner()
+    finish, results = runner.finish, []
+    runner.finish = lambda state: results.append(finish(state)) or results[-1]
+    got = run_collecting_logprobs(runner, reqs)
+    assert all(v == [] for v in got.values())
+    assert results and all(r.logprobs == {} for r in results)
 
 
 def test_beam_logprobs_are_the_best_hypothesis_tokens_under_transformers(loaded, make_runner, reference_model):

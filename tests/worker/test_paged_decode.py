@@ -29,12 +29,12 @@ def reference(q, k_pool, v_pool, tables, lens, scale, window=0, sinks=None):
     return torch.stack(out)
 
 
-def case(dtype, heads=4, kv_heads=2, head_dim=64, block_size=16, lens=(1, 17, 300, 1000), seed=0):
+def case(dtype, heads=4, kv_heads=2, head_dim=64, block_size=16, lens=(1, 17, 300, 1000), seed=0, v_head_dim=None):
     g = torch.Generator().manual_seed(seed)
     widths = [-(-n // block_size) for n in lens]
     num_blocks = sum(widths) + 3
     k_pool = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    v_pool = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_pool = torch.randn(num_blocks, block_size, kv_heads, v_head_dim or head_dim, generator=g).to(dtype)
     order = torch.randperm(num_blocks, generator=g).tolist()  # scattered, not contiguous runs
     tables, at = [], 0
     for w in widths:
@@ -58,6 +58,40 @@ def test_decode_attention_matches_reference(monkeypatch, path, dtype, window, wi
     got = decode_attention(q, k_pool, v_pool, batch, scale, window=window, sinks=sinks)
     want = reference(q.float(), k_pool, v_pool, batch.block_tables, batch.kv_lens, scale, window, sinks)
     assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (got.double() - want).abs().max()
+
+
+@pytest.mark.parametrize("path", ["native", "gathered"])
+@pytest.mark.parametrize("head_dim,v_head_dim", [(24, 12), (40, 64)])
+def test_keys_and_values_of_different_head_sizes(monkeypatch, path, head_dim, v_head_dim):
+    if path == "native" and paged_decode.native_kernel() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(paged_decode, "uses_native", lambda pool: path == "native")
+    q, k_pool, v_pool, batch = case(torch.float32, heads=4, kv_heads=2, head_dim=head_dim, v_head_dim=v_head_dim)
+    scale = 0.3
+    got = decode_attention(q, k_pool, v_pool, batch, scale, window=100)
+    want = reference(q, k_pool, v_pool, batch.block_tables, batch.kv_lens, scale, 100)
+    assert got.shape == (q.shape[0], 4, v_head_dim)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5), (got.double() - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latent_decode_is_expanded_attention(dtype):
+    """DeepSeek-V3's decode over the cached latent (kv_b_proj absorbed) equals attention over the keys and
+    values transformers expands from it: k = [W_UK c, k_rot], v = W_UV c per head, scores scaled by `scale`."""
+    heads, nope, rope, v_dim, rank = 4, 16, 8, 12, 32
+    q, latent, k_rot, batch = case(dtype, heads=heads, kv_heads=1, head_dim=rank, v_head_dim=rope, seed=3)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(q.shape[0], heads, nope + rope, generator=g).to(dtype)
+    weight = (torch.randn(heads * (nope + v_dim), rank, generator=g) / rank ** 0.5).to(dtype)
+    scale = 0.17
+    got = paged_decode.latent_decode_attention(q, latent, k_rot, batch, scale, weight, nope)
+    w = weight.double().view(heads, nope + v_dim, rank)
+    expanded = torch.einsum("hjc,nbc->nbhj", w, latent[..., 0, :].double())       # [blocks, bs, heads, nope+v]
+    keys = torch.cat([expanded[..., :nope], k_rot.double().expand(-1, -1, heads, -1)], dim=-1)
+    want = reference(q.double(), keys, expanded[..., nope:], batch.block_tables, batch.kv_lens, scale)
+    assert got.dtype == dtype and got.shape == (q.shape[0], heads, v_dim)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (got.double() - want).abs().max()
 

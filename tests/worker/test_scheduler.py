@@ -2,6 +2,7 @@
 
 import pytest
 
+from worker.outputs import ModelRunnerOutput
 from worker.kv_blocks import BlockAllocator, OutOfBlocks
 from worker.request import FinishReason, Priority, Request, SamplingParams, Status
 from worker.scheduler import SchedulerConfig, make_scheduler
@@ -20,15 +21,15 @@ def req(rid, n_prompt, max_tokens=4, priority=BE, arrival=0.0):
 
 def fake_step(sched, ls_only=False, token=7):
     """Schedules one step and feeds back `token` for every request that samples."""
-    out = sched.schedule(ls_only=ls_only)
+    out = sched.build_step(ls_only=True) if ls_only else sched.schedule()
     sampled = {s.request.request_id: token for s in out.scheduled if s.samples}
-    sched.update(out, sampled)
+    sched.update_from_output(out, ModelRunnerOutput(sampled))
     return out
 
 
 def run_to_completion(sched, limit=1000):
     steps = 0
-    while sched.has_unfinished():
+    while sched.has_unfinished_requests():
         fake_step(sched)
         steps += 1
         assert steps < limit
@@ -105,7 +106,7 @@ def test_fcfs_preempts_latest_when_kv_runs_out_and_recomputes():
     out = fake_step(sched)
     assert out.request_ids == ["a", "b"]
     preempted = []
-    while sched.has_unfinished():
+    while sched.has_unfinished_requests():
         preempted += fake_step(sched).preempted
     assert preempted and preempted[0] == "b"
     assert b.num_preemptions >= 1
@@ -119,7 +120,7 @@ def test_admission_reserves_output_so_decodes_never_thrash():
     sched.add_request(b)
     assert fake_step(sched).request_ids == ["a"]  # b would not fit beside a's 12 tokens
     preempted = []
-    while sched.has_unfinished():
+    while sched.has_unfinished_requests():
         preempted += fake_step(sched).preempted
     assert not preempted and a.is_finished and b.is_finished
 
@@ -132,8 +133,8 @@ def test_priority_admits_ls_before_earlier_be():
     assert out.request_ids == ["ls"]
 
 
-def test_priority_preempts_running_be_for_waiting_ls():
-    sched = make("priority", max_num_seqs=1)
+def test_priority_evict_preempts_running_be_for_waiting_ls():
+    sched = make("priority-evict", max_num_seqs=1)
     be = req("be", 4, max_tokens=8)
     sched.add_request(be)
     fake_step(sched)
@@ -141,6 +142,16 @@ def test_priority_preempts_running_be_for_waiting_ls():
     out = fake_step(sched)
     assert out.preempted == ["be"] and out.request_ids == ["ls"]
     assert be.status is Status.WAITING and be.num_computed_tokens == 0
+
+
+def test_priority_is_vllm_v1s_and_never_evicts_running_be_for_waiting_ls():
+    sched = make("priority", max_num_seqs=1)
+    be = req("be", 4, max_tokens=3)
+    sched.add_request(be)
+    fake_step(sched)
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    assert [fake_step(sched).request_ids for _ in range(3)] == [["be"], ["be"], ["ls"]]
+    assert be.num_preemptions == 0
 
 
 def test_fcfs_does_not_preempt_for_ls():
@@ -162,18 +173,83 @@ def test_ls_never_preempted_for_be():
     assert ls.num_preemptions == 0
 
 
-def test_ls_only_schedule_skips_be_and_in_flight():
-    sched = make("qllm")
+def test_ls_arrival_parks_the_step_and_ls_runs_alone_before_it_resumes():
+    sched = make("qllm", ls_tpot_target_s=0)   # no decode pacing: LS decodes then ride full iterations
     assert sched.yields_at_layer_boundaries
     sched.add_request(req("be", 8, max_tokens=8))
-    be_step = sched.schedule()              # in flight (parked by the engine)
+    be_step = sched.schedule()
+    assert not sched.should_park(be_step)
     sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
     sched.add_request(req("be2", 4, arrival=2.0))
-    ls_step = sched.schedule(ls_only=True)
-    assert ls_step.request_ids == ["ls"]
-    sched.update(ls_step, {"ls": 7})
-    sched.update(be_step, {"be": 7})
+    assert sched.should_park(be_step)       # asked at a layer boundary: LS arrived since the step began
+    sched.park(be_step)
+    ls_step = sched.schedule()              # LS only: nothing in flight, no BE
+    assert ls_step.request_ids == ["ls"] and not ls_step.resumed
+    sched.update_from_output(ls_step, ModelRunnerOutput({"ls": 7}))
+    resumed = sched.schedule()              # the parked step, as it was
+    assert resumed.resumed and resumed.step_id == be_step.step_id and resumed.request_ids == ["be"]
+    sched.update_from_output(resumed, ModelRunnerOutput({"be": 7}))
     assert sched.requests["be"].num_computed_tokens == 8
+    assert sched.schedule().request_ids == ["ls", "be", "be2"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def paced(**cfg):
+    sched = make("qllm", ls_tpot_target_s=0.05, **cfg)
+    sched.clock = FakeClock()
+    sched.small_decode_step_s = 0.01
+    return sched
+
+
+def test_ls_decodes_run_in_steps_of_their_own_at_their_pace():
+    sched = paced()
+    sched.add_request(req("be", 8, max_tokens=20))
+    fake_step(sched)
+    sched.add_request(req("ls", 4, max_tokens=20, priority=LS, arrival=1.0))
+    assert fake_step(sched).request_ids == ["ls"]          # its prefill: an LS-only step
+    be_step = sched.schedule()                             # the LS token is not due: BE runs without it
+    assert be_step.request_ids == ["be"] and not sched.should_park(be_step)
+    sched.clock.now += 0.045                               # target 50 ms less the 10 ms LS step
+    assert sched.should_park(be_step)
+    sched.park(be_step)
+    ls_step = sched.schedule()
+    assert ls_step.ls_only and ls_step.request_ids == ["ls"]
+    sched.update_from_output(ls_step, ModelRunnerOutput({"ls": 7}))
+    resumed = sched.schedule()
+    assert resumed.resumed and resumed.request_ids == ["be"]
+    sched.update_from_output(resumed, ModelRunnerOutput({"be": 7}))
+    sched.clock.now += 0.045
+    assert sched.schedule().request_ids == ["ls"]           # due between steps: LS goes first
+
+
+def test_be_chunks_shrink_while_ls_streams_decode():
+    sched = paced(blocks=256, max_num_batched_tokens=512, ls_active_max_batched_tokens=128)
+    sched.add_request(req("ls", 4, max_tokens=20, priority=LS))
+    fake_step(sched)
+    sched.add_request(req("be", 300, max_tokens=4, arrival=1.0))
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("be", 128)]
+
+
+def test_ls_alone_is_never_held_back_by_pacing():
+    sched = paced()
+    sched.add_request(req("ls", 4, max_tokens=3, priority=LS))
+    assert [fake_step(sched).request_ids for _ in range(3)] == [["ls"]] * 3
+
+
+def test_without_layer_parking_nothing_is_parked():
+    sched = make("qllm", layer_parking=False)
+    sched.add_request(req("be", 8, max_tokens=8))
+    be_step = sched.schedule()
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    assert not sched.should_park(be_step)
 
 
 def test_abort_waiting_and_running_frees_blocks():
@@ -182,9 +258,9 @@ def test_abort_waiting_and_running_frees_blocks():
     sched.add_request(a)
     fake_step(sched)
     sched.add_request(b)
-    assert sched.abort("a") is a and a.finish_reason is FinishReason.CANCELLED
-    assert sched.abort("b") is b
-    assert sched.allocator.num_free_blocks == sched.allocator.num_blocks and not sched.has_unfinished()
+    assert [o.request_id for o in sched.finish_requests(["a"])] == ["a"] and a.finish_reason is FinishReason.CANCELLED
+    assert [o.finish_reason for o in sched.finish_requests(["b"])] == ["cancelled"]
+    assert sched.allocator.num_free_blocks == sched.allocator.num_blocks and not sched.has_unfinished_requests()
 
 
 def test_abort_in_flight_waits_for_step_end():
@@ -192,8 +268,8 @@ def test_abort_in_flight_waits_for_step_end():
     a = req("a", 8)
     sched.add_request(a)
     out = sched.schedule()
-    assert sched.abort("a") is None and not a.is_finished
-    sched.update(out, {"a": 7})
+    assert sched.finish_requests(["a"]) == [] and not a.is_finished
+    sched.update_from_output(out, ModelRunnerOutput({"a": 7}))
     assert a.finish_reason is FinishReason.CANCELLED
     assert sched.allocator.num_free_blocks == sched.allocator.num_blocks
 

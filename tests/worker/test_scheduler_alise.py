@@ -3,23 +3,24 @@ order, the host and int8 books balance, and vLLM V1's optimistic admission at ad
 
 import pytest
 
+from worker.outputs import ModelRunnerOutput
 from worker import kv_tiers
 from worker.kv_blocks import BlockAllocator
 from worker.request import Priority, Request, SamplingParams, Status
 from worker.scheduler import SchedulerConfig, make_scheduler
-from worker.scheduler.base import int8_owner_id
+from worker.scheduler.kv_manager import int8_owner_id
 
 LS, BE = Priority.LATENCY_SENSITIVE, Priority.BEST_EFFORT
 BS = 4
 
 
-def make(policy="priority", blocks=8, host_tokens=64, int8="off", prefill_s=1.0, **cfg):
+def make(policy="priority-evict", blocks=8, host_tokens=64, int8="off", prefill_s=1.0, **cfg):
     sched = make_scheduler(policy, SchedulerConfig(kv_policy="alise", kv_int8=int8, kv_host_budget_tokens=host_tokens,
                                                    admission_output_fraction=0.0, max_num_batched_tokens=64, **cfg),
                            BlockAllocator(blocks, BS))
-    sched.cost_model = kv_tiers.CostModel(block_bytes=1000, int8_block_bytes=260, prefill_s_per_token=prefill_s,
+    sched.kv.set_cost_model(kv_tiers.CostModel(block_bytes=1000, int8_block_bytes=260, prefill_s_per_token=prefill_s,
                                           decode_step_s=0.01, swap_out_bytes_per_s=1e9, swap_in_bytes_per_s=1e9,
-                                          quantize_bytes_per_s=1e9, dequantize_bytes_per_s=1e9)
+                                          quantize_bytes_per_s=1e9, dequantize_bytes_per_s=1e9))
     return sched
 
 
@@ -29,8 +30,8 @@ def req(rid, n_prompt, max_tokens=8, priority=BE, arrival=0.0):
 
 
 def step(sched, ls_only=False):
-    out = sched.schedule(ls_only=ls_only)
-    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+    out = sched.build_step(ls_only=True) if ls_only else sched.schedule()
+    sched.update_from_output(out, ModelRunnerOutput({s.request.request_id: 7 for s in out.scheduled if s.samples}))
     return out
 
 
@@ -53,22 +54,22 @@ def test_ls_admission_swaps_a_be_victim_and_it_resumes_with_its_progress():
     assert out.preempted and "ls" in out.request_ids
     victim = a if out.preempted == ["a"] else b
     assert victim.status is Status.WAITING and victim.num_computed_tokens == 12  # its KV is kept, not dropped
-    moves = sched.take_moves()
+    moves = sched.kv.take_moves()
     assert [m.kind for m in moves] == ["swap_out"]
     assert moves[0].block_ids == blocks_of[victim.request_id][:3] and moves[0].num_tokens == 12
-    assert sched.host_used_blocks == 3 and sched.move_counts == {"swap_out": 1}
-    sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+    assert sched.kv.host_used_blocks == 3 and sched.kv.move_counts == {"swap_out": 1}
+    sched.update_from_output(out, ModelRunnerOutput({s.request.request_id: 7 for s in out.scheduled if s.samples}))
     for _ in range(50):  # until the victim runs again: its KV is copied into its new blocks, then it decodes
         out = sched.schedule()
-        moves = sched.take_moves()
+        moves = sched.kv.take_moves()
         resumed = [s for s in out.scheduled if s.request is victim]
-        sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+        sched.update_from_output(out, ModelRunnerOutput({s.request.request_id: 7 for s in out.scheduled if s.samples}))
         if resumed:
             break
     resumed = resumed[0]
     assert resumed.start == 12 and resumed.num_tokens == 1  # the token sampled before it was swapped out
     assert [m.kind for m in moves] == ["swap_in"] and moves[0].block_ids == resumed.block_table[:3]
-    assert sched.host_used_blocks == 0 and victim.request_id not in sched.offloaded
+    assert sched.kv.host_used_blocks == 0 and victim.request_id not in sched.kv.offloaded
 
 
 def test_longest_remaining_be_is_the_victim():
@@ -87,8 +88,8 @@ def test_full_host_pool_falls_back_to_recompute():
     sched.add_request(req("ls", 12, priority=LS, arrival=2.0))
     out = sched.schedule()
     victim = a if out.preempted == ["a"] else b
-    assert victim.num_computed_tokens == 0 and sched.take_moves() == []
-    assert sched.move_counts == {"recompute": 1}
+    assert victim.num_computed_tokens == 0 and sched.kv.take_moves() == []
+    assert sched.kv.move_counts == {"recompute": 1}
 
 
 def test_int8_frees_blocks_but_charges_its_copy():
@@ -97,9 +98,9 @@ def test_int8_frees_blocks_but_charges_its_copy():
     sched.add_request(req("ls", 12, priority=LS, arrival=2.0))
     out = sched.schedule()
     victim = a if out.preempted == ["a"] else b
-    assert [m.kind for m in sched.take_moves()] == ["quantize"]
+    assert [m.kind for m in sched.kv.take_moves()] == ["quantize"]
     assert len(sched.allocator.block_table(int8_owner_id(victim.request_id))) == 1  # ceil(3 * 260 / 1000)
-    assert sched.offloaded[victim.request_id][0] is kv_tiers.Action.INT8
+    assert sched.kv.offloaded[victim.request_id][0] is kv_tiers.Action.INT8
 
 
 def test_int8_not_for_ls_under_the_be_bound():
@@ -110,7 +111,7 @@ def test_int8_not_for_ls_under_the_be_bound():
     sched.add_request(ls2)
     for _ in range(6):
         step(sched)
-    assert "quantize" not in sched.move_counts and sched.move_counts.get("recompute", 0) >= 1
+    assert "quantize" not in sched.kv.move_counts and sched.kv.move_counts.get("recompute", 0) >= 1
 
 
 def test_cancel_while_offloaded_drops_the_copy():
@@ -119,23 +120,23 @@ def test_cancel_while_offloaded_drops_the_copy():
     sched.add_request(req("ls", 12, priority=LS, arrival=2.0))
     out = sched.schedule()
     victim_id = out.preempted[0]
-    sched.take_moves()
-    sched.abort(victim_id)
-    moves = sched.take_moves()
+    sched.kv.take_moves()
+    sched.finish_requests([victim_id])
+    moves = sched.kv.take_moves()
     assert [(m.kind, m.request_id) for m in moves] == [("drop", victim_id)]
-    assert sched.host_used_blocks == 0 and not sched.offloaded
+    assert sched.kv.host_used_blocks == 0 and not sched.kv.offloaded
 
 
 def test_recompute_policy_is_unchanged():
     sched = make()
     sched.config.kv_policy = "recompute"
-    sched.alise = False
+    sched.kv.alise = False
     a, b = fill(sched)
     sched.add_request(req("ls", 12, priority=LS, arrival=2.0))
     out = sched.schedule()
     victim = a if out.preempted == ["a"] else b
     assert out.preempted == ["b"]  # priority's own victim: the latest arrival
-    assert victim.num_computed_tokens == 0 and sched.take_moves() == [] and sched.move_counts == {"recompute": 1}
+    assert victim.num_computed_tokens == 0 and sched.kv.take_moves() == [] and sched.kv.move_counts == {"recompute": 1}
 
 
 def test_fraction_zero_is_vllm_v1_optimistic_admission():

@@ -4,6 +4,7 @@ only for the detokenizing cases)."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from worker.outputs import ModelRunnerOutput
 from worker.kv_blocks import BlockAllocator
 from worker.request import FinishReason, Request, SamplingParams
 from worker.scheduler import SchedulerConfig, make_scheduler
@@ -96,10 +97,11 @@ def test_stop_ends_an_in_flight_request_when_its_step_finishes_and_pins_an_agent
     sched.add_request(turn)
     out = sched.schedule()
     # The stop string shows up in the text while the request's next step is running (or parked).
-    assert sched.abort("t", FinishReason.STOP) is None and not turn.is_finished
-    changed = sched.update(out, {"t": 7})
-    assert changed == [turn] and turn.finish_reason is FinishReason.STOP
-    assert not sched.has_unfinished()
+    assert sched.finish_requests(["t"], FinishReason.STOP) == [] and not turn.is_finished
+    outputs = sched.update_from_output(out, ModelRunnerOutput({"t": 7}))
+    assert [(o.request_id, o.finished, o.new_token_ids) for o in outputs] == [("t", True, [])]
+    assert turn.finish_reason is FinishReason.STOP
+    assert not sched.has_unfinished_requests()
     assert sched.pins.pinned_tokens == 4   # kept for the program's next turn, as a turn that ended by itself
 
 
@@ -109,8 +111,8 @@ def test_ending_a_request_between_steps_frees_its_kv(reason):
     r = Request("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=50, ignore_eos=True))
     sched.add_request(r)
     out = sched.schedule()
-    sched.update(out, {"r": 7})
-    assert sched.abort("r", reason) is r and r.finish_reason is reason
+    sched.update_from_output(out, ModelRunnerOutput({"r": 7}))
+    assert [o.request_id for o in sched.finish_requests(["r"], reason)] == ["r"] and r.finish_reason is reason
     assert sched.allocator.num_free_blocks == sched.allocator.num_blocks
 
 

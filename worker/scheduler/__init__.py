@@ -5,12 +5,13 @@ from __future__ import annotations
 from worker.kv_blocks import BlockAllocator
 from worker.scheduler.base import Scheduler, SchedulerConfig, SchedulerOutput, ScheduledRequest
 from worker.scheduler.fcfs import FcfsScheduler
-from worker.scheduler.priority import PriorityScheduler
+from worker.scheduler.priority import PriorityEvictScheduler, PriorityScheduler
 from worker.scheduler.qllm import QllmScheduler
 
 POLICIES: dict[str, type[Scheduler]] = {
     FcfsScheduler.name: FcfsScheduler,
     PriorityScheduler.name: PriorityScheduler,
+    PriorityEvictScheduler.name: PriorityEvictScheduler,
     QllmScheduler.name: QllmScheduler,
 }
 

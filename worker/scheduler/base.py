@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from worker import kv_tiers
 from worker.kv_blocks import BlockAllocator
-from worker.kv_pins import PinStore
+from worker.outputs import EngineOutput, ModelRunnerOutput
 from worker.request import FinishReason, Request, Status
+from worker.scheduler.kv_manager import KVCacheManager
+from worker.scheduler.request_queue import RequestQueue, create_request_queue
 
 
 @dataclass
@@ -25,6 +26,17 @@ class SchedulerConfig:
     # longest BE stays deferred while LS work is runnable). Beyond it the BE step resumes and the LS decodes
     # join the next full iteration.
     max_be_deferral_steps: int = 1
+    # qllm: park a running step at layer boundaries when LS work arrives (QLLM's preemption), and give LS
+    # work that arrives between steps a step of its own; each can be switched off to measure what it buys.
+    layer_parking: bool = True
+    ls_only_steps: bool = True
+    # qllm: LS decode pacing. The time an LS stream may wait for its next token, in seconds: once one is due,
+    # a running BE step parks at the next layer boundary and an LS-only decode step runs. -1: 1.5 x the
+    # measured LS-only decode step (the idle floor's token time); 0: off (LS decodes ride full iterations).
+    ls_tpot_target_s: float = -1.0
+    # qllm: the token budget of a full iteration while LS streams decode beside it (BE prefill chunks shrink,
+    # as Sarathi-Serve's stall-free budget, so a layer of a BE step is short enough to park in time).
+    ls_active_max_batched_tokens: int = 128
     # qllm: KV tokens and running slots that BE admission leaves free for LS work, so an arriving LS request
     # finds room without preempting (and recomputing) a BE request.
     ls_reserved_kv_tokens: int = 1024
@@ -45,34 +57,17 @@ class SchedulerConfig:
     kv_host_budget_tokens: int = 65536
 
 
-KV_POLICIES = ("recompute", "alise")
-
-
-@dataclass
-class KVMove:
-    """A copy the engine must make before the next step runs (the scheduler itself never touches torch).
-
-    kind: swap_out / quantize (the victim's blocks, about to be reused), swap_in / dequantize (into the
-    request's new blocks), drop (forget a host or int8 copy: the request ended while offloaded).
-    """
-
-    kind: str
-    request_id: str
-    block_ids: list[int]
-    num_tokens: int
-
-
-def int8_owner_id(request_id: str) -> str:
-    """The allocator table that charges an int8 copy's bytes against the KV budget."""
-    return "\0int8:" + request_id
-
-
 @dataclass
 class ScheduledRequest:
     request: Request
     start: int              # num_computed_tokens when scheduled: position of the first new token
     num_tokens: int         # tokens this step computes
     block_table: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        """One token past the start: it runs as a decode row (attention over its cached KV in place)."""
+        return self.num_tokens == 1 and self.start > 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -90,8 +85,15 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
+    """One step's plan. Decode rows come first, then prefill chunks: the order the runner lays rows out in."""
+
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    step_id: int = 0
+    # A parked step the engine resumes at its next layer (its requests were scheduled when it began).
+    resumed: bool = False
+    ls_only: bool = False
+    scheduled_at: float = 0.0     # the scheduler's clock when the step was built
 
     @property
     def num_tokens(self) -> int:
@@ -109,48 +111,55 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
+def finished_output(req: Request, new: list[int], logprobs: list | None = None) -> EngineOutput:
+    beams = None
+    if req.beam is not None and req.beam.done:
+        beams = [(h.tokens, h.score) for h in req.beam.ranked()]
+    return EngineOutput(req.request_id, new, finished=True,
+                        finish_reason=req.finish_reason.value if req.finish_reason else "",
+                        num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+                        cached_prompt_tokens=req.num_cached_tokens, beams=beams, logprobs=logprobs,
+                        stop_token_id=req.stop_token_id)
+
+
 class Scheduler:
-    """Iteration-level scheduler; subclasses set the order and the preemption victim."""
+    """Iteration-level scheduler; subclasses set the order and the preemption victim.
+
+    The interface the engine core uses: add_request, schedule, update_from_output, finish_requests,
+    has_unfinished_requests, fail_all; and, for policies that yield inside a step, should_park and park.
+    """
 
     name = "base"
-    # Whether the engine checks for waiting LS work at every decoder-layer boundary (QLLM).
+    # Waiting-queue order (worker/scheduler/request_queue.py).
+    queue_ordering = "fcfs"
+    # Whether a running step may be parked at a decoder-layer boundary (QLLM); the engine then asks
+    # should_park() at every boundary.
     yields_at_layer_boundaries = False
 
     def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
         self.config = config
-        self.allocator = allocator
-        self.waiting: list[Request] = []
+        self.kv = KVCacheManager(allocator, config.kv_policy, config.kv_int8, config.kv_host_budget_tokens,
+                                 config.provisional_pin_s)
+        self.waiting: RequestQueue = create_request_queue(self.queue_ordering)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        # Requests inside a step that has started but not finished (a paused step included): the scheduler
-        # must not touch their progress or blocks until the step's update arrives.
+        # Requests inside a step that has started but not finished (a parked step included): the scheduler
+        # must not touch their progress or blocks until the step's output arrives.
         self.in_flight: set[str] = set()
         # Requests ended while in a step (cancelled, or stopped at a stop string): how they end when it finishes.
         self._cancel_pending: dict[str, FinishReason] = {}
-        self.num_preemptions = 0
-        self.pins = PinStore(allocator, config.provisional_pin_s)
-        # ALISE (config.kv_policy == "alise"): offloaded requests, the host pool's books in blocks, the moves
-        # the engine has yet to make, and the cost model the engine keeps measured.
-        if config.kv_policy not in KV_POLICIES:
-            raise ValueError(f"kv_policy: expected one of {', '.join(KV_POLICIES)}, got {config.kv_policy!r}")
-        self.alise = config.kv_policy == "alise"
-        if config.kv_int8 not in [q.value for q in kv_tiers.QualityBound]:
-            raise ValueError(f"kv_int8: expected one of off, be, all, got {config.kv_int8!r}")
-        self.quality = kv_tiers.QualityBound(config.kv_int8)
-        self.offloaded: dict[str, tuple[kv_tiers.Action, int]] = {}   # request -> (tier, blocks)
-        self.host_capacity_blocks = max(0, config.kv_host_budget_tokens // allocator.block_size)
-        self.host_used_blocks = 0
-        self.kv_moves: list[KVMove] = []
-        self.move_counts: dict[str, int] = {}
-        self.cost_model = kv_tiers.CostModel(
-            block_bytes=allocator.block_size * 8192, int8_block_bytes=allocator.block_size * 2176,
-            prefill_s_per_token=1e-4, decode_step_s=0.02, swap_out_bytes_per_s=2e9, swap_in_bytes_per_s=2e9,
-            quantize_bytes_per_s=5e8, dequantize_bytes_per_s=5e8)  # priors; the engine replaces them
+        self._step_ids = 0
+        self.clock = time.monotonic
+
+    @property
+    def allocator(self) -> BlockAllocator:
+        return self.kv.allocator
+
+    @property
+    def pins(self):
+        return self.kv.pins
 
     # --- policy hooks -------------------------------------------------------------------------------
-    def waiting_key(self, req: Request):
-        return (req.arrival_time,)
-
     def running_order(self) -> list[Request]:
         return list(self.running)
 
@@ -158,8 +167,11 @@ class Scheduler:
         """The running request to preempt when KV blocks are short (vLLM fcfs: the latest admitted)."""
         return candidates[-1] if candidates else None
 
+    def may_preempt(self, victim: Request, for_req: Request) -> bool:
+        return True
+
     def make_room(self, output: SchedulerOutput) -> None:
-        """Called at the start of each schedule; priority policies preempt BE here for waiting LS."""
+        """Called at the start of each schedule; a policy may preempt running work here for waiting work."""
 
     def reserved_tokens(self, req: Request) -> int:
         """The KV a request is expected to need in all: its prompt and a share of its output budget."""
@@ -195,45 +207,64 @@ class Scheduler:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         req.status = Status.WAITING
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        self.waiting.add(req)
 
-    def has_unfinished(self) -> bool:
+    def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
     def has_waiting_ls(self) -> bool:
         return any(r.is_ls for r in self.waiting)
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request | None:
-        """Ends a request early (cancelled, or STOP at a stop string seen in its text); frees its KV now, or when
-        its in-flight step ends (a STOP agent turn is pinned as one that ended by itself). Returns it if
-        finished now."""
-        req = self.requests.get(request_id)
-        if req is None or req.is_finished:
-            return None
-        if request_id in self.in_flight:
-            self._cancel_pending.setdefault(request_id, reason)
-            return None
-        self._finish(req, reason)
-        return req
+    def finish_requests(self, request_ids, reason: FinishReason = FinishReason.CANCELLED) -> list[EngineOutput]:
+        """Ends requests early (cancelled, or STOP at a stop string seen in their text): their KV is freed now,
+        or when their in-flight step ends (a STOP agent turn is then pinned as one that ended by itself).
+        Returns the final outputs of those that finished now."""
+        outputs = []
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is None or req.is_finished:
+                continue
+            if request_id in self.in_flight:
+                self._cancel_pending.setdefault(request_id, reason)
+                continue
+            self._finish(req, reason)
+            outputs.append(finished_output(req, []))
+        return outputs
 
-    def fail_all(self) -> list[Request]:
+    def fail_all(self) -> list[EngineOutput]:
         """Ends every request with ERROR and frees all KV: what the engine does after a step failed, so one
         bad step costs the requests it held, never the worker."""
         failed = list(self.requests.values())
         for req in failed:
             self._finish(req, FinishReason.ERROR)
         self.pins.release_all("error")
+        self.kv.take_moves()
         self.in_flight.clear()
         self._cancel_pending.clear()
-        return failed
+        return [finished_output(req, []) for req in failed]
 
     # --- scheduling -----------------------------------------------------------------------------------
-    def schedule(self, ls_only: bool = False) -> SchedulerOutput:
-        out = SchedulerOutput()
+    def schedule(self) -> SchedulerOutput:
+        """The next step to run (empty when there is nothing to do)."""
+        return self.build_step()
+
+    def should_park(self, plan: SchedulerOutput) -> bool:
+        """Asked at each layer boundary of a running step when the policy yields inside steps."""
+        return False
+
+    def park(self, plan: SchedulerOutput) -> None:
+        raise RuntimeError(f"policy {self.name!r} does not park steps")
+
+    def build_step(self, ls_only: bool = False, skip_running_ls: bool = False,
+                   budget: int | None = None) -> SchedulerOutput:
+        """A new step: running requests first (decodes, prefill chunks under the token budget), then waiting
+        ones admitted in queue order. ls_only: LS requests only (nothing in flight is touched);
+        skip_running_ls: leave running LS requests to steps of their own."""
+        out = SchedulerOutput(ls_only=ls_only, scheduled_at=self.clock())
         if self.pins:
             self.pins.expire()
         self.make_room(out)
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens if budget is None else budget
         scheduled_ids: set[str] = set()
         preempted_now = False
         for req in self.running_order():
@@ -241,7 +272,7 @@ class Scheduler:
                 break
             if req.request_id in self.in_flight or req.status is not Status.RUNNING:
                 continue
-            if ls_only and not req.is_ls:
+            if (ls_only and not req.is_ls) or (skip_running_ls and req.is_ls):
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
@@ -253,7 +284,7 @@ class Scheduler:
                 candidates = [r for r in self.running if r.request_id not in scheduled_ids
                               and r.request_id not in self.in_flight and r is not req]
                 victim = self.choose_victim(candidates)
-                if victim is None or not self._may_preempt(victim, req):
+                if victim is None or not self.may_preempt(victim, req):
                     victim = req
                 self._preempt(victim, out)
                 preempted_now = True
@@ -266,8 +297,7 @@ class Scheduler:
             budget -= n
         # Admit waiting requests, unless this step had to preempt (the cache is full).
         if not preempted_now:
-            self.waiting.sort(key=self.waiting_key)
-            for req in list(self.waiting):
+            for req in self.waiting:
                 if budget <= 0:
                     break
                 if ls_only and not req.is_ls:
@@ -295,12 +325,13 @@ class Scheduler:
                 self.running.append(req)
                 out.scheduled.append(self._schedule_one(req, n))
                 budget -= n
+        out.scheduled.sort(key=lambda s: not s.is_decode)  # decode rows first (stable)
         for s in out.scheduled:
             self.in_flight.add(s.request.request_id)
+        if out.scheduled:
+            self._step_ids += 1
+            out.step_id = self._step_ids
         return out
-
-    def _may_preempt(self, victim: Request, for_req: Request) -> bool:
-        return True
 
     def _evict_pins_while(self, blocked, reason: str, keep: str = "") -> None:
         """Frees pins, least worth keeping first (never `keep`'s, the program about to use it), while
@@ -324,148 +355,72 @@ class Scheduler:
         return req.num_computed_tokens + n
 
     def _schedule_one(self, req: Request, n: int) -> ScheduledRequest:
-        if req.request_id in self.offloaded and self.offloaded[req.request_id][0] is kv_tiers.Action.INT8:
-            self.allocator.free(int8_owner_id(req.request_id))  # the copy is about to become blocks again
-        table = self.allocator.allocate(req.request_id, self._kv_tokens(req, n),
-                                        expected_tokens=self.reserved_tokens(req))
-        if req.request_id in self.offloaded:
-            self._restore(req, table)
-        return ScheduledRequest(req, req.num_computed_tokens, n, list(table))
+        table = self.kv.allocate(req, self._kv_tokens(req, n), self.reserved_tokens(req))
+        return ScheduledRequest(req, req.num_computed_tokens, n, table)
 
     def choose_victim(self, candidates: list[Request]) -> Request | None:
-        """The policy's victim (pick_victim), or under alise kv_tiers' (class, then longest remaining time,
-        keeping one that would be back before its KV finished moving)."""
-        if not self.alise or not candidates:
-            return self.pick_victim(candidates)
-        by_id = {r.request_id: r for r in candidates}
-        cands = [self._candidate(r) for r in candidates]
-        plan = kv_tiers.plan_evictions(cands, 1, self.cost_model, self._host_free_bytes(), self.quality)
-        return by_id[plan[0].request_id] if plan else self.pick_victim(candidates)
-
-    def _candidate(self, req: Request) -> kv_tiers.Candidate:
-        cls = kv_tiers.VictimClass.LS if req.is_ls else kv_tiers.VictimClass.BE
-        return kv_tiers.Candidate(req.request_id, cls, self._computed_blocks(req), req.num_computed_tokens,
-                                  req.expected_remaining_tokens,
-                                  order_key=req.order_key, arrival_time=req.arrival_time)
-
-    def _computed_blocks(self, req: Request) -> int:
-        return self.allocator.blocks_needed(req.num_computed_tokens)
-
-    def _host_free_bytes(self) -> int:
-        return (self.host_capacity_blocks - self.host_used_blocks) * self.cost_model.block_bytes
-
-    def _add_move(self, kind: str, req: Request, block_ids: list[int]) -> None:
-        self.kv_moves.append(KVMove(kind, req.request_id, list(block_ids), req.num_computed_tokens))
-        self.move_counts[kind] = self.move_counts.get(kind, 0) + 1
-
-    def take_moves(self) -> list[KVMove]:
-        """The copies to make before the next step, in order (a swap-out before any reuse of its blocks)."""
-        moves, self.kv_moves = self.kv_moves, []
-        return moves
-
-    def _offload(self, req: Request) -> bool:
-        """alise: moves a victim's KV to the host pool or to int8 per the cost model; False = recompute."""
-        if not self.alise or req.beam is not None or req.num_computed_tokens == 0:
-            return False
-        decision = kv_tiers.choose_action(self._candidate(req), self.cost_model, self._host_free_bytes(),
-                                          self.quality)
-        n = self._computed_blocks(req)
-        blocks = self.allocator.block_table(req.request_id)[:n]
-        if decision.action is kv_tiers.Action.SWAP:
-            self._add_move("swap_out", req, blocks)
-            self.host_used_blocks += n
-        elif decision.action is kv_tiers.Action.INT8:
-            self._add_move("quantize", req, blocks)
-        else:
-            return False
-        self.allocator.free(req.request_id)
-        if decision.action is kv_tiers.Action.INT8:  # its compact copy stays charged against the budget
-            retained = self.cost_model.int8_retained_blocks(n)
-            self.allocator.allocate(int8_owner_id(req.request_id), retained * self.allocator.block_size)
-        self.offloaded[req.request_id] = (decision.action, n)
-        return True
-
-    def _restore(self, req: Request, table: list[int]) -> None:
-        """An offloaded request runs again: its KV comes back into the first blocks of its new table."""
-        action, n = self.offloaded.pop(req.request_id)
-        if action is kv_tiers.Action.SWAP:
-            self._add_move("swap_in", req, table[:n])
-            self.host_used_blocks -= n
-        else:
-            self._add_move("dequantize", req, table[:n])
-
-    def _forget_offloaded(self, req: Request) -> None:
-        entry = self.offloaded.pop(req.request_id, None)
-        if entry is None:
-            return
-        action, n = entry
-        self.kv_moves.append(KVMove("drop", req.request_id, [], 0))
-        if action is kv_tiers.Action.SWAP:
-            self.host_used_blocks -= n
-        else:
-            self.allocator.free(int8_owner_id(req.request_id))
+        """The KV manager's victim under alise, else the policy's (pick_victim)."""
+        return self.kv.choose_victim(candidates) or self.pick_victim(candidates)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preemption: recompute-style (vLLM V1: drop the KV, keep the tokens, requeue), or under alise the
         KV may instead go to the host pool or to int8 and come back when the request runs again."""
-        if self._offload(req):
-            self.running.remove(req)
-            req.status = Status.WAITING
-            req.num_preemptions += 1
-            self.num_preemptions += 1
-            self.waiting.append(req)
-            out.preempted.append(req.request_id)
-            return
-        if req.num_computed_tokens:
-            self.move_counts["recompute"] = self.move_counts.get("recompute", 0) + 1
-        self.allocator.free(req.request_id)
+        if not self.kv.offload(req):
+            self.kv.drop(req)
+            req.num_computed_tokens = 0
+            if req.beam is not None:  # the beams' KV is gone: the search restarts (deterministically) after prefill
+                req.beam.reset()
+                req.output_token_ids.clear()
         self.running.remove(req)
-        req.num_computed_tokens = 0
-        if req.beam is not None:  # the beams' KV is gone: the search restarts (deterministically) after prefill
-            req.beam.reset()
-            req.output_token_ids.clear()
         req.status = Status.WAITING
         req.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.append(req)
+        self.waiting.add(req)
         out.preempted.append(req.request_id)
 
     # --- results --------------------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Applies a finished step: progress, sampled tokens, finishing. Returns requests with news."""
-        changed: list[Request] = []
-        for s in output.scheduled:
+    def update_from_output(self, plan: SchedulerOutput, output: ModelRunnerOutput) -> list[EngineOutput]:
+        """Applies a finished step: progress, sampled tokens, finishing. Returns what to stream back."""
+        outputs: list[EngineOutput] = []
+        sampled = output.sampled
+        now = self.clock()
+        for s in plan.scheduled:
             req = s.request
             rid = req.request_id
             self.in_flight.discard(rid)
             if rid in self._cancel_pending:
                 req.num_computed_tokens = s.start + s.num_tokens   # written: an agent turn's pin keeps it
                 self._finish(req, self._cancel_pending.pop(rid))
-                changed.append(req)
+                outputs.append(finished_output(req, []))
                 continue
             if req.is_finished:
                 continue
             req.num_computed_tokens = s.start + s.num_tokens
             token = sampled.get(rid)
-            if token is not None:
-                req.append_token(token)
-                if req.is_finished:
-                    self._release(req)
-                changed.append(req)
-        return changed
+            if token is None:
+                continue
+            req.append_token(token)
+            req.last_token_time = now
+            if req.beam is None:
+                new = [token]
+                logprobs = [output.logprobs[rid]] if rid in output.logprobs else None
+            else:  # beams stream nothing until the search ends, then the best sequence
+                new = list(req.output_token_ids) if req.is_finished else []
+                logprobs = req.beam.best().logprobs if new and req.sampling.logprobs else None
+            if req.is_finished:
+                self._release(req)
+                outputs.append(finished_output(req, new, logprobs))
+            elif new:
+                outputs.append(EngineOutput(rid, new, num_prompt_tokens=req.num_prompt_tokens,
+                                            num_output_tokens=len(req.output_token_ids),
+                                            cached_prompt_tokens=req.num_cached_tokens, logprobs=logprobs))
+        return outputs
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.finish(reason)
         self._release(req)
 
     def _release(self, req: Request) -> None:
-        self._forget_offloaded(req)
-        if req.keeps_kv_for_next_turn:
-            self.pins.retain(req.program_id, req.request_id, req.all_token_ids[:req.num_computed_tokens])
-        else:
-            self.allocator.free(req.request_id)
-            if req.program_id and req.last_turn:
-                self.pins.release(req.program_id, "last_turn")
+        self.kv.release(req)
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:

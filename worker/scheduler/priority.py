@@ -1,38 +1,31 @@
-"""`priority`: iteration-level priority (vLLM's --scheduling-policy priority).
+"""`priority`: iteration-level priority exactly as vLLM V1's `--scheduling-policy priority`, and
+`priority-evict`, which also evicts running BE for waiting LS.
 
-LS requests are admitted first at the next iteration; when slots or KV blocks are short, running BE
-requests are preempted (recompute) to make room for waiting LS work. Within a class the order is the
-request's order_key (arrival, or a predicted rank the router sets), then arrival.
+`priority` (vLLM V1): the waiting queue is ordered by class (LS first), then the request's order_key (arrival,
+or a predicted rank the router sets), then arrival; running requests are served in admission order; when a
+running request's next tokens do not fit in the KV cache, the lowest-class, latest-arriving running request
+is preempted (recompute); a waiting request is admitted only when slots and blocks are free.
+
+`priority-evict` also preempts running BE at the start of an iteration to make room for waiting LS work, and
+serves running requests LS first: an LS request never waits for BE to finish. QLLM builds on it.
 """
 
 from __future__ import annotations
 
 from worker.request import Request
 from worker.scheduler.base import Scheduler, SchedulerOutput
-
-
-def class_key(req: Request):
-    # Within a class: the router's order key (ltr score), then, where the predictor estimated the length
-    # (speculative), the least expected work left first (it shrinks as a preempted request's tokens came),
-    # then arrival.
-    left = req.expected_remaining_tokens if req.predicted_output_tokens else 0
-    return (0 if req.is_ls else 1, req.order_key, left, req.arrival_time)
+from worker.scheduler.request_queue import class_key
 
 
 class PriorityScheduler(Scheduler):
     name = "priority"
-
-    def waiting_key(self, req: Request):
-        return class_key(req)
-
-    def running_order(self) -> list[Request]:
-        return sorted(self.running, key=class_key)
+    queue_ordering = "priority"
 
     def pick_victim(self, candidates: list[Request]) -> Request | None:
         # Lowest class first, then the one that arrived last (it has the least sunk work to lose).
         return max(candidates, key=lambda r: (not r.is_ls, r.arrival_time), default=None)
 
-    def _may_preempt(self, victim: Request, for_req: Request) -> bool:
+    def may_preempt(self, victim: Request, for_req: Request) -> bool:
         # An LS request is never preempted for a BE one.
         return not (victim.is_ls and not for_req.is_ls)
 
@@ -44,9 +37,17 @@ class PriorityScheduler(Scheduler):
                     and self.allocator.can_allocate(req.request_id, self._kv_tokens(req, num_tokens)))
         return super().can_admit(req, num_tokens)
 
+
+
+class PriorityEvictScheduler(PriorityScheduler):
+    name = "priority-evict"
+
+    def running_order(self) -> list[Request]:
+        return sorted(self.running, key=class_key)
+
     def make_room(self, output: SchedulerOutput) -> None:
         """Preempts running BE (lowest class, latest arrival first) until waiting LS work can be admitted."""
-        waiting_ls = sorted((r for r in self.waiting if r.is_ls), key=class_key)
+        waiting_ls = [r for r in self.waiting if r.is_ls]
         budget = self.config.max_num_batched_tokens
         for req in waiting_ls:
             n = min(req.num_tokens - req.num_computed_tokens, budget)

@@ -1,24 +1,112 @@
 """`qllm`: priority scheduling plus preemption at decoder-layer boundaries (QLLM).
 
-Between iterations it behaves as `priority`. Inside an iteration, the engine asks at every decoder-layer
-boundary whether LS work has arrived; if so the running step is parked after layer k (hidden states,
-positions, layout and the KV written so far stay as they are), LS-only steps run (the new LS prefill first;
-a later LS arrival parks that one too, so preemption nests), and the parked step resumes at layer k+1 with
-no recomputation. `SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run before a
-parked BE step resumes; after it the LS decodes join the next full iteration alongside BE.
+Between iterations it behaves as `priority-evict`. Inside an iteration the engine asks at every decoder-layer
+boundary whether the running step should yield (should_park); it does when LS work arrived since the step
+began. The engine then parks the step after layer k (hidden states, positions, layout and the KV written so
+far stay as they are) and schedules again: LS-only steps run (the new LS prefill first; a later LS arrival
+parks that one too, so preemption nests), and the parked step resumes at layer k+1 with no recomputation.
+`SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run before a parked BE step resumes;
+after it the LS decodes join the next full iteration alongside BE.
 
 BE admission also leaves `ls_reserved_kv_tokens` of KV and `ls_reserved_slots` running slots free, so an
 LS request normally starts without preempting BE at all: iteration-level preemption drops a BE request's
 KV and recomputes it later, which is exactly the BE throughput QLLM sets out to keep.
 """
 
+from __future__ import annotations
+
+import dataclasses
+
+from worker.outputs import EngineOutput, ModelRunnerOutput
 from worker.request import Request
-from worker.scheduler.priority import PriorityScheduler
+from worker.scheduler.base import SchedulerOutput
+from worker.scheduler.priority import PriorityEvictScheduler
 
 
-class QllmScheduler(PriorityScheduler):
+class QllmScheduler(PriorityEvictScheduler):
     name = "qllm"
     yields_at_layer_boundaries = True
+    # Decode-only steps of at most this many rows time the LS token (the idle floor's decode step).
+    SMALL_DECODE_ROWS = 8
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parked: list[SchedulerOutput] = []       # a stack: the latest parked resumes first
+        self._ls_arrived = False                      # since the last schedule
+        self._ls_only_steps = 0                       # while a parked step waits
+        self.small_decode_step_s = 0.02               # a prior until the first measurement
+
+    @property
+    def pacing(self) -> bool:
+        return self.config.ls_tpot_target_s != 0
+
+    @property
+    def ls_tpot_target_s(self) -> float:
+        target = self.config.ls_tpot_target_s
+        return target if target > 0 else 1.5 * self.small_decode_step_s
+
+    def add_request(self, req: Request) -> None:
+        super().add_request(req)
+        if req.is_ls:
+            self._ls_arrived = True
+
+    def ls_due(self, now: float) -> bool:
+        """Whether a running LS request waits for a step now: its next token is due (it may wait the target
+        less the LS step that produces it), or it is still prefilling."""
+        wait = self.ls_tpot_target_s - self.small_decode_step_s
+        for r in self.running:
+            if r.is_ls and r.request_id not in self.in_flight and (
+                    r.last_token_time is None or now - r.last_token_time >= wait):
+                return True
+        return False
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        now = self.clock()
+        fresh_ls, self._ls_arrived = self._ls_arrived, False
+        due = self.pacing and self.ls_due(now)
+        # LS work that arrived since the last look always gets an LS-only step first (nested preemption), as
+        # does an LS stream whose token is due; otherwise LS-only steps run while a parked step has been
+        # deferred fewer steps than allowed.
+        if self.parked and (fresh_ls or due or self._ls_only_steps < cfg.max_be_deferral_steps):
+            plan = self.build_step(ls_only=True)
+            if plan:
+                self._ls_only_steps += 1
+                return plan
+        if self.parked:
+            return dataclasses.replace(self.parked.pop(), resumed=True)
+        if (cfg.ls_only_steps and self.has_waiting_ls()) or due:
+            # LS work that arrived between steps gets a step of its own too, rather than riding a full
+            # iteration with BE prefill chunks.
+            plan = self.build_step(ls_only=True)
+            if plan:
+                return plan
+        if self.pacing and any(r.is_ls for r in self.running):
+            # Running LS streams decode in LS-only steps at their own pace; BE iterations beside them take a
+            # smaller token budget, so that they park in time.
+            plan = self.build_step(skip_running_ls=True,
+                                   budget=min(cfg.max_num_batched_tokens, cfg.ls_active_max_batched_tokens))
+            return plan or self.build_step(ls_only=True)
+        return self.build_step()
+
+    def should_park(self, plan: SchedulerOutput) -> bool:
+        if not self.config.layer_parking:
+            return False
+        if self._ls_arrived:
+            return True
+        return self.pacing and plan.has_best_effort and self.ls_due(self.clock())
+
+    def park(self, plan: SchedulerOutput) -> None:
+        self.parked.append(plan)
+
+    def update_from_output(self, plan: SchedulerOutput, output: ModelRunnerOutput) -> list[EngineOutput]:
+        if not self.parked:
+            self._ls_only_steps = 0
+        if (not plan.resumed and len(plan.scheduled) <= self.SMALL_DECODE_ROWS
+                and all(s.is_decode for s in plan.scheduled)):
+            seconds = self.clock() - plan.scheduled_at
+            self.small_decode_step_s += 0.2 * (seconds - self.small_decode_step_s)
+        return super().update_from_output(plan, output)
 
     def can_admit(self, req: Request, num_tokens: int) -> bool:
         if not super().can_admit(req, num_tokens):
@@ -32,3 +120,7 @@ class QllmScheduler(PriorityScheduler):
         reserve = min(cfg.ls_reserved_kv_tokens, self.allocator.capacity_tokens // 8)
         left = self.headroom_blocks() - self.admission_blocks(req, num_tokens)
         return left * self.allocator.block_size >= reserve
+
+    def fail_all(self) -> list[EngineOutput]:
+        self.parked.clear()
+        return super().fail_all()
