@@ -1,5 +1,5 @@
-"""The request contract that router, worker and tests share: the priority class and its labels, and the pure
-rules on a request's fields (bounds in qllm/limits.py). One place, so the two services cannot drift.
+"""The request contract that router, worker and tests share: the bounds on a request's fields, the pure rules
+on them, and the priority class and its labels. One place, so the two services cannot drift.
 
 Each check raises InvalidField naming the field, e.g. `top_logprobs: must be at most 20`. The router runs
 them on every GenerateRequest before anything is queued (router/validation.py adds what only it knows:
@@ -14,9 +14,23 @@ import enum
 import math
 from typing import Collection, Sequence
 
-from qllm.limits import (MAX_ABS_LENGTH_PENALTY, MAX_MESSAGES, MAX_PATIENCE, MAX_ROLE_CHARS, MAX_STOP_STRING_CHARS,
-                         MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS)
 from qllm.v1 import common_pb2
+
+# Beam search: gen_len ** length_penalty must stay a finite, non-zero float for any output length.
+MAX_ABS_LENGTH_PENALTY = 100.0
+# Finished candidates to collect = round(num_beams * patience); past this the search is just max_tokens.
+MAX_PATIENCE = 1000.0
+
+# Stop strings: how many, and how long each. The worker holds back up to the longest one's length - 1
+# characters of text until they cannot start a match, so a long stop string delays streamed text.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+# Alternatives per generated token (OpenAI's and vLLM's bound).
+MAX_TOP_LOGPROBS = 20
+# Chat turns in one request (their content also counts against the prompt-bytes limit).
+MAX_MESSAGES = 1024
+MAX_ROLE_CHARS = 64
 
 INPUT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from qllm import limits as field_limits
+from qllm import contract
 from qllm.contract import Priority
 from qllm.security import Tenant
 from qllm.v1 import router_pb2
@@ -19,11 +19,11 @@ def model_info(workers: Sequence, limits: Limits, tenant: Tenant, max_be_queue: 
     described = [w for w in workers if w.info is not None]
     first = next((w.info for w in described if w.healthy), described[0].info if described else None)
     info = router_pb2.ModelInfo(limits=router_pb2.RequestLimits(
-        max_prompt_bytes=limits.max_prompt_bytes, max_messages=field_limits.MAX_MESSAGES,
-        max_beams=limits.max_beams, max_patience=field_limits.MAX_PATIENCE,
-        max_abs_length_penalty=field_limits.MAX_ABS_LENGTH_PENALTY,
-        max_stop_strings=field_limits.MAX_STOP_STRINGS, max_stop_string_chars=field_limits.MAX_STOP_STRING_CHARS,
-        max_stop_token_ids=field_limits.MAX_STOP_TOKEN_IDS, max_top_logprobs=field_limits.MAX_TOP_LOGPROBS,
+        max_prompt_bytes=limits.max_prompt_bytes, max_messages=contract.MAX_MESSAGES,
+        max_beams=limits.max_beams, max_patience=contract.MAX_PATIENCE,
+        max_abs_length_penalty=contract.MAX_ABS_LENGTH_PENALTY,
+        max_stop_strings=contract.MAX_STOP_STRINGS, max_stop_string_chars=contract.MAX_STOP_STRING_CHARS,
+        max_stop_token_ids=contract.MAX_STOP_TOKEN_IDS, max_top_logprobs=contract.MAX_TOP_LOGPROBS,
         default_priority=limits.default_priority, max_be_queue=max_be_queue,
         tenant_priorities=[p for p in Priority if tenant.may_use(p.label)],
         tenant_requests_per_s=tenant.rate_limit.requests_per_s if tenant.rate_limit else 0.0,

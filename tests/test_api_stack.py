@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from qllm import serving
 from qllm.client import Client, QLLMError
-from qllm.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from qllm.contract import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from qllm.security import hash_key
 from qllm.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router import server as router_server
