@@ -48,7 +48,7 @@ CASES = [
     ({"request_id": "r" * 256}, "OK", ""),
 ]
 # Beam search with extreme patience or length_penalty: these once overflowed gen_len ** length_penalty inside a
-# shared step; they are refused up front (qllm/limits.py), so neither the request nor its neighbours fail.
+# shared step; they are refused up front (qllm/contract.py), so neither the request nor its neighbours fail.
 BEAM_CASES = [
     ({"num_beams": 2, "length_penalty": 3e38}, "INVALID_ARGUMENT", "length_penalty"),
     ({"num_beams": 2, "length_penalty": -3e38}, "INVALID_ARGUMENT", "length_penalty"),

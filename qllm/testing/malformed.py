@@ -13,11 +13,12 @@ from grpc_health.v1 import health_pb2
 
 from qllm.testing.fleet import LS, Fleet, LoopThread, StreamRecord, run_stream
 from qllm.v1 import router_pb2
+from router.validation import Limits
 
-# Where the values drawn below cross a limit (router/validation.py's defaults, the embedded model's context).
-MAX_PROMPT_BYTES = 1 << 20
-MAX_CONTEXT = 4096
-MAX_BEAMS = 8
+# Where the values drawn below cross a limit (the router's defaults; the embedded model's context is the same).
+MAX_PROMPT_BYTES = Limits().max_prompt_bytes
+MAX_CONTEXT = Limits().max_context
+MAX_BEAMS = Limits().max_beams
 
 
 def base_request(**fields) -> dict:
