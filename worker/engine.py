@@ -5,6 +5,7 @@ outputs from the core thread back to its consumer."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from worker import beam
@@ -24,6 +25,15 @@ class RequestRejected(Exception):
         self.message = message
 
 
+@dataclass
+class _Stream:
+    """One running request on the asyncio side: its outputs as they come, and how its consumer ended it on
+    purpose (a stop string in its text), if it did."""
+
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    ending: FinishReason | None = None
+
+
 class AsyncEngine:
     """The asyncio side: checks a request's invariants, submits it to the core, streams its outputs."""
 
@@ -35,9 +45,7 @@ class AsyncEngine:
         self.config = config
         self.core = EngineCore(runner, config, self._on_outputs)
         self.vocab_size = runner.model.config.vocab_size
-        self._streams: dict[str, asyncio.Queue] = {}
-        # Requests their consumer ended on purpose (a stop string in their text): how the core ends them.
-        self._ending: dict[str, FinishReason] = {}
+        self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -53,9 +61,9 @@ class AsyncEngine:
 
     def _dispatch(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:
-            queue = self._streams.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(out)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -107,33 +115,32 @@ class AsyncEngine:
                       predicted_output_tokens=predicted_output_tokens)
         if sampling.num_beams > 1:
             req.beam = self.new_beam_search(req)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        stream = self._streams[request_id] = _Stream()
         finished = False
         self.core.submit(req)
         try:
             while True:
-                out = await queue.get()
+                out = await stream.queue.get()
                 finished = out.finished
                 yield out
                 if finished:
                     return
         finally:
             self._streams.pop(request_id, None)
-            ending = self._ending.pop(request_id, None)
             if not finished:
-                if ending is None:
+                if stream.ending is None:
                     self.core.cancel(request_id)
                 else:
-                    self.core.end(request_id, ending)
+                    self.core.end(request_id, stream.ending)
 
     def end_early(self, request_id: str, reason: FinishReason = FinishReason.STOP) -> None:
         """Marks a running request as ended by its consumer for `reason` (a stop string found in its text, as
         vLLM's output processor aborts one): when the consumer then closes its generate() stream, the core ends
         it with that reason, not as cancelled, at the end of its current step (KV freed, or pinned for an agent
         program's next turn)."""
-        if request_id in self._streams:
-            self._ending[request_id] = reason
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.ending = reason
 
     def new_beam_search(self, req: Request) -> beam.BeamSearch:
         """The search state of a beam request; with ignore_eos no candidate ever finishes early, except at a stop

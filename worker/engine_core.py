@@ -50,7 +50,9 @@ class EngineCore:
         num_blocks = max(1, config.kv_budget_tokens // config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         self.scheduler = make_scheduler(config.policy, config, self.allocator)
-        self._on_outputs = on_outputs or (lambda outputs: None)
+        # With a consumer, outputs of requests ended between steps go to it at once; offline (no consumer) they
+        # come back from the next step().
+        self._on_outputs = on_outputs
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._stop = False
@@ -59,7 +61,7 @@ class EngineCore:
         self._ls_arrived_at: float | None = None
         # Steps the scheduler parked, by step id: what the runner needs to resume them at their next layer.
         self._parked: dict[int, StepState] = {}
-        # Outputs of requests ended while a step ran (a cancel taken at a layer boundary).
+        # Outputs of requests ended by a cancel, not yet handed out.
         self._pending: list[EngineOutput] = []
         self._warming = False
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
@@ -179,6 +181,8 @@ class EngineCore:
             else:
                 request_id, reason = item
                 self._pending.extend(self.scheduler.finish_requests([request_id], reason))
+        if self._pending and self._on_outputs is not None:
+            self._on_outputs(self._take_pending())
 
     def _run_step(self) -> tuple[list[EngineOutput], bool]:
         self._ls_arrived_at = None
