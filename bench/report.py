@@ -191,7 +191,10 @@ def markdown(doc: dict) -> str:
     head = ["policy"] + (["sweep"] if sweeping else []) + [
         "class", "n", "err", "cancel", "no token", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",
         "E2E p50", "E2E p99", "E2E mean", "SLO", "out tok/s"]
-    lines += ["Times in ms.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # Results from before the cancel-time rule (their TTFT is over requests with a first token) say nothing.
+    ttft_rule = " TTFT counts requests without a first token at their cancel time." if p.get(
+        "ttft_counts_cancelled") else ""
+    lines += ["Times in ms." + ttft_rule, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(label: str, sweep: str, cls: str, c: dict) -> str:
         cells = [label] + ([sweep] if sweeping else []) + [

@@ -214,7 +214,7 @@ async def run(args: argparse.Namespace) -> int:
     # The LS SLO comes from the floor measured in this same invocation (idle-ls: from its first run).
     # The LS SLO covers the whole answer: its first token (TTFT) and every one after (TPOT).
     floor_ref = floor_records or (runs[0]["_records"] if scenario.run_is_floor else None)
-    ls_slo, ttft_source = _floor_slo(args.ls_ttft_slo_ms, "--ls-ttft-slo-ms", floor_ref, "ttft_s", "TTFT",
+    ls_slo, ttft_source = _floor_slo(args.ls_ttft_slo_ms, "--ls-ttft-slo-ms", floor_ref, "ttft_or_cancel_s", "TTFT",
                                      args.slo_floor_multiple)
     ls_tpot_slo, tpot_source = _floor_slo(args.ls_tpot_slo_ms, "--ls-tpot-slo-ms", floor_ref, "tpot_s", "TPOT",
                                           args.tpot_slo_floor_multiple)
@@ -240,6 +240,8 @@ async def run(args: argparse.Namespace) -> int:
         "workers": args.workers if mode == "stack" else None,
         "started_at": started, "git_commit": _git_commit(), "cpu_count": os.cpu_count(),
         "incomplete": failure,
+        # TTFT percentiles count requests cancelled before their first token at their cancel time (bench/stats.py)
+        "ttft_counts_cancelled": True,
     }
     if sweep:
         params["workload_by_sweep"] = [{"sweep": pt, **w.info} for pt, w in zip(points, workloads)]
