@@ -5,9 +5,11 @@
     qllm bench --scenario agent --policies no-pin,fixed-ttl,ttl,pin-forever --duration 60 --out bench-out
 
 For each bench policy (bench/policies.py) a fresh local stack is started, warmed up, and fed the same seeded
-workload; the idle LS floor is measured first on the first stack. `--target HOST:PORT` measures a running
-router instead, `--openai-url URL --model NAME` an OpenAI-compatible peer (vLLM, SGLang).
-Writes OUT/NAME.json, OUT/NAME.md, OUT/NAME-ttft-cdf.png (+ OUT/NAME-sweep.png) and OUT/NAME.requests.jsonl.
+workload; the idle LS floor is measured first on the first stack. `--repeat N` does that N times, the
+policy order rotated each round, and reports every ratio as median (min-max) over the rounds.
+`--target HOST:PORT` measures a running router instead, `--openai-url URL --model NAME` an OpenAI-compatible
+peer (vLLM, SGLang). Writes OUT/NAME.json, OUT/NAME.md, OUT/NAME-ttft-cdf.png (+ OUT/NAME-sweep.png) and
+OUT/NAME.requests.jsonl (`--summary-only`: the first two only).
 
 This module parses the arguments; bench/runner.py runs them, with what differs by scenario in bench/scenarios/.
 """
@@ -60,6 +62,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="file name stem (default: the scenario)")
     g.add_argument("--seed", type=int, default=0, help="workload seed")
     g.add_argument("--sweep", default=None, help="run each policy at several values, e.g. be-rate=0.5,1,2")
+    g.add_argument("--repeat", type=int, default=1,
+                   help="rounds: each runs every policy on a fresh stack, the order rotated by one per round (round "
+                        "r starts at policy r mod the count) and measures its own idle floor on its first stack; "
+                        "the JSON keeps every round's runs, the report gives each ratio as median (min-max)")
     g.add_argument("--warmup", type=int, default=2, help="unmeasured requests on each fresh stack first")
     g.add_argument("--with-floor", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the idle floor first, in this run (default: on for mixed): LS requests one at a "
@@ -67,6 +73,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--floor-requests", type=int, default=20, help="requests in the floor measurement")
     g.add_argument("--dry-run", action="store_true", help="build and describe the workload; send nothing")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    g.add_argument("--summary-only", action="store_true",
+                   help="write only NAME.json (per-run summaries, no request log) and NAME.md, e.g. to commit "
+                        "under docs/results (`qllm bench report` makes the tables from them)")
     g.add_argument("--save-requests", action=argparse.BooleanOptionalAction, default=True,
                    help="write every request's timings to NAME.requests.jsonl")
 
