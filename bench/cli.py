@@ -11,6 +11,9 @@ policy order rotated each round, and reports every ratio as median (min-max) ove
 peer (vLLM, SGLang). Writes OUT/NAME.json, OUT/NAME.md, OUT/NAME-ttft-cdf.png (+ OUT/NAME-sweep.png) and
 OUT/NAME.requests.jsonl (`--summary-only`: the first two only).
 
+`qllm bench report FILE.json ...` prints the tables of saved results; `qllm bench report --update
+docs/benchmarks.md` regenerates the blocks of docs generated from docs/results/*.json (bench/report_command.py).
+
 This module parses the arguments; bench/runner.py runs them, with what differs by scenario in bench/scenarios/.
 """
 
@@ -20,7 +23,7 @@ import argparse
 import os
 
 from bench import policies as bench_policies
-from bench import runner
+from bench import report_command, runner
 from bench.agent.trace import SOURCES as AGENT_SOURCES
 from bench.scenarios import SCENARIOS
 from bench.scenarios.base import DEFAULT_POLICIES, Scenario
@@ -46,6 +49,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                            if s.default_drain_cap_s != Scenario.default_drain_cap_s)
     be_rates = ", ".join(f"{s.name}: {s.default_be_rate:g}" for s in SCENARIOS.values())
     p.description = __doc__.split("\n\n")[0]
+    # `qllm bench report ...` renders committed results (bench/report_command.py); plain `qllm bench` runs one.
+    sub = p.add_subparsers(dest="bench_command", metavar="report")
+    report_command.configure_parser(sub.add_parser("report", help="the Markdown tables of result JSONs; "
+                                                   "--update rewrites the generated blocks in a docs file"))
     g = p.add_argument_group("run")
     g.add_argument("--scenario", choices=tuple(SCENARIOS), default="mixed",
                    help="; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values()))
@@ -167,5 +174,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    """qllm/cli.py's entry point: runs the parsed arguments (bench/runner.py)."""
+    """qllm/cli.py's entry point: runs the parsed arguments (bench/runner.py), or `qllm bench report`."""
+    if getattr(args, "bench_command", None) == "report":
+        return report_command.run(args)
     return await runner.run(args)
