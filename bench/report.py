@@ -43,7 +43,7 @@ def _e2e_mean(run: dict | None) -> float | None:
     return total / weight if weight else None
 
 
-# The ratios comparisons() gives per row, in the report's column order.
+# The ratios of a comparisons() row that the report shows, in its column order.
 RATIO_KEYS = ("ls_ttft_p50_vs_floor", "ls_ttft_p99_vs_floor", "ls_ttft_p50_vs_baseline", "ls_ttft_p99_vs_baseline",
               "be_output_tok_s_vs_baseline", "total_output_tok_s_vs_baseline", "e2e_mean_vs_baseline",
               "be_e2e_mean_vs_baseline", "be_e2e_p99_vs_baseline")
@@ -88,17 +88,18 @@ def spread(values: Sequence[float | None]) -> dict | None:
 
 def comparisons_over_rounds(per_round: Sequence[dict]) -> dict:
     """The rounds' comparisons() in one: per policy (and sweep point), each ratio's spread over the rounds."""
-    values: dict[str, dict] = {}  # row key -> {"policy", "sweep"?, ratio key -> [per round]}
+    rows: dict[str, dict] = {}  # policy and sweep point -> {"policy", "sweep"?, ratio -> [value per round]}
     for comp in per_round:
         for row in comp["rows"]:
             key = json.dumps([row["policy"], row.get("sweep")], sort_keys=True)
-            acc = values.setdefault(key, {"policy": row["policy"], **({"sweep": row["sweep"]} if row.get("sweep")
-                                                                      else {})})
-            for k in RATIO_KEYS:
-                acc.setdefault(k, []).append(row.get(k))
-    rows = [{**{k: v for k, v in acc.items() if k not in RATIO_KEYS}, **{k: spread(acc[k]) for k in RATIO_KEYS}}
-            for acc in values.values()]
-    return {"baseline": per_round[0]["baseline"] if per_round else None, "rounds": len(per_round), "rows": rows}
+            acc = rows.setdefault(key, {"policy": row["policy"], **({"sweep": row["sweep"]} if row.get("sweep")
+                                                                    else {})})
+            for k, v in row.items():
+                if k not in ("policy", "sweep"):
+                    acc.setdefault(k, []).append(v)
+    # (a round without the policy adds nothing to its lists: n in each spread says how many rounds had it)
+    out = [{k: (v if k in ("policy", "sweep") else spread(v)) for k, v in acc.items()} for acc in rows.values()]
+    return {"baseline": per_round[0]["baseline"] if per_round else None, "rounds": len(per_round), "rows": out}
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -237,8 +238,7 @@ def markdown(doc: dict) -> str:
                      f"offered {_f(ci.get('offered_prompt_tok_s'), 0)} prompt + {_f(ci.get('offered_output_tok_s'), 0)} "
                      "output tok/s")
     if rounds:
-        facts.append(f"{len(rounds)} rounds, each with every policy on a fresh stack, the order rotated by one per "
-                     "round (" + "; ".join(f"{r['round']}: {', '.join(r.get('order') or [])}" for r in rounds)
+        facts.append(f"{len(rounds)} rounds, each running every policy, the order rotated by one per round (" + "; ".join(f"{r['round']}: {', '.join(r.get('order') or [])}" for r in rounds)
                      + "); the idle floor and the LS SLO are each round's own")
     slo_text = _slo_text(p.get("slo", {}))
     if slo_text:

@@ -284,7 +284,8 @@ async def run(args: argparse.Namespace) -> int:
                            sweep_key=sweep[0] if sweep else None,
                            save_requests=args.save_requests and not args.summary_only,
                            plots=not args.summary_only)
-    written += scenario.write_files(out_dir, name, kept)
+    if not args.summary_only:
+        written += scenario.write_files(out_dir, name, kept)
     print(report.markdown(doc))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 1 if failure else 0

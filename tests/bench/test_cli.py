@@ -191,6 +191,7 @@ async def test_repeat_rotates_the_policies_and_reports_each_ratio_over_the_round
     assert spread == {"median": pytest.approx(sorted(per_round)[1]), "min": min(per_round), "max": max(per_round),
                       "n": 3}
     assert rows["fcfs"]["ls_ttft_p50_vs_baseline"] == {"median": 1.0, "min": 1.0, "max": 1.0, "n": 3}
+    assert rows["qllm"]["ls_tpot_p50_vs_baseline"]["n"] == 3  # every ratio of a row, also those not in the table
     md = (out / "mixed.md").read_text()
     assert "median (min-max) over 3 rounds" in md
     assert f"| qllm | {spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f}) |" in md
