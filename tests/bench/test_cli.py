@@ -6,7 +6,7 @@ import json
 import pytest
 
 import bench.cli as bench_cli
-from bench import runner
+from bench import report_command, runner
 from qllm.cli import build_parser
 from qllm.up import ROUTER_PORT
 
@@ -197,3 +197,5 @@ async def test_repeat_rotates_the_policies_and_reports_each_ratio_over_the_round
     assert f"| qllm | {spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f}) |" in md
     assert "| idle floor (qllm) | 2 | LS |" in md and "| qllm | 3 | BE |" in md
     assert "TTFT counts requests without a first token at their cancel time" in md
+    # `qllm bench report` gives the same tables from the JSON alone
+    assert md == "# Benchmark `mixed`\n\n" + report_command.render_file(out / "mixed.json")
