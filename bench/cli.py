@@ -5,9 +5,14 @@
     qllm bench --scenario agent --policies no-pin,fixed-ttl,ttl,pin-forever --duration 60 --out bench-out
 
 For each bench policy (bench/policies.py) a fresh local stack is started, warmed up, and fed the same seeded
-workload; the idle LS floor is measured first on the first stack. `--target HOST:PORT` measures a running
-router instead, `--openai-url URL --model NAME` an OpenAI-compatible peer (vLLM, SGLang).
-Writes OUT/NAME.json, OUT/NAME.md, OUT/NAME-ttft-cdf.png (+ OUT/NAME-sweep.png) and OUT/NAME.requests.jsonl.
+workload; the idle LS floor is measured first on the first stack. `--repeat N` does that N times, the
+policy order rotated each round, and reports every ratio as median (min-max) over the rounds.
+`--target HOST:PORT` measures a running router instead, `--openai-url URL --model NAME` an OpenAI-compatible
+peer (vLLM, SGLang). Writes OUT/NAME.json, OUT/NAME.md, OUT/NAME-ttft-cdf.png (+ OUT/NAME-sweep.png) and
+OUT/NAME.requests.jsonl (`--summary-only`: the first two only).
+
+`qllm bench report FILE.json ...` prints the tables of saved results; `qllm bench report --update
+docs/benchmarks.md` regenerates the blocks of docs generated from docs/results/*.json (bench/report_command.py).
 
 This module parses the arguments; bench/runner.py runs them, with what differs by scenario in bench/scenarios/.
 """
@@ -18,7 +23,7 @@ import argparse
 import os
 
 from bench import policies as bench_policies
-from bench import runner
+from bench import report_command, runner
 from bench.agent.trace import SOURCES as AGENT_SOURCES
 from bench.scenarios import SCENARIOS
 from bench.scenarios.base import DEFAULT_POLICIES, Scenario
@@ -44,6 +49,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                            if s.default_drain_cap_s != Scenario.default_drain_cap_s)
     be_rates = ", ".join(f"{s.name}: {s.default_be_rate:g}" for s in SCENARIOS.values())
     p.description = __doc__.split("\n\n")[0]
+    # `qllm bench report ...` renders committed results (bench/report_command.py); plain `qllm bench` runs one.
+    sub = p.add_subparsers(dest="bench_command", metavar="report")
+    report_command.configure_parser(sub.add_parser("report", help="the Markdown tables of result JSONs; "
+                                                   "--update rewrites the generated blocks in a docs file"))
     g = p.add_argument_group("run")
     g.add_argument("--scenario", choices=tuple(SCENARIOS), default="mixed",
                    help="; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values()))
@@ -60,6 +69,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="file name stem (default: the scenario)")
     g.add_argument("--seed", type=int, default=0, help="workload seed")
     g.add_argument("--sweep", default=None, help="run each policy at several values, e.g. be-rate=0.5,1,2")
+    g.add_argument("--repeat", type=int, default=1,
+                   help="rounds: each runs every policy on a fresh stack, the order rotated by one per round (round "
+                        "r starts at policy r mod the count) and measures its own idle floor on its first stack; "
+                        "the JSON keeps every round's runs, the report gives each ratio as median (min-max)")
     g.add_argument("--warmup", type=int, default=2, help="unmeasured requests on each fresh stack first")
     g.add_argument("--with-floor", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the idle floor first, in this run (default: on for mixed): LS requests one at a "
@@ -67,6 +80,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--floor-requests", type=int, default=20, help="requests in the floor measurement")
     g.add_argument("--dry-run", action="store_true", help="build and describe the workload; send nothing")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    g.add_argument("--summary-only", action="store_true",
+                   help="write only NAME.json (per-run summaries, no request log) and NAME.md, e.g. to commit "
+                        "under docs/results (`qllm bench report` makes the tables from them)")
     g.add_argument("--save-requests", action=argparse.BooleanOptionalAction, default=True,
                    help="write every request's timings to NAME.requests.jsonl")
 
@@ -158,5 +174,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    """qllm/cli.py's entry point: runs the parsed arguments (bench/runner.py)."""
+    """qllm/cli.py's entry point: runs the parsed arguments (bench/runner.py), or `qllm bench report`."""
+    if getattr(args, "bench_command", None) == "report":
+        return report_command.run(args)
     return await runner.run(args)

@@ -96,7 +96,8 @@ async def replay(sender: Sender, specs: Sequence[RequestSpec], *, duration_s: fl
             try:
                 await asyncio.sleep(delay)
             except asyncio.CancelledError:
-                rec.cancelled, rec.finish_reason = True, "not-sent-before-drain-cap"
+                # finished_s = when the bench gave up on it: its TTFT counts as at least this (bench/stats.py)
+                rec.cancelled, rec.finish_reason, rec.finished_s = True, "not-sent-before-drain-cap", now()
                 raise
         inflight += 1
         try:

@@ -72,14 +72,24 @@ POLICIES: dict[str, Part] = {
                 "and memory pressure (ours)", kvmanager_args=("--pin-policy", "ttl")),
     "pin-forever": Part("kvmanager: pin every non-final turn until the program's next turn (the oracle)",
                         kvmanager_args=("--pin-policy", "pin-forever")),
-    # KV memory under pressure (`qllm worker --kv-policy <name>`, issue 7); both run the worker's
+    # KV memory under pressure (`qllm worker --kv-policy <name>`, issue 7); all run the worker's
     # `priority-evict` policy (LS admission preempts BE, which is where the KV policies differ) unless another
-    # part of the name sets one.
+    # part of the name sets one. BE requests carry the predictor's length estimate to the worker in all but
+    # alise-oracle: without one the worker falls back to max_tokens, which the bench's ignore_eos makes the
+    # exact length (an oracle). recompute carries it too, so that the worker orders its waiting BE work alike.
     "recompute": Part("worker: a preempted request's KV is dropped and recomputed later (vLLM V1); worker policy "
-                      "priority-evict", default_worker_policy="priority-evict", worker_args=("--kv-policy", "recompute")),
-    "alise": Part("worker: KV victims by class then longest remaining time, each swapped to host, quantized to "
-                  "int8 (BE only) or recomputed, whichever the measured cost model finds cheapest (ALISE); worker "
-                  "policy priority-evict", default_worker_policy="priority-evict", worker_args=("--kv-policy", "alise")),
+                      "priority-evict; router: BE carries the predictor's length estimate",
+                      default_worker_policy="priority-evict", worker_args=("--kv-policy", "recompute"),
+                      router_args=("--be-length-estimates", "predictor")),
+    "alise": Part("worker: KV victims by class then longest predicted remaining time (router: BE carries the "
+                  "predictor's length estimate), each swapped to host, quantized to int8 (BE only) or recomputed, "
+                  "whichever the measured cost model finds cheapest (ALISE); worker policy priority-evict",
+                  default_worker_policy="priority-evict", worker_args=("--kv-policy", "alise"),
+                  router_args=("--be-length-estimates", "predictor")),
+    "alise-oracle": Part("alise with BE's true remaining length (router: max_tokens, exact under the bench's "
+                         "ignore_eos) in place of the predictor's: an upper bound for alise, benchmarks only",
+                         default_worker_policy="priority-evict", worker_args=("--kv-policy", "alise"),
+                         router_args=("--be-length-estimates", "oracle")),
 }
 
 #: the bench policies that are KV pin policies: `<name>` = kvmanager `--pin-policy <name>`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,12 +43,18 @@ def _e2e_mean(run: dict | None) -> float | None:
     return total / weight if weight else None
 
 
-def comparisons(runs: Sequence[dict], floor: dict | None) -> dict:
-    """Ratios within this one run: each run against the idle LS floor, and each policy against the first
-    policy (the baseline) at the same sweep point."""
+# The ratios of a comparisons() row that the report shows, in its column order.
+RATIO_KEYS = ("ls_ttft_p50_vs_floor", "ls_ttft_p99_vs_floor", "ls_ttft_p50_vs_baseline", "ls_ttft_p99_vs_baseline",
+              "be_output_tok_s_vs_baseline", "total_output_tok_s_vs_baseline", "e2e_mean_vs_baseline",
+              "be_e2e_mean_vs_baseline", "be_e2e_p99_vs_baseline")
+
+
+def comparisons(runs: Sequence[dict], floor: dict | None, baseline: str | None = None) -> dict:
+    """Ratios within one round: each run against the idle LS floor, and each policy against the baseline
+    policy (default: the first run's; with rotated rounds the runner names it) at the same sweep point."""
     if not runs:
         return {"baseline": None, "rows": []}
-    baseline = runs[0]["policy"]
+    baseline = baseline or runs[0]["policy"]
     base_by_point = {json.dumps(r.get("sweep"), sort_keys=True): r for r in runs if r["policy"] == baseline}
     rows = []
     for run in runs:
@@ -69,6 +76,30 @@ def comparisons(runs: Sequence[dict], floor: dict | None) -> dict:
         row["be_e2e_p99_vs_baseline"] = _ratio(_get(run, "BE", "e2e_ms", "p99"), _get(base, "BE", "e2e_ms", "p99"))
         rows.append(row)
     return {"baseline": baseline, "rows": rows}
+
+
+def spread(values: Sequence[float | None]) -> dict | None:
+    """{"median", "min", "max", "n"} of the values that are there (n of them); None when none is."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def comparisons_over_rounds(per_round: Sequence[dict]) -> dict:
+    """The rounds' comparisons() in one: per policy (and sweep point), each ratio's spread over the rounds."""
+    rows: dict[str, dict] = {}  # policy and sweep point -> {"policy", "sweep"?, ratio -> [value per round]}
+    for comp in per_round:
+        for row in comp["rows"]:
+            key = json.dumps([row["policy"], row.get("sweep")], sort_keys=True)
+            acc = rows.setdefault(key, {"policy": row["policy"], **({"sweep": row["sweep"]} if row.get("sweep")
+                                                                    else {})})
+            for k, v in row.items():
+                if k not in ("policy", "sweep"):
+                    acc.setdefault(k, []).append(v)
+    # (a round without the policy adds nothing to its lists: n in each spread says how many rounds had it)
+    out = [{k: (v if k in ("policy", "sweep") else spread(v)) for k, v in acc.items()} for acc in rows.values()]
+    return {"baseline": per_round[0]["baseline"] if per_round else None, "rounds": len(per_round), "rows": out}
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -141,10 +172,20 @@ def validate(doc: Any) -> None:
             from bench.agent.summary import validate_run
 
             validate_run(run, where, SchemaError)
-    floor = doc["params"].get("floor")
-    if floor is not None:
-        for cls, c in _dict(_dict(floor, "$.params.floor").get("classes"), "$.params.floor.classes").items():
-            validate_class(c, f"$.params.floor.classes.{cls}")
+        if "round" in run:
+            _int(run["round"], f"{where}.round")
+    floors = [("$.params.floor", doc["params"].get("floor"))]
+    if "rounds" in doc:
+        rounds = doc["rounds"]
+        if not isinstance(rounds, list) or not rounds:
+            raise SchemaError("$.rounds: expected a non-empty list")
+        for i, r in enumerate(rounds):
+            _int(_dict(r, f"$.rounds[{i}]").get("round"), f"$.rounds[{i}].round")
+            floors.append((f"$.rounds[{i}].floor", r.get("floor")))
+    for where, floor in floors:
+        if floor is not None:
+            for cls, c in _dict(_dict(floor, where).get("classes"), f"{where}.classes").items():
+                validate_class(c, f"{where}.classes.{cls}")
     json.dumps(doc, allow_nan=False)  # no NaN / Infinity anywhere
 
 
@@ -168,9 +209,24 @@ def _sweep_label(run: dict) -> str:
                      for k, v in (run.get("sweep") or {}).items())
 
 
+def _ratio_cell(value: Any) -> str:
+    """One ratio: a number, or over rounds its median (min-max)."""
+    if isinstance(value, dict):
+        return f"{value['median']:.2f} ({value['min']:.2f}-{value['max']:.2f})"
+    return _f(value, 2)
+
+
+def _slo_text(slo: dict) -> str | None:
+    ls_slo = slo.get("LS", {})
+    parts = [f"{label} {ls_slo[key]:.1f} ms" for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"))
+             if ls_slo.get(key) is not None]
+    return " and ".join(parts) or None
+
+
 def markdown(doc: dict) -> str:
     p = doc["params"]
     runs = doc["runs"]
+    rounds = doc.get("rounds") or []
     sweeping = any(r.get("sweep") for r in runs)
     lines = [f"# Benchmark `{doc['scenario']}`", ""]
     facts = [f"duration {p.get('duration_s')} s of arrivals, drain cap {p.get('drain_cap_s')} s",
@@ -181,20 +237,30 @@ def markdown(doc: dict) -> str:
                      f"output {ci['output_range'][0]}–{ci['output_range'][1]} tok (mean {_f(ci.get('max_tokens_mean'), 0)}); "
                      f"offered {_f(ci.get('offered_prompt_tok_s'), 0)} prompt + {_f(ci.get('offered_output_tok_s'), 0)} "
                      "output tok/s")
-    slo = p.get("slo", {})
-    ls_slo = slo.get("LS", {})
-    if ls_slo.get("ttft_ms") is not None or ls_slo.get("tpot_ms") is not None:
-        parts = [f"{label} {ls_slo[key]:.1f} ms" for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"))
-                 if ls_slo.get(key) is not None]
-        facts.append(f"LS SLO: {' and '.join(parts)} ({ls_slo.get('source') or ''})")
+    if rounds:
+        facts.append(f"{len(rounds)} rounds, each running every policy, the order rotated by one per round (" + "; ".join(f"{r['round']}: {', '.join(r.get('order') or [])}" for r in rounds)
+                     + "); the idle floor and the LS SLO are each round's own")
+    slo_text = _slo_text(p.get("slo", {}))
+    if slo_text:
+        facts.append(f"LS SLO{' (round 1)' if rounds else ''}: {slo_text} "
+                     f"({p.get('slo', {}).get('LS', {}).get('source') or ''})")
+    if len(rounds) > 1:
+        facts.append("LS SLO by round: " + "; ".join(f"{r['round']}: {_slo_text(r.get('slo') or {}) or '–'}"
+                                                     for r in rounds))
     lines += [f"- {x}" for x in facts] + [""]
-    head = ["policy"] + (["sweep"] if sweeping else []) + [
+    head = ["policy"] + (["round"] if rounds else []) + (["sweep"] if sweeping else []) + [
         "class", "n", "err", "cancel", "no token", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99",
         "E2E p50", "E2E p99", "E2E mean", "SLO", "out tok/s"]
-    lines += ["Times in ms.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # Results from before the cancel-time rule (their TTFT is over requests with a first token) say nothing.
+    ttft_rule = " TTFT counts requests without a first token at their cancel time." if p.get(
+        "ttft_counts_cancelled") else ""
+    lines += ["Times in ms." + ttft_rule, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def row(label: str, sweep: str, cls: str, c: dict) -> str:
-        cells = [label] + ([sweep] if sweeping else []) + [
+    def lead(label: str, round_no: Any, sweep: str) -> list[str]:
+        return [label] + ([str(round_no)] if rounds else []) + ([sweep] if sweeping else [])
+
+    def row(cells: list[str], cls: str, c: dict) -> str:
+        cells = cells + [
             cls, str(c["count"]), str(c["errors"]), str(c.get("cancelled", 0)), str(c.get("without_first_token", 0)),
             _f(c["ttft_ms"]["p50"]), _f(c["ttft_ms"]["p90"]), _f(c["ttft_ms"]["p99"]),
             _f(c["tpot_ms"]["p50"]), _f(c["tpot_ms"]["p99"]), _f(c["e2e_ms"]["p50"]), _f(c["e2e_ms"]["p99"]),
@@ -202,32 +268,38 @@ def markdown(doc: dict) -> str:
             _pct(c["slo_attainment"]), _f(c["output_tok_s"])]
         return "| " + " | ".join(cells) + " |"
 
-    floor = p.get("floor")
-    if floor:
-        for cls, c in floor["classes"].items():
-            lines.append(row(f"idle floor ({floor.get('policy')})", "", cls, c))
+    floors = [(r["round"], r.get("floor")) for r in rounds] if rounds else [("", p.get("floor"))]
+    for round_no, floor in floors:
+        if floor:
+            for cls, c in floor["classes"].items():
+                lines.append(row(lead(f"idle floor ({floor.get('policy')})", round_no, ""), cls, c))
     for run in runs:
         for cls in CLASSES:
             if cls in run["classes"]:
-                lines.append(row(run["policy"], _sweep_label(run), cls, run["classes"][cls]))
-    lines += ["", "| policy" + (" | sweep" if sweeping else "") + " | total out tok/s |",
-              "|---|" + ("---|" if sweeping else "") + "---|"]
+                lines.append(row(lead(run["policy"], run.get("round", ""), _sweep_label(run)), cls,
+                                 run["classes"][cls]))
+    extra = (["round"] if rounds else []) + (["sweep"] if sweeping else [])
+    lines += ["", "| " + " | ".join(["policy", *extra, "total out tok/s"]) + " |", "|---|" + "---|" * (len(extra) + 1)]
     for run in runs:
-        lines.append(f"| {run['policy']}" + (f" | {_sweep_label(run)}" if sweeping else "")
-                     + f" | {_f(run['total_output_tok_s'])} |")
+        lines.append("| " + " | ".join(lead(run["policy"], run.get("round", ""), _sweep_label(run))
+                                       + [_f(run["total_output_tok_s"])]) + " |")
     comp = doc.get("comparisons") or {}
     if comp.get("rows"):
-        lines += ["", f"Ratios (baseline `{comp['baseline']}`; floor = idle LS):", "",
+        over = f"; median (min-max) over {comp['rounds']} rounds" if comp.get("rounds") else ""
+        lines += ["", f"Ratios (baseline `{comp['baseline']}`; floor = idle LS{over}):", "",
                   "| policy" + (" | sweep" if sweeping else "") + " | LS TTFT p50 / floor | LS TTFT p99 / floor "
                   "| LS TTFT p50 / base | LS TTFT p99 / base | BE tok/s / base | total tok/s / base "
                   "| E2E mean / base | BE E2E mean / base | BE E2E p99 / base |",
                   "|---|" + ("---|" if sweeping else "") + "---|---|---|---|---|---|---|---|---|"]
         for r in comp["rows"]:
-            lines.append(f"| {r['policy']}" + (f" | {_sweep_label(r)}" if sweeping else "") + " | " + " | ".join(
-                _f(r[k], 2) for k in ("ls_ttft_p50_vs_floor", "ls_ttft_p99_vs_floor", "ls_ttft_p50_vs_baseline",
-                                      "ls_ttft_p99_vs_baseline", "be_output_tok_s_vs_baseline",
-                                      "total_output_tok_s_vs_baseline", "e2e_mean_vs_baseline",
-                                      "be_e2e_mean_vs_baseline", "be_e2e_p99_vs_baseline")) + " |")
+            lines.append(f"| {r['policy']}" + (f" | {_sweep_label(r)}" if sweeping else "") + " | "
+                         + " | ".join(_ratio_cell(r[k]) for k in RATIO_KEYS) + " |")
+
+    def run_label(run: dict) -> str:
+        tags = ([f"round {run['round']}"] if run.get("round") else []) + ([_sweep_label(run)] if run.get("sweep")
+                                                                        else [])
+        return run["policy"] + (f" ({', '.join(tags)})" if tags else "")
+
     timing_runs = [r for r in runs if r.get("worker_timing")]
     if timing_runs:
         lines += ["", "Worker timing (from its histograms; ms). The last two columns give each preemption's latency "
@@ -241,17 +313,17 @@ def markdown(doc: dict) -> str:
             # The layers histogram is unitless; histogram_summary scales by 1000 for ms, undo it here.
             rel50 = in_layers["p50_ms"] / 1000 if in_layers else None
             rel99 = in_layers["p99_ms"] / 1000 if in_layers else None
-            lines.append(f"| {run['policy']} | {_f(layer.get('mean_ms'), 2)} | {_f(layer.get('p99_ms'), 2)} "
+            lines.append(f"| {run_label(run) if run.get('round') else run['policy']} | {_f(layer.get('mean_ms'), 2)} "
+                         f"| {_f(layer.get('p99_ms'), 2)} "
                          f"| {_f(pre.get('count'), 0)} | {_f(pre.get('p50_ms'), 2)} | {_f(pre.get('p99_ms'), 2)} "
                          f"| {_f(rel50, 2)} | {_f(rel99, 2)} |")
     metric_runs = [r for r in runs if r.get("worker_metrics")]
     if metric_runs:
         lines += ["", "Worker metrics (change over the run; counters only):", ""]
         for run in metric_runs:
-            label = run["policy"] + (f" ({_sweep_label(run)})" if run.get("sweep") else "")
             shown = {k: v for k, v in run["worker_metrics"].items() if v}
-            lines.append(f"- {label}: " + (", ".join(f"`{k}` {v:g}" for k, v in list(shown.items())[:24])
-                                           or "no counter changed"))
+            lines.append(f"- {run_label(run)}: " + (", ".join(f"`{k}` {v:g}" for k, v in list(shown.items())[:24])
+                                                   or "no counter changed"))
     from bench.agent.summary import markdown as agent_markdown
 
     return "\n".join(lines) + "\n" + agent_markdown(doc)
@@ -266,10 +338,17 @@ def _cdf(values: Sequence[float]) -> tuple[list[float], list[float]]:
     return xs, [(i + 1) / n for i in range(n)]
 
 
+def _floors(floor_records) -> dict[str, Sequence[RequestRecord]]:
+    """Floor records by label: {label: records} (one per round), or one list (labelled "idle floor")."""
+    if not floor_records:
+        return {}
+    return dict(floor_records) if isinstance(floor_records, dict) else {"idle floor": floor_records}
+
+
 def plot_ttft_cdf(path: str | os.PathLike, doc: dict, records: dict[str, Sequence[RequestRecord]],
-                  floor_records: Sequence[RequestRecord] | None = None) -> None:
-    """One panel per class, one line per run (key = run label). Requests that never got a token are the gap
-    between the line's top and 1."""
+                  floor_records=None) -> None:
+    """One panel per class, one line per run (key = run label); floor_records: as _floors takes them.
+    Requests that never got a token are the gap between the line's top and 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,8 +358,9 @@ def plot_ttft_cdf(path: str | os.PathLike, doc: dict, records: dict[str, Sequenc
     fig, axes = plt.subplots(1, max(1, len(classes)), figsize=(6 * max(1, len(classes)), 4.2), squeeze=False)
     for ax, cls in zip(axes[0], classes):
         series = list(records.items())
-        if cls == "LS" and floor_records:
-            series = [("idle floor", floor_records)] + series
+        floors = _floors(floor_records)
+        if cls == "LS":
+            series = list(floors.items()) + series
         for label, recs in series:
             recs = [r for r in recs if r.cls == cls]
             ttft = [r.ttft_s * 1000 for r in recs if r.ttft_s is not None]
@@ -288,8 +368,9 @@ def plot_ttft_cdf(path: str | os.PathLike, doc: dict, records: dict[str, Sequenc
                 continue
             xs, ys = _cdf(ttft)
             ys = [y * len(ttft) / len(recs) for y in ys]
-            ax.step(xs, ys, where="post", label=label, linestyle="--" if label == "idle floor" else "-",
-                    color="black" if label == "idle floor" else None)
+            is_floor = label in floors
+            ax.step(xs, ys, where="post", label=label, linestyle="--" if is_floor else "-",
+                    color="black" if is_floor else None)
         slo = (doc["params"].get("slo", {}).get(cls) or {}).get("ttft_ms")
         if slo:
             ax.axvline(slo, color="red", linewidth=0.8, linestyle=":", label=f"SLO {slo:.0f} ms")
@@ -306,7 +387,8 @@ def plot_ttft_cdf(path: str | os.PathLike, doc: dict, records: dict[str, Sequenc
 
 
 def plot_sweep(path: str | os.PathLike, doc: dict, key: str) -> None:
-    """LS SLO attainment and BE output throughput against the swept parameter, one line per policy."""
+    """LS SLO attainment and BE output throughput against the swept parameter, one line per policy (with
+    --repeat, round 1's runs: one line per policy needs one value per point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,7 +397,8 @@ def plot_sweep(path: str | os.PathLike, doc: dict, key: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     policies = list(dict.fromkeys(r["policy"] for r in doc["runs"]))
     for policy in policies:
-        runs = sorted((r for r in doc["runs"] if r["policy"] == policy and key in (r.get("sweep") or {})),
+        runs = sorted((r for r in doc["runs"] if r["policy"] == policy and key in (r.get("sweep") or {})
+                       and r.get("round", 1) == 1),
                       key=lambda r: r["sweep"][key])
         xs = [r["sweep"][key] for r in runs]
         slo = [_get(r, "LS", "slo_attainment") for r in runs]
@@ -341,15 +424,25 @@ def plot_sweep(path: str | os.PathLike, doc: dict, key: str) -> None:
 
 
 def write(out_dir: str | os.PathLike, name: str, doc: dict, records: dict[str, Sequence[RequestRecord]],
-          floor_records: Sequence[RequestRecord] | None = None, sweep_key: str | None = None,
-          save_requests: bool = True) -> list[Path]:
-    """Writes name.json, name.md, the plots and (optionally) name.requests.jsonl; returns the paths."""
+          floor_records=None, sweep_key: str | None = None, save_requests: bool = True,
+          plots: bool = True) -> list[Path]:
+    """Writes name.json, name.md, (optionally) the plots and name.requests.jsonl; returns the paths.
+    floor_records: one list, or {label: records} with one floor per round."""
     validate(doc)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{name}.json", out / f"{name}.md"]
     written[0].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     written[1].write_text(markdown(doc))
+    if save_requests:
+        path = out / f"{name}.requests.jsonl"
+        with open(path, "w") as f:
+            for label, recs in list(_floors(floor_records).items()) + list(records.items()):
+                for r in recs:
+                    f.write(json.dumps({"run": label, **r.to_dict()}) + "\n")
+        written.append(path)
+    if not plots:
+        return written
     cdf = out / f"{name}-ttft-cdf.png"
     plot_ttft_cdf(cdf, doc, records, floor_records)
     written.append(cdf)
@@ -362,11 +455,4 @@ def write(out_dir: str | os.PathLike, name: str, doc: dict, records: dict[str, S
         sweep = out / f"{name}-sweep.png"
         plot_sweep(sweep, doc, sweep_key)
         written.append(sweep)
-    if save_requests:
-        path = out / f"{name}.requests.jsonl"
-        with open(path, "w") as f:
-            for label, recs in ([("idle floor", floor_records)] if floor_records else []) + list(records.items()):
-                for r in recs:
-                    f.write(json.dumps({"run": label, **r.to_dict()}) + "\n")
-        written.append(path)
     return written

@@ -1,7 +1,8 @@
 """What `qllm bench` does for every scenario: checks the arguments, builds the workload (one per sweep point),
-then per bench policy and sweep point starts a fresh local stack (or uses --target / --openai-url), warms it
-up, measures the idle floor once, has the scenario drive the workload, and finally writes the result
-document, its report and plots (bench/report.py). What differs by scenario is in bench/scenarios/."""
+then, in each of --repeat rounds (the policy order rotated by one each round), per bench policy and sweep
+point starts a fresh local stack (or uses --target / --openai-url), warms it up, measures the idle floor on
+the round's first stack, has the scenario drive the workload, and finally writes the result document, its
+report and plots (bench/report.py). What differs by scenario is in bench/scenarios/."""
 
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ async def run(args: argparse.Namespace) -> int:
     scenario = SCENARIOS[args.scenario]
     mode = "openai" if args.openai_url else ("target" if args.target else "stack")
     try:
+        if args.repeat < 1:
+            raise ValueError(f"--repeat {args.repeat}: expected 1 or more rounds")
         sweep = parse_sweep(args.sweep)
         names = _policy_names(args, scenario, mode)
         if mode == "openai" and scenario.openai_refusal:
@@ -148,85 +151,104 @@ async def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
 
-    runs: list[dict] = []
+    repeat = args.repeat
+    rounds: list[dict] = []  # per round: its number, policy order, runs and floor (records until summarised)
     run_records: dict[str, list] = {}
     kept: dict[str, object] = {}
-    floor_records = None
-    floor_policy = None
     failure = None
     cap = per_request_cap_s(args)
-    for policy, (point, workload) in [(p, pw) for p in names for pw in zip(points, workloads)]:
-        label = policy + (f" {next(iter(point))}={next(iter(point.values())):g}" if point else "")
-        stack = None
-        metrics_urls = list(args.metrics_url)
-        worker_addresses = list(args.agent_worker)
-        stack_info: dict = {}
-        address = args.target
-        if mode == "stack":
-            cfg = bench_policies.apply(policy, base_cfg)
-            cfg = dataclasses.replace(cfg, log_dir=str(Path(base_cfg.log_dir) / label.replace(" ", "_")))
-            stack = Stack(cfg)
-            metrics_urls = _stack_metrics_urls(cfg)
-            worker_addresses = [f"{cfg.host}:{cfg.port(WORKER_PORT) + i}" for i in range(cfg.workers)]
-            stack_info = {"address": cfg.router_address, **bench_policies.describe(policy, base_cfg),
-                          "log_dir": cfg.log_dir}
-            address = cfg.router_address
-        if mode == "openai":
-            sender = OpenAISender(args.openai_url, args.model, priorities=priorities, api_key=args.api_key)
-        else:
-            sender = GrpcSender(address, request_id_prefix=f"bench-{label.replace(' ', '-')}")
-        try:
-            if stack is not None:
-                print(f"[{label}] starting stack (logs in {stack.config.log_dir})", file=sys.stderr, flush=True)
-                try:
-                    await asyncio.to_thread(stack.start, args.stack_timeout)
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    failure = f"stack for {label!r} did not start: {exc} (logs in {stack.config.log_dir})"
-                    break
-            if args.warmup:
-                await replay_sequential(sender, warmup_specs(workload.requests, args.warmup), per_request_cap_s=cap,
-                                        gap_s=0.0, progress=args.progress, label=f"{label} warmup")
-            if with_floor and floor_records is None:
-                floor_records = await replay_sequential(sender, first.of_class(floor_cls)[:args.floor_requests],
-                                                        per_request_cap_s=cap, progress=args.progress,
-                                                        label=f"{label} idle floor")
-                floor_policy = policy
-            before = await metrics.scrape_all(metrics_urls)
-            driven = await scenario.drive(args, Target(label, sender, address, stack, worker_addresses),
-                                          workload, tokenizer)
-            after = await metrics.scrape_all(metrics_urls)
-        finally:
-            await sender.close()
-            if stack is not None:
-                stack.stop()  # synchronous: runs even when Ctrl-C cancelled the run
-        run_records[label] = driven.records
-        if driven.kept is not None:
-            kept[label] = driven.kept
-        runs.append({"policy": policy, **({"sweep": point} if point else {}), "stack": stack_info or None,
-                     "worker_metrics": metrics.counter_totals(before, after),
-                     "worker_timing": metrics.worker_timing(before, after), "_records": driven.records,
-                     **driven.run_doc})
+    for round_index in range(repeat):
+        # Round r starts at policy r mod len: no policy always runs first (warm caches, a cool machine).
+        shift = round_index % len(names)
+        order = names[shift:] + names[:shift]
+        this_round = {"round": round_index + 1, "order": order, "runs": [], "floor_records": None,
+                      "floor_policy": None}
+        rounds.append(this_round)
+        round_tag = f" r{round_index + 1}" if repeat > 1 else ""
+        for policy, (point, workload) in [(p, pw) for p in order for pw in zip(points, workloads)]:
+            label = policy + (f" {next(iter(point))}={next(iter(point.values())):g}" if point else "") + round_tag
+            stack = None
+            metrics_urls = list(args.metrics_url)
+            worker_addresses = list(args.agent_worker)
+            stack_info: dict = {}
+            address = args.target
+            if mode == "stack":
+                cfg = bench_policies.apply(policy, base_cfg)
+                cfg = dataclasses.replace(cfg, log_dir=str(Path(base_cfg.log_dir) / label.replace(" ", "_")))
+                stack = Stack(cfg)
+                metrics_urls = _stack_metrics_urls(cfg)
+                worker_addresses = [f"{cfg.host}:{cfg.port(WORKER_PORT) + i}" for i in range(cfg.workers)]
+                stack_info = {"address": cfg.router_address, **bench_policies.describe(policy, base_cfg),
+                              "log_dir": cfg.log_dir}
+                address = cfg.router_address
+            if mode == "openai":
+                sender = OpenAISender(args.openai_url, args.model, priorities=priorities, api_key=args.api_key)
+            else:
+                sender = GrpcSender(address, request_id_prefix=f"bench-{label.replace(' ', '-')}")
+            try:
+                if stack is not None:
+                    print(f"[{label}] starting stack (logs in {stack.config.log_dir})", file=sys.stderr, flush=True)
+                    try:
+                        await asyncio.to_thread(stack.start, args.stack_timeout)
+                    except (RuntimeError, TimeoutError, OSError) as exc:
+                        failure = f"stack for {label!r} did not start: {exc} (logs in {stack.config.log_dir})"
+                        break
+                if args.warmup:
+                    await replay_sequential(sender, warmup_specs(workload.requests, args.warmup),
+                                            per_request_cap_s=cap, gap_s=0.0, progress=args.progress,
+                                            label=f"{label} warmup")
+                # The floor is measured once per round, on the round's first stack.
+                if with_floor and this_round["floor_records"] is None:
+                    this_round["floor_records"] = await replay_sequential(
+                        sender, first.of_class(floor_cls)[:args.floor_requests], per_request_cap_s=cap,
+                        progress=args.progress, label=f"{label} idle floor")
+                    this_round["floor_policy"] = policy
+                before = await metrics.scrape_all(metrics_urls)
+                driven = await scenario.drive(args, Target(label, sender, address, stack, worker_addresses),
+                                              workload, tokenizer)
+                after = await metrics.scrape_all(metrics_urls)
+            finally:
+                await sender.close()
+                if stack is not None:
+                    stack.stop()  # synchronous: runs even when Ctrl-C cancelled the run
+            run_records[label] = driven.records
+            if driven.kept is not None:
+                kept[label] = driven.kept
+            this_round["runs"].append({"policy": policy, **({"sweep": point} if point else {}),
+                                       **({"round": round_index + 1} if repeat > 1 else {}),
+                                       "stack": stack_info or None,
+                                       "worker_metrics": metrics.counter_totals(before, after),
+                                       "worker_timing": metrics.worker_timing(before, after),
+                                       "_records": driven.records, **driven.run_doc})
+        if failure:
+            break
+    rounds = [r for r in rounds if r["runs"]]
     if failure:
         print(f"qllm bench: {failure}", file=sys.stderr)
-        if not runs:
+        if not rounds:
             return 1
 
-    # The LS SLO comes from the floor measured in this same invocation (idle-ls: from its first run).
-    # The LS SLO covers the whole answer: its first token (TTFT) and every one after (TPOT).
-    floor_ref = floor_records or (runs[0]["_records"] if scenario.run_is_floor else None)
-    ls_slo, ttft_source = _floor_slo(args.ls_ttft_slo_ms, "--ls-ttft-slo-ms", floor_ref, "ttft_s", "TTFT",
-                                     args.slo_floor_multiple)
-    ls_tpot_slo, tpot_source = _floor_slo(args.ls_tpot_slo_ms, "--ls-tpot-slo-ms", floor_ref, "tpot_s", "TPOT",
-                                          args.tpot_slo_floor_multiple)
-    slo_source = "; ".join(s for s in (ttft_source, tpot_source) if s) or None
-    slos = {LS: {"ttft_ms": ls_slo, "tpot_ms": ls_tpot_slo, "source": slo_source},
-            BE: {"ttft_ms": args.be_ttft_slo_ms, "tpot_ms": None,
-                 "source": "--be-ttft-slo-ms" if args.be_ttft_slo_ms is not None else None}}
-    floor_doc = None
-    if floor_records:
-        floor_doc = {"policy": floor_policy, **summarize(floor_records, slos, classes=(floor_cls,))}
-    for run_doc in runs:
-        run_doc.update(summarize(run_doc.pop("_records"), slos, classes=classes))
+    for this_round in rounds:
+        # The LS SLO comes from the floor measured in this same round (idle-ls: from its first run).
+        # The LS SLO covers the whole answer: its first token (TTFT) and every one after (TPOT).
+        floor_records = this_round["floor_records"]
+        floor_ref = floor_records or (this_round["runs"][0]["_records"] if scenario.run_is_floor else None)
+        ls_slo, ttft_source = _floor_slo(args.ls_ttft_slo_ms, "--ls-ttft-slo-ms", floor_ref, "ttft_or_cancel_s",
+                                         "TTFT", args.slo_floor_multiple)
+        ls_tpot_slo, tpot_source = _floor_slo(args.ls_tpot_slo_ms, "--ls-tpot-slo-ms", floor_ref, "tpot_s", "TPOT",
+                                              args.tpot_slo_floor_multiple)
+        slo_source = "; ".join(s for s in (ttft_source, tpot_source) if s) or None
+        slos = {LS: {"ttft_ms": ls_slo, "tpot_ms": ls_tpot_slo, "source": slo_source},
+                BE: {"ttft_ms": args.be_ttft_slo_ms, "tpot_ms": None,
+                     "source": "--be-ttft-slo-ms" if args.be_ttft_slo_ms is not None else None}}
+        floor_doc = None
+        if floor_records:
+            floor_doc = {"policy": this_round["floor_policy"],
+                         **summarize(floor_records, slos, classes=(floor_cls,))}
+        for run_doc in this_round["runs"]:
+            run_doc.update(summarize(run_doc.pop("_records"), slos, classes=classes))
+        this_round.update(slo=slos, floor=floor_doc,
+                          comparisons=report.comparisons(this_round["runs"], floor_doc, baseline=names[0]))
 
     params = {
         "mode": mode, "target": args.openai_url or args.target or "local stack per policy",
@@ -235,20 +257,35 @@ async def run(args: argparse.Namespace) -> int:
         "rates": {"ls-rate": args.ls_rate, "be-rate": scenario.be_rate(args), "rate": args.rate,
                   "time_scale": args.time_scale},
         "sweep": {"key": sweep[0], "values": sweep[1]} if sweep else None,
-        "slo": slos, "floor": floor_doc, "workload": first.info,
+        # with --repeat: round 1's; every round's are in doc["rounds"]
+        "slo": rounds[0]["slo"], "floor": rounds[0]["floor"], "workload": first.info,
         "openai_priority": priorities if mode == "openai" else None,
         "workers": args.workers if mode == "stack" else None,
         "started_at": started, "git_commit": _git_commit(), "cpu_count": os.cpu_count(),
         "incomplete": failure,
+        # TTFT percentiles count requests cancelled before their first token at their cancel time (bench/stats.py)
+        "ttft_counts_cancelled": True,
     }
+    if repeat > 1:
+        params["repeat"] = repeat
     if sweep:
         params["workload_by_sweep"] = [{"sweep": pt, **w.info} for pt, w in zip(points, workloads)]
-    doc = {"scenario": scenario.name, "params": params, "runs": runs,
-           "comparisons": report.comparisons(runs, floor_doc)}
+    runs = [run for this_round in rounds for run in this_round["runs"]]
+    if repeat > 1:
+        doc = {"scenario": scenario.name, "params": params, "runs": runs,
+               "rounds": [{k: r[k] for k in ("round", "order", "floor", "slo", "comparisons")} for r in rounds],
+               "comparisons": report.comparisons_over_rounds([r["comparisons"] for r in rounds])}
+    else:  # one round: the document as before --repeat existed
+        doc = {"scenario": scenario.name, "params": params, "runs": runs, "comparisons": rounds[0]["comparisons"]}
     scenario.finish_document(doc)
-    written = report.write(out_dir, name, doc, run_records, floor_records,
-                           sweep_key=sweep[0] if sweep else None, save_requests=args.save_requests)
-    written += scenario.write_files(out_dir, name, kept)
+    floors = {("idle floor" + (f" r{r['round']}" if repeat > 1 else "")): r["floor_records"]
+              for r in rounds if r["floor_records"]}
+    written = report.write(out_dir, name, doc, run_records, floors,
+                           sweep_key=sweep[0] if sweep else None,
+                           save_requests=args.save_requests and not args.summary_only,
+                           plots=not args.summary_only)
+    if not args.summary_only:
+        written += scenario.write_files(out_dir, name, kept)
     print(report.markdown(doc))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 1 if failure else 0

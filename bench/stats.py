@@ -7,8 +7,11 @@ Definitions (the ones vLLM's benchmark_serving uses):
 - Percentiles interpolate linearly between closest ranks (numpy's default method).
 
 Which requests count where: `count` is every request the workload sent. TTFT is over requests that got a
-first token (also those cancelled later; `without_first_token` counts the others, whose TTFT is beyond the
-run); TPOT and E2E over completed requests. A request that failed or was
+first token (also those cancelled later) and over those the bench cancelled before their first token, which
+count at their cancel time (arrival to when the bench gave up: a lower bound of their TTFT). Leaving them out
+would flatter the policy that starves them. `without_first_token` counts the requests that never got a token
+(cancelled or failed); a failed request without a token is not in TTFT (it says nothing about waiting).
+TPOT and E2E are over completed requests. A request that failed or was
 cancelled at the drain cap is in `errors` / `cancelled` and never meets an SLO, so SLO attainment is over
 `count`, not over the requests that happened to finish.
 """
@@ -51,6 +54,17 @@ class RequestRecord:
         if self.sent_s is None or self.first_token_s is None:
             return None
         return self.first_token_s - self.sent_s
+
+    @property
+    def ttft_or_cancel_s(self) -> float | None:
+        """TTFT; for a request the bench cancelled before its first token, the time from its arrival (its send,
+        where it was sent) to the cancel: what the TTFT percentiles count."""
+        if self.first_token_s is not None:
+            return self.ttft_s
+        if not self.cancelled or self.error or self.finished_s is None:
+            return None
+        start = self.sent_s if self.sent_s is not None else self.arrival_s
+        return max(0.0, self.finished_s - start)
 
     @property
     def tpot_s(self) -> float | None:
@@ -105,7 +119,7 @@ def class_summary(records: Sequence[RequestRecord], window_s: float, ttft_slo_ms
                   tpot_slo_ms: float | None = None) -> dict:
     """Figures for one class. A request meets the SLO when it completed and its TTFT (and TPOT, where an
     SLO is given and the request has one) are within it. None where there is no SLO."""
-    ttft = [r.ttft_s for r in records if r.ttft_s is not None]
+    ttft = [r.ttft_or_cancel_s for r in records if r.ttft_or_cancel_s is not None]
     tpot = [r.tpot_s for r in records if r.tpot_s is not None]
     e2e = [r.e2e_s for r in records if r.e2e_s is not None]
     out_tokens = sum(r.output_tokens for r in records)

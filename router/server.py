@@ -31,8 +31,11 @@ log = get_logger(__name__)
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, core: RouterCore, limits: Limits, predictor: PredictorClient, kvmanager: KVManagerClient,
-                 keyring: KeyRing | None = None, limiter: RateLimiter | None = None):
+                 keyring: KeyRing | None = None, limiter: RateLimiter | None = None,
+                 be_length_estimates: str = "order"):
         self.core = core
+        # What BE requests tell the worker of their output length (--be-length-estimates).
+        self.be_length_estimates = be_length_estimates
         self.limits = limits
         self.predictor = predictor
         self.kvmanager = kvmanager
@@ -175,6 +178,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         predictor cannot read: token ids)."""
         order = self.core.queues.be_order
         prompt = text_for_prediction(request)
+        await self._set_length_estimate(job, request, prompt)
         if prompt is None:
             if order == "oracle":
                 job.true_length = request.max_tokens
@@ -188,13 +192,27 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if estimate is not None:
                 job.est_remaining_s = estimate.remaining_s
                 # The worker re-estimates from it as tokens stream (a preempted request that has produced
-                # most of its output is nearly done).
-                job.submit.predicted_output_tokens = estimate.predicted_output_tokens
+                # most of its output is nearly done). --be-length-estimates oracle keeps the true length.
+                if self.be_length_estimates != "oracle":
+                    job.submit.predicted_output_tokens = estimate.predicted_output_tokens
         elif order == "oracle":
             job.true_length = request.max_tokens  # the bench sends ignore_eos, so this is the true length
         else:
             # Arrival order needs no score before dispatch: ask in the background, off the request's path.
             self._spawn(self._record_score(prompt))
+
+    async def _set_length_estimate(self, job: Job, request: router_pb2.GenerateRequest, prompt: str | None) -> None:
+        """--be-length-estimates beyond the speculative order's own: the worker orders waiting BE work and ALISE
+        prices KV victims by the predicted length, or (oracle) by max_tokens, the true length under ignore_eos.
+        No estimate (predictor down, token-id input) leaves it unset: the worker then uses the max_tokens budget."""
+        if self.be_length_estimates == "oracle":
+            job.submit.predicted_output_tokens = request.max_tokens
+        # (the speculative order asks the predictor itself)
+        elif (self.be_length_estimates == "predictor" and prompt is not None
+              and self.core.queues.be_order != "speculative"):
+            estimate = await self.predictor.estimate(prompt, request.max_tokens)
+            if estimate is not None:
+                job.submit.predicted_output_tokens = estimate.predicted_output_tokens
 
     async def _record_score(self, prompt: str) -> None:
         scores = await self.predictor.rank([prompt])
@@ -225,6 +243,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--be-order", default="arrival", choices=["arrival", "ltr", "speculative", "oracle"],
                  help="order within the BE queue: arrival, ltr (shortest predicted first), speculative "
                       "(least estimated time first), oracle (true length; benchmarks only)")
+    settings.add(parser, "--be-length-estimates", default="order", choices=["order", "predictor", "oracle"],
+                 help="the output length each BE request carries to the worker (which orders waiting BE work and "
+                      "prices ALISE's KV victims by what is left of it): order = only the speculative order's "
+                      "predictor estimate; predictor = the predictor's estimate whatever the order; oracle = "
+                      "max_tokens, the true length when the client sets ignore_eos (benchmarks only)")
     settings.add(parser, "--starvation-threshold", type=int, default=32,
                  help="BE request passed over this many times is promoted (0 = off)")
     settings.add(parser, "--promotion-rounds", type=int, default=8, help="how long a promotion lasts")
@@ -280,7 +303,8 @@ async def build(args: argparse.Namespace) -> tuple[serving.Service, RouterServic
         keyring = open_access()
         log.warning("NO API KEY FILE: open access, anyone who reaches this port may send LS traffic; "
                     "set --api-keys / QLLM_API_KEYS")
-    servicer = RouterServicer(core, limits, predictor, kvmanager, keyring, RateLimiter())
+    servicer = RouterServicer(core, limits, predictor, kvmanager, keyring, RateLimiter(),
+                              be_length_estimates=args.be_length_estimates)
 
     async def on_start():
         await discovery.start()

@@ -45,7 +45,8 @@ RATIOS = (("no-pin", "ttl"), ("ttl", "pin-forever"), ("fixed-ttl", "ttl"))
 
 
 def ratios(runs: Sequence[dict]) -> list[dict]:
-    """Mean and p99 JCT of one policy over another's, for the pairs in RATIOS present in this run."""
+    """Mean and p99 JCT of one policy over another's, for the pairs in RATIOS present in these runs (one
+    round's: a policy's last run counts)."""
     by = {r["policy"]: r for r in runs if r.get("jct_ms") and not r.get("sweep")}
     out = []
     for a, b in RATIOS:
@@ -56,6 +57,38 @@ def ratios(runs: Sequence[dict]) -> list[dict]:
                 row[f"jct_{q}"] = x / y if x is not None and y else None
             out.append(row)
     return out
+
+
+def ratios_over_rounds(per_round: Sequence[Sequence[dict]]) -> list[dict]:
+    """The rounds' ratios() in one: each JCT ratio's spread (median, min, max) over the rounds."""
+    from bench.report import spread
+
+    by_ratio: dict[str, dict[str, list]] = {}
+    for rows in per_round:
+        for row in rows:
+            acc = by_ratio.setdefault(row["ratio"], {})
+            for key, value in row.items():
+                if key != "ratio":
+                    acc.setdefault(key, []).append(value)
+    return [{"ratio": name, **{k: spread(v) for k, v in acc.items()}} for name, acc in by_ratio.items()]
+
+
+def finish_document(doc: dict) -> None:
+    """doc["jct_ratios"]: the run's; with rounds, each round's in its entry of doc["rounds"] and their spread."""
+    if not doc.get("rounds"):
+        doc["jct_ratios"] = ratios(doc["runs"])
+        return
+    per_round = []
+    for entry in doc["rounds"]:
+        entry["jct_ratios"] = ratios([r for r in doc["runs"] if r.get("round") == entry["round"]])
+        per_round.append(entry["jct_ratios"])
+    doc["jct_ratios"] = ratios_over_rounds(per_round)
+
+
+def _ratio_cell(v) -> str:
+    if isinstance(v, dict):
+        return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+    return _f(v, 2)
 
 
 def _f(v, digits: int = 1) -> str:
@@ -80,18 +113,21 @@ def markdown(doc: dict) -> str:
         ttft = cls.get("ttft_ms", {})
         pk = r.get("pinned_kv", {})
         hit = r.get("prefix_hit_share")
+        label = r["policy"] + (" " + json.dumps(r["sweep"]) if r.get("sweep") else "") + (
+            f" (round {r['round']})" if r.get("round") else "")
         lines.append(
-            f"| {r['policy']}{(' ' + json.dumps(r['sweep'])) if r.get('sweep') else ''} | {r['programs']['count']} "
+            f"| {label} | {r['programs']['count']} "
             f"| {r['programs']['completed']} | {_f(_s(j['p50']))} | {_f(_s(j['p99']))} | {_f(_s(j['mean']))} "
             f"| {_f(ttft.get('p50'), 0)} | {_f(ttft.get('p99'), 0)} | {'–' if hit is None else f'{100 * hit:.0f}%'} "
             f"| {_f(pk.get('mean_tokens'), 0)} | {_f(pk.get('max_tokens'))} | {_f(r.get('programs_per_s'), 3)} "
             f"| {_f(r.get('total_output_tok_s'))} |")
-    rows = ratios(doc["runs"])
+    rows = doc["jct_ratios"] if "jct_ratios" in doc else ratios(doc["runs"])
     if rows:
-        lines += ["", "| JCT ratio | mean | p50 | p99 |", "|---|---|---|---|"]
+        over = f" (median (min-max) over {len(doc['rounds'])} rounds)" if doc.get("rounds") else ""
+        lines += ["", f"| JCT ratio{over} | mean | p50 | p99 |", "|---|---|---|---|"]
         for row in rows:
-            lines.append(f"| {row['ratio']} | {_f(row['jct_mean'], 2)} | {_f(row['jct_p50'], 2)} "
-                         f"| {_f(row['jct_p99'], 2)} |")
+            lines.append(f"| {row['ratio']} | {_ratio_cell(row['jct_mean'])} | {_ratio_cell(row['jct_p50'])} "
+                         f"| {_ratio_cell(row['jct_p99'])} |")
     return "\n".join(lines) + "\n"
 
 

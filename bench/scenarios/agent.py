@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.agent.driver import AgentSender, PinSampler, run_programs
 from bench.agent.programs import AgentConfig, build_agent_workload
-from bench.agent.summary import ratios, summarize_programs, write_programs
+from bench.agent.summary import finish_document, summarize_programs, write_programs
 from bench.policies import PIN_POLICIES
 from bench.scenarios.base import Driven, Scenario, Target
 from qllm import internal_auth
@@ -67,7 +67,7 @@ class Agent(Scenario):
         return Driven([t for p in programs for t in p.turns], summarize_programs(programs, samples), programs)
 
     def finish_document(self, doc: dict) -> None:
-        doc["jct_ratios"] = ratios(doc["runs"])
+        finish_document(doc)
 
     def write_files(self, out_dir, name: str, kept: dict) -> list:
         if not kept:

@@ -230,3 +230,22 @@ async def test_cli_agent_scenario_against_a_router(fake_router, tmp_path):
     lines = (out / "agent.programs.jsonl").read_text().splitlines()
     assert len(lines) == n and all(json.loads(x)["completed"] for x in lines)
     assert "Agent programs" in (out / "agent.md").read_text()
+
+
+def test_jct_ratios_over_rounds():
+    from bench.agent.summary import finish_document
+
+    runs = []
+    for round_no, no_pin_mean in ((1, 60_000.0), (2, 30_000.0), (3, 40_000.0)):
+        runs += [{**_run_doc("no-pin", no_pin_mean, 90_000.0), "round": round_no},
+                 {**_run_doc("ttl", 20_000.0, 30_000.0), "round": round_no}]
+    doc = {"scenario": "agent", "params": {"duration_s": 1}, "runs": runs,
+           "rounds": [{"round": n, "order": []} for n in (1, 2, 3)]}
+    finish_document(doc)
+    report.validate(doc)
+    assert [r["jct_ratios"][0]["jct_mean"] for r in doc["rounds"]] == [3.0, 1.5, 2.0]
+    (row,) = doc["jct_ratios"]
+    assert row["ratio"] == "no-pin / ttl" and row["jct_mean"] == {"median": 2.0, "min": 1.5, "max": 3.0, "n": 3}
+    md = markdown(doc)
+    assert "| no-pin / ttl | 2.00 (1.50-3.00) | 2.00 (1.50-3.00) | 3.00 (3.00-3.00) |" in md
+    assert "| ttl (round 2) | 2 |" in md

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import bench.cli as bench_cli
-from bench import runner
+from bench import report_command, runner
 from qllm.cli import build_parser
 from qllm.up import ROUTER_PORT
 
@@ -141,3 +141,61 @@ async def test_stack_that_fails_to_start_keeps_earlier_results(fake_router, data
     doc = json.loads((out / "mixed.json").read_text())
     assert [r["policy"] for r in doc["runs"]] == ["fcfs"]
     assert "worker0 exited" in doc["params"]["incomplete"]
+
+
+async def test_repeat_rotates_the_policies_and_reports_each_ratio_over_the_rounds(fake_router, data_env, tmp_path,
+                                                                                   monkeypatch):
+    address, script = fake_router
+    port = int(address.rsplit(":", 1)[1])
+    started = []
+
+    class FakeStack:
+        def __init__(self, cfg):
+            self.config = cfg
+
+        def start(self, timeout_s):
+            started.append(self.config.policy)
+            return self
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(runner, "Stack", FakeStack)
+    monkeypatch.setattr(runner, "_port_free", lambda host, port: True)
+    out = tmp_path / "out"
+    rc = await bench_cli.run(_args(["--policies", "fcfs,qllm", "--repeat", "3", "--port-offset",
+                                    str(port - ROUTER_PORT), "--tokenizer", data_env, "--out", str(out),
+                                    "--summary-only", *FAST]))
+    assert rc == 0
+    assert started == ["fcfs", "qllm", "qllm", "fcfs", "fcfs", "qllm"]  # round r starts at policy r mod 2
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["mixed.json", "mixed.md"]
+    doc = json.loads((out / "mixed.json").read_text())
+    assert doc["params"]["repeat"] == 3
+    assert [(r["policy"], r["round"]) for r in doc["runs"]] == [
+        ("fcfs", 1), ("qllm", 1), ("qllm", 2), ("fcfs", 2), ("fcfs", 3), ("qllm", 3)]
+    rounds = doc["rounds"]
+    assert [r["order"] for r in rounds] == [["fcfs", "qllm"], ["qllm", "fcfs"], ["fcfs", "qllm"]]
+    # each round measured its own floor on its first stack, and its SLO comes from it
+    assert [r["floor"]["policy"] for r in rounds] == ["fcfs", "qllm", "fcfs"]
+    for r in rounds:
+        floor_p50 = r["floor"]["classes"]["LS"]["ttft_ms"]["p50"]
+        assert r["slo"]["LS"]["ttft_ms"] == pytest.approx(5 * floor_p50)
+        assert r["comparisons"]["baseline"] == "fcfs"  # the first named policy, whichever ran first
+    assert doc["params"]["floor"] == rounds[0]["floor"]
+    comp = doc["comparisons"]
+    assert comp["baseline"] == "fcfs" and comp["rounds"] == 3
+    rows = {r["policy"]: r for r in comp["rows"]}
+    per_round = [{row["policy"]: row for row in r["comparisons"]["rows"]}["qllm"]["ls_ttft_p50_vs_floor"]
+                 for r in rounds]
+    spread = rows["qllm"]["ls_ttft_p50_vs_floor"]
+    assert spread == {"median": pytest.approx(sorted(per_round)[1]), "min": min(per_round), "max": max(per_round),
+                      "n": 3}
+    assert rows["fcfs"]["ls_ttft_p50_vs_baseline"] == {"median": 1.0, "min": 1.0, "max": 1.0, "n": 3}
+    assert rows["qllm"]["ls_tpot_p50_vs_baseline"]["n"] == 3  # every ratio of a row, also those not in the table
+    md = (out / "mixed.md").read_text()
+    assert "median (min-max) over 3 rounds" in md
+    assert f"| qllm | {spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f}) |" in md
+    assert "| idle floor (qllm) | 2 | LS |" in md and "| qllm | 3 | BE |" in md
+    assert "TTFT counts requests without a first token at their cancel time" in md
+    # `qllm bench report` gives the same tables from the JSON alone
+    assert md == "# Benchmark `mixed`\n\n" + report_command.render_file(out / "mixed.json")

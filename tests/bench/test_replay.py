@@ -122,3 +122,19 @@ async def test_sequential_is_one_at_a_time(fake_router):
         assert b.sent_s >= a.finished_s
     assert all(r.ttft_s == pytest.approx(LS_TTFT, abs=TOL) for r in recs)
     assert 1 <= len(limited) < 4
+
+
+async def test_a_request_starved_past_the_drain_cap_counts_in_ttft_at_its_cancel_time(fake_router):
+    from qllm.v1 import common_pb2
+
+    address, script = fake_router
+    script.ttft_s[common_pb2.PRIORITY_LATENCY_SENSITIVE] = 30.0  # never gets a token before the cap
+    sender = GrpcSender(address)
+    try:
+        (r,) = await replay(sender, [_spec(0, LS, 0.0)], duration_s=0.1, drain_cap_s=0.3, progress=False)
+    finally:
+        await sender.close()
+    assert r.cancelled and r.ttft_s is None
+    assert r.ttft_or_cancel_s == pytest.approx(0.4, abs=TOL)  # sent at 0, given up at duration + drain cap
+    s = summarize([r])["classes"][LS]
+    assert s["without_first_token"] == 1 and s["ttft_ms"]["p50"] == pytest.approx(400, abs=1000 * TOL)

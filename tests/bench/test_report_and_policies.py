@@ -133,3 +133,22 @@ def test_prometheus_deltas():
         'qllm_worker_ttft_seconds_count{priority="LS"}': 3.0,
         'qllm_worker_ttft_seconds_sum{priority="LS"}': 1.5,
     }
+
+
+def test_ratios_over_rounds_are_median_min_max_of_each_rounds_ratio():
+    def round_comp(qllm_ttft, qllm_be):
+        rows = [{"policy": "fcfs", **{k: 1.0 for k in report.RATIO_KEYS}},
+                {"policy": "qllm", **{k: None for k in report.RATIO_KEYS},
+                 "ls_ttft_p50_vs_baseline": qllm_ttft, "be_output_tok_s_vs_baseline": qllm_be}]
+        return {"baseline": "fcfs", "rows": rows}
+
+    comp = report.comparisons_over_rounds([round_comp(0.1, 0.8), round_comp(0.3, None), round_comp(0.2, 0.6)])
+    assert comp["baseline"] == "fcfs" and comp["rounds"] == 3
+    qllm = comp["rows"][1]
+    assert qllm["policy"] == "qllm"
+    assert qllm["ls_ttft_p50_vs_baseline"] == {"median": 0.2, "min": 0.1, "max": 0.3, "n": 3}
+    # a round without the figure does not count: median of the two that have it
+    assert qllm["be_output_tok_s_vs_baseline"] == {"median": pytest.approx(0.7), "min": 0.6, "max": 0.8, "n": 2}
+    assert qllm["ls_ttft_p99_vs_floor"] is None
+    assert report._ratio_cell(qllm["ls_ttft_p50_vs_baseline"]) == "0.20 (0.10-0.30)"
+    assert report._ratio_cell(None) == "–" and report._ratio_cell(1.234) == "1.23"

@@ -72,3 +72,21 @@ def test_summarize_window_and_total():
     assert s["total_output_tok_s"] == pytest.approx(40 / s["window_s"])
     assert set(s["classes"]) == {"LS", "BE"}
     assert s["classes"]["LS"]["slo_attainment"] == 1.0 and s["classes"]["BE"]["slo_attainment"] is None
+
+
+def test_ttft_counts_requests_cancelled_before_their_first_token_at_their_cancel_time():
+    starved = RequestRecord(index=1, cls="LS", arrival_s=0.0, prompt_tokens=10, max_tokens=5, sent_s=0.5,
+                            finished_s=30.5, cancelled=True, finish_reason="cancelled-by-bench")
+    never_sent = RequestRecord(index=2, cls="LS", arrival_s=2.0, prompt_tokens=10, max_tokens=5, finished_s=12.0,
+                               cancelled=True, finish_reason="not-sent-before-drain-cap")
+    failed = _rec(3, "LS", 0.0, 0.0, 0, 0.0, error="UNAVAILABLE: down")
+    assert starved.ttft_s is None and starved.ttft_or_cancel_s == pytest.approx(30.0)  # from its send
+    assert never_sent.ttft_or_cancel_s == pytest.approx(10.0)  # from its arrival
+    assert failed.ttft_or_cancel_s is None
+    served = [_rec(0, "LS", 0.0, 0.1, 5, 0.01), _rec(4, "LS", 0.0, 0.3, 5, 0.01)]
+    s = class_summary([*served, starved, never_sent, failed], window_s=31.0)
+    assert s["without_first_token"] == 3
+    # over 100, 300, 10000 and 30000 ms: leaving the two cancelled ones out would give a p50 of 200 ms
+    assert s["ttft_ms"]["p50"] == pytest.approx((300 + 10_000) / 2)
+    assert s["ttft_ms"]["p99"] == pytest.approx(10_000 + 0.97 * 20_000)
+    assert class_summary(served, window_s=1.0)["ttft_ms"]["p50"] == pytest.approx(200.0)
