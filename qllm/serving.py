@@ -34,6 +34,10 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # As a server: accept the peers' 20 s keepalive pings on idle long-lived streams (the router's worker
+    # streams). gRPC's default expects at most one ping per 5 minutes without data and answers more with a
+    # GOAWAY (too_many_pings), which dropped those streams.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
 ]
 
 

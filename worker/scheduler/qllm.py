@@ -5,8 +5,13 @@ boundary whether the running step should yield (should_park); it does when LS wo
 began. The engine then parks the step after layer k (hidden states, positions, layout and the KV written so
 far stay as they are) and schedules again: LS-only steps run (the new LS prefill first; a later LS arrival
 parks that one too, so preemption nests), and the parked step resumes at layer k+1 with no recomputation.
-`SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run before a parked BE step resumes;
-after it the LS decodes join the next full iteration alongside BE.
+`SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run for fresh arrivals before a parked
+BE step resumes.
+
+LS decode pacing (`ls_tpot_target_s`): running LS streams decode in LS-only steps of their own, one whenever
+a stream's next token is due, and a running BE step parks for that step as it does for an arrival; full
+iterations beside LS streams skip them and take a smaller token budget, so a BE layer is short enough to park
+in time. Off (0), LS decodes ride full iterations with BE prefill chunks.
 
 BE admission also leaves `ls_reserved_kv_tokens` of KV and `ls_reserved_slots` running slots free, so an
 LS request normally starts without preempting BE at all: iteration-level preemption drops a BE request's
