@@ -34,10 +34,12 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # As a server: accept the peers' 20 s keepalive pings on idle long-lived streams (the router's worker
-    # streams). gRPC's default expects at most one ping per 5 minutes without data and answers more with a
-    # GOAWAY (too_many_pings), which dropped those streams.
+    # As a server: accept the peers' keepalive pings (every 20 s, idle or not) and their flow-control probes
+    # on long-lived streams (the router's worker streams). gRPC's default expects at most one ping per 5
+    # minutes without data and answers more with a GOAWAY (too_many_pings), which dropped those streams; the
+    # services' peers are qllm's own, so ping strikes are not counted.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
