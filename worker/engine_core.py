@@ -219,12 +219,12 @@ class EngineCore:
             self._observe_step(plan, time.monotonic() - started)
         self._count_preemptions(plan)
         self._note_slow_ls(plan)
-        outputs = self._take_pending() + self.scheduler.update_from_output(plan, output)
+        outputs = self.scheduler.update_from_output(plan, output)
         for out in outputs:
             if out.finished:
                 self.runner.release(out.request_id)
         self.num_steps += 1
-        return outputs, True
+        return self._take_pending() + outputs, True
 
     def _park_check(self, plan: SchedulerOutput):
         """What the runner asks at each layer boundary: new arrivals reach the scheduler, which decides."""
