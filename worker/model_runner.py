@@ -15,6 +15,7 @@ import torch
 
 from worker.logprobs import sampled_logprobs
 from worker.outputs import ModelRunnerOutput
+from worker.moe import EXPERTS_IMPLEMENTATION
 from worker.model_loader import LoadedModel, family_adapter, layer_windows
 from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
                                 prefill_mask)
@@ -51,6 +52,8 @@ class ModelRunner:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except Exception:  # older loaders validate names strictly; the config switch is what layers read
             model.config._attn_implementation = ATTN_IMPLEMENTATION
+        if model.config._experts_implementation is not None:  # MoE families built on transformers' interface
+            model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
         self.model = model
         self.decoder = model.model
         self.layers = list(self.decoder.layers)

@@ -4,7 +4,7 @@ A decode row attends one query token to its whole context. One framework attenti
 (the old path) cost more in call overhead and copies than in arithmetic, and gathering every row's blocks into
 a padded batch copies the whole KV each layer. So, as vLLM's and SGLang's CPU backends do, the CPU path is a
 small native kernel (worker/csrc/paged_decode.c) that walks each row's block table and reads keys and values
-once, in place. It is compiled on first use with the machine's C compiler into a per-user cache. Where there is
+once, in place. It is compiled on first use with the machine's C compiler (worker/native.py). Where there is
 no compiler, or on a GPU, the rows' blocks are gathered into one padded batch and attended with one masked
 matmul-softmax-matmul, which is what a GPU does well. Keys and values may have different head sizes.
 
@@ -16,28 +16,11 @@ form, on every device.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from qllm.logs import get_logger
-
-log = get_logger(__name__)
-
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode.c"
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=gnu11")
-
-_lock = threading.Lock()
-_kernel: ctypes.CDLL | None = None
-_kernel_tried = False
+from worker import native
 
 
 @dataclass
@@ -50,68 +33,13 @@ class DecodeBatch:
     device_kv_lens: torch.Tensor | None = None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("QLLM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qllm")
-    return Path(root) / "kernels"
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_ARGTYPES = [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_int64, _P, _I]
 
 
-def _build_key(compiler: str) -> str:
-    """The library's name changes with the source, the flags, the compiler and the CPU (-march=native)."""
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join((compiler,) + CFLAGS).encode())
-    h.update(platform.machine().encode())
-    try:
-        with open("/proc/cpuinfo") as f:
-            h.update(next((line for line in f if line.startswith("flags")), "").encode())
-    except OSError:
-        pass
-    return h.hexdigest()[:16]
-
-
-def _compile() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        log.warning("no C compiler: decode attention falls back to a gathered batch", kernel=SOURCE.name)
-        return None
-    target = _cache_dir() / f"paged_decode-{_build_key(compiler)}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target, then rename: workers starting together never load a half-written file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
-                           timeout=120)
-            os.replace(tmp, target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", b"") or b""
-            log.warning("decode attention kernel did not compile; using a gathered batch", error=str(exc),
-                        stderr=detail.decode(errors="replace")[-2000:])
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
-    fn = lib.qllm_paged_decode
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_int]
-    return lib
-
-
-def native_kernel() -> ctypes.CDLL | None:
-    """The compiled CPU kernel, or None when it cannot be built here (compiled once per process)."""
-    global _kernel, _kernel_tried
-    if not _kernel_tried:
-        with _lock:
-            if not _kernel_tried:
-                if os.environ.get("QLLM_NATIVE_DECODE", "1") != "0":
-                    _kernel = _compile()
-                _kernel_tried = True
-    return _kernel
+def native_kernel():
+    """The compiled decode kernel (worker/csrc/paged_decode.c), or None when it cannot be built here."""
+    return native.kernel("qllm_paged_decode", ctypes.c_int, _ARGTYPES, env_switch="QLLM_NATIVE_DECODE")
 
 
 def uses_native(pool: torch.Tensor) -> bool:
@@ -138,7 +66,7 @@ def _native(query, key_pool, value_pool, batch, scale, window, sinks) -> torch.T
     out = q.new_empty(rows, heads, v_head_dim)
     s = sinks.to(torch.float32).contiguous() if sinks is not None else None
     tables, lens = batch.block_tables, batch.kv_lens
-    status = native_kernel().qllm_paged_decode(
+    status = native_kernel()(
         q.data_ptr(), key_pool.data_ptr(), value_pool.data_ptr(), int(key_pool.dtype == torch.bfloat16),
         tables.data_ptr(), lens.data_ptr(), out.data_ptr(), rows, heads, key_pool.shape[2], head_dim, v_head_dim,
         key_pool.shape[1], tables.shape[1], float(scale), int(window), s.data_ptr() if s is not None else None,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from worker import paged_decode
+from worker import native, paged_decode
 from worker.paged_decode import DecodeBatch, decode_attention
 
 
@@ -100,15 +100,15 @@ def test_kernel_is_built_once_per_machine_and_reused(tmp_path, monkeypatch):
     if paged_decode.native_kernel() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("QLLM_CACHE_DIR", str(tmp_path))
-    first = paged_decode._compile()
-    built = list((tmp_path / "kernels").glob("paged_decode-*.so"))
+    first = native._compile()
+    built = list((tmp_path / "kernels").glob("qllm_kernels-*.so"))
     assert first is not None and len(built) == 1
     mtime = built[0].stat().st_mtime_ns
-    assert paged_decode._compile() is not None
+    assert native._compile() is not None
     assert built[0].stat().st_mtime_ns == mtime  # loaded from the cache, not rebuilt
 
 
 def test_no_compiler_falls_back_to_the_gathered_path(tmp_path, monkeypatch):
     monkeypatch.setenv("QLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    assert paged_decode._compile() is None
+    assert native._compile() is None

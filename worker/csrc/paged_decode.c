@@ -9,42 +9,11 @@
  * window > 0 keeps only the last `window` positions (sliding-window layers); sinks (one logit per head, or
  * NULL) join the softmax's denominator only (gpt-oss's attention sinks).
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "common.h"
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Dot products over head_dim with 8 independent partial sums, so the compiler vectorises the loop. */
-static inline float dot_f32(const float *a, const float *b, int d) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int i = 0;
-    for (; i + 8 <= d; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < d; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline float dot_bf16(const float *a, const uint16_t *b, int d) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int i = 0;
-    for (; i + 8 <= d; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * bf16_to_f32(b[i + j]);
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < d; i++) s += a[i] * bf16_to_f32(b[i]);
-    return s;
-}
-
-static void attend_row(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
-                       const int64_t *blocks, int64_t kv_len, float *out, int heads, int kv_heads, int head_dim,
-                       int v_head_dim, int block_size, float scale, int64_t window, const float *sinks, float *scores) {
+void qllm_attend_row(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
+                     const int64_t *blocks, int64_t kv_len, float *out, int heads, int kv_heads, int head_dim,
+                     int v_head_dim, int block_size, float scale, int64_t window, const float *sinks, float *scores) {
     /* Tokens outermost, so each token's keys (then values) of all heads are read once, in memory order;
      * scores[head * n + t]. */
     const int group = heads / kv_heads;
@@ -112,9 +81,9 @@ int qllm_paged_decode(const float *q, const void *k_pool, const void *v_pool, in
                 failed = 1;
                 continue;
             }
-            attend_row(q + (int64_t)r * heads * head_dim, k_pool, v_pool, is_bf16,
-                       block_tables + (int64_t)r * max_blocks, kv_lens[r], out + (int64_t)r * heads * v_head_dim,
-                       heads, kv_heads, head_dim, v_head_dim, block_size, scale, window, sinks, scores);
+            qllm_attend_row(q + (int64_t)r * heads * head_dim, k_pool, v_pool, is_bf16,
+                            block_tables + (int64_t)r * max_blocks, kv_lens[r], out + (int64_t)r * heads * v_head_dim,
+                            heads, kv_heads, head_dim, v_head_dim, block_size, scale, window, sinks, scores);
         }
         free(scores);
     }

@@ -1,0 +1,90 @@
+/* Helpers shared by the kernels in worker/csrc (one library, built by worker/native.py). */
+#ifndef QLLM_COMMON_H
+#define QLLM_COMMON_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Dot products over head_dim with 8 independent partial sums, so the compiler vectorises the loop. */
+static inline float dot_f32(const float *a, const float *b, int d) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline float dot_bf16(const float *a, const uint16_t *b, int d) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * bf16_to_f32(b[i + j]);
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < d; i++) s += a[i] * bf16_to_f32(b[i]);
+    return s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline __m256 load8(const void *w, int is_bf16, int64_t i) {
+    if (is_bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float weight_at(const void *w, int is_bf16, int64_t i) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+#define BLOCK 8 /* vectors dotted per pass over a weight row: their accumulators stay in registers */
+
+/* res[j] = w[row, :] . xs[j][:] for j < n (n <= BLOCK): the weight row is read once for all n vectors. */
+static inline void row_dots(const void *w, int is_bf16, int64_t row, int d, const float *const *xs, int n, float *res) {
+    const int64_t base = row * d;
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[BLOCK];
+    for (int j = 0; j < n; j++) acc[j] = _mm256_setzero_ps();
+    for (; i + 8 <= d; i += 8) {
+        const __m256 wv = load8(w, is_bf16, base + i);
+        for (int j = 0; j < n; j++) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[j] + i), acc[j]);
+    }
+    for (int j = 0; j < n; j++) res[j] = hsum(acc[j]);
+#else
+    for (int j = 0; j < n; j++) res[j] = 0.0f;
+#endif
+    for (; i < d; i++) {
+        const float wv = weight_at(w, is_bf16, base + i);
+        for (int j = 0; j < n; j++) res[j] += wv * xs[j][i];
+    }
+}
+
+/* Defined in paged_decode.c / moe_experts.c; decode_layer.c calls them. */
+void qllm_attend_row(const float *q, const void *k_pool, const void *v_pool, int is_bf16, const int64_t *blocks,
+                     int64_t kv_len, float *out, int heads, int kv_heads, int head_dim, int v_head_dim,
+                     int block_size, float scale, int64_t window, const float *sinks, float *scores);
+int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, const void *gate_up,
+                     const void *down, int is_bf16, float *out, int tokens, int top_k, int hidden, int inter,
+                     int experts, int num_threads);
+#endif

@@ -1,0 +1,146 @@
+/* A decoder layer's two stages for a decode step of a few rows, each in one call (float32).
+ *
+ * The CPU path of worker/native_stages.py. A decode step of a small MoE model is a few hundred tiny framework
+ * ops per layer (norms, projections, rotary, cache writes, routing), and on a CPU each costs more to dispatch
+ * than its arithmetic. These compute the same math as the transformers modules they replace, in the same
+ * order per element (sums may round differently), and stop exactly at the layer's two stage boundaries, so a
+ * step can still be parked between any two stages.
+ *
+ * qllm_attention_stage: hidden += scale * o_proj(attention(rope(qk_norm(qkv(rms_norm(hidden)))))), with this
+ *   step's keys and values written to the pools at their slots first. Rows are decode rows: row t attends its
+ *   own context (block_tables[t], kv_lens[t]); rotary in the rotate-half form over the whole head (cos, sin
+ *   [rows, head_dim]); q_norm / k_norm (per head, Qwen3) and biases may be NULL.
+ * qllm_moe_stage: hidden += scale * experts(rms_norm(hidden)) with softmax top-k routing (renormalised when
+ *   norm_topk), as Qwen3-MoE and Mixtral route.
+ */
+#include "common.h"
+
+static void rms_norm(const float *x, const float *w, float eps, int d, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int i = 0; i < d; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+/* out[t * ld_out + r] = w[r, :] . x[t * ld_x :] (+ bias[r]) for r < out_dim, t < rows: weights read once. */
+static void project(const float *w, const float *bias, int in_dim, int out_dim, const float *x, int ld_x, int rows,
+                    float *out, int ld_out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
+    for (int r = 0; r < out_dim; r++) {
+        for (int t0 = 0; t0 < rows; t0 += BLOCK) {
+            const int m = rows - t0 < BLOCK ? rows - t0 : BLOCK;
+            const float *xs[BLOCK];
+            float res[BLOCK];
+            for (int j = 0; j < m; j++) xs[j] = x + (int64_t)(t0 + j) * ld_x;
+            row_dots(w, 0, r, in_dim, xs, m, res);
+            for (int j = 0; j < m; j++) out[(int64_t)(t0 + j) * ld_out + r] = bias ? res[j] + bias[r] : res[j];
+        }
+    }
+}
+
+/* transformers' apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin. */
+static void rope(float *x, const float *cos, const float *sin, int d) {
+    const int half = d / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] + (-b) * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+int qllm_attention_stage(float *hidden, int rows, int hidden_size, const float *norm_w, float eps,
+                         const float *q_w, const float *k_w, const float *v_w, const float *q_b, const float *k_b,
+                         const float *v_b, const float *q_norm_w, const float *k_norm_w, float qk_eps,
+                         const float *cos, const float *sin, float *k_pool, float *v_pool, const int64_t *slots,
+                         const int64_t *block_tables, const int64_t *kv_lens, int max_blocks, int block_size,
+                         int heads, int kv_heads, int head_dim, float scale, int64_t window, const float *o_w,
+                         const float *o_b, float residual_scale, int num_threads) {
+    const int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+    int64_t longest = 1;
+    for (int t = 0; t < rows; t++) longest = kv_lens[t] > longest ? kv_lens[t] : longest;
+    float *x = malloc(sizeof(float) * (size_t)rows * (size_t)hidden_size);
+    float *q = malloc(sizeof(float) * (size_t)rows * (size_t)(q_dim + 2 * kv_dim));
+    float *attn = malloc(sizeof(float) * (size_t)rows * (size_t)q_dim);
+    float *scores = malloc(sizeof(float) * (size_t)heads * (size_t)longest);
+    if (x == NULL || q == NULL || attn == NULL || scores == NULL) {
+        free(x), free(q), free(attn), free(scores);
+        return -1;
+    }
+    float *k = q + (int64_t)rows * q_dim, *v = k + (int64_t)rows * kv_dim;
+    for (int t = 0; t < rows; t++)
+        rms_norm(hidden + (int64_t)t * hidden_size, norm_w, eps, hidden_size, x + (int64_t)t * hidden_size);
+    project(q_w, q_b, hidden_size, q_dim, x, hidden_size, rows, q, q_dim, num_threads);
+    project(k_w, k_b, hidden_size, kv_dim, x, hidden_size, rows, k, kv_dim, num_threads);
+    project(v_w, v_b, hidden_size, kv_dim, x, hidden_size, rows, v, kv_dim, num_threads);
+    for (int t = 0; t < rows; t++) {
+        const float *c = cos + (int64_t)t * head_dim, *s = sin + (int64_t)t * head_dim;
+        for (int h = 0; h < heads; h++) {
+            float *qh = q + (int64_t)t * q_dim + (int64_t)h * head_dim;
+            if (q_norm_w) rms_norm(qh, q_norm_w, qk_eps, head_dim, qh);
+            rope(qh, c, s, head_dim);
+        }
+        for (int h = 0; h < kv_heads; h++) {
+            float *kh = k + (int64_t)t * kv_dim + (int64_t)h * head_dim;
+            if (k_norm_w) rms_norm(kh, k_norm_w, qk_eps, head_dim, kh);
+            rope(kh, c, s, head_dim);
+        }
+        memcpy(k_pool + slots[t] * kv_dim, k + (int64_t)t * kv_dim, sizeof(float) * (size_t)kv_dim);
+        memcpy(v_pool + slots[t] * kv_dim, v + (int64_t)t * kv_dim, sizeof(float) * (size_t)kv_dim);
+    }
+    for (int t = 0; t < rows; t++)
+        qllm_attend_row(q + (int64_t)t * q_dim, k_pool, v_pool, 0, block_tables + (int64_t)t * max_blocks,
+                        kv_lens[t], attn + (int64_t)t * q_dim, heads, kv_heads, head_dim, head_dim, block_size,
+                        scale, window, NULL, scores);
+    /* o_proj into x (free now), then the residual add */
+    project(o_w, o_b, q_dim, hidden_size, attn, q_dim, rows, x, hidden_size, num_threads);
+    for (int64_t i = 0; i < (int64_t)rows * hidden_size; i++)
+        hidden[i] = hidden[i] + (residual_scale == 1.0f ? x[i] : x[i] * residual_scale);
+    free(x), free(q), free(attn), free(scores);
+    return 0;
+}
+
+int qllm_moe_stage(float *hidden, int rows, int hidden_size, const float *norm_w, float eps, const float *router_w,
+                   int experts, int top_k, int norm_topk, const void *gate_up, const void *down, int is_bf16,
+                   int inter, float residual_scale, int num_threads) {
+    float *x = malloc(sizeof(float) * (size_t)rows * (size_t)hidden_size * 2);
+    float *probs = malloc(sizeof(float) * (size_t)rows * (size_t)experts);
+    float *weights = malloc(sizeof(float) * (size_t)rows * (size_t)top_k);
+    int64_t *ids = malloc(sizeof(int64_t) * (size_t)rows * (size_t)top_k);
+    if (x == NULL || probs == NULL || weights == NULL || ids == NULL) {
+        free(x), free(probs), free(weights), free(ids);
+        return -1;
+    }
+    float *out = x + (int64_t)rows * hidden_size;
+    for (int t = 0; t < rows; t++)
+        rms_norm(hidden + (int64_t)t * hidden_size, norm_w, eps, hidden_size, x + (int64_t)t * hidden_size);
+    project(router_w, NULL, hidden_size, experts, x, hidden_size, rows, probs, experts, 1);
+    for (int t = 0; t < rows; t++) {
+        float *p = probs + (int64_t)t * experts;
+        float m = -INFINITY, sum = 0.0f;
+        for (int e = 0; e < experts; e++) m = p[e] > m ? p[e] : m;
+        for (int e = 0; e < experts; e++) sum += (p[e] = expf(p[e] - m));
+        for (int e = 0; e < experts; e++) p[e] /= sum;
+        /* top-k, largest first; among equal probabilities the lower expert id first */
+        float chosen_sum = 0.0f;
+        for (int j = 0; j < top_k; j++) {
+            int best = -1;
+            for (int e = 0; e < experts; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= ids[(int64_t)t * top_k + i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ids[(int64_t)t * top_k + j] = best;
+            weights[(int64_t)t * top_k + j] = p[best];
+            chosen_sum += p[best];
+        }
+        if (norm_topk)
+            for (int j = 0; j < top_k; j++) weights[(int64_t)t * top_k + j] /= chosen_sum;
+    }
+    int status = qllm_moe_experts(x, ids, weights, gate_up, down, is_bf16, out, rows, top_k, hidden_size, inter,
+                                  experts, num_threads);
+    if (status == 0)
+        for (int64_t i = 0; i < (int64_t)rows * hidden_size; i++)
+            hidden[i] = hidden[i] + (residual_scale == 1.0f ? out[i] : out[i] * residual_scale);
+    free(x), free(probs), free(weights), free(ids);
+    return status;
+}

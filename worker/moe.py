@@ -1,0 +1,76 @@
+"""The engine's MoE experts implementation, registered in transformers' experts interface as "qllm".
+
+A decode step routes a few rows to a few experts: the work is reading those experts' weights once, and
+transformers' grouped path (sort, histogram, two grouped GEMMs, an inverse permutation: ~27 framework ops per
+layer) costs far more than that on a CPU. So on the CPU, for steps of up to NATIVE_MAX_ROWS rows, the experts
+run in one native call (worker/csrc/moe_experts.c) that streams each hit expert's weights once; larger steps
+(prefill chunks), other devices and layouts the kernel does not cover (biases, transposed or interleaved
+weights, other activations, expert parallelism) take transformers' grouped_mm path unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+
+from worker import native
+
+EXPERTS_IMPLEMENTATION = "qllm"
+# Rows (tokens) up to which the native kernel beats the grouped GEMMs on a CPU; above it the GEMMs' blocking
+# (weights reused across many rows) wins. Chosen with scripts/profile_engine_step.py (docs/benchmarks.md).
+NATIVE_MAX_ROWS = 32
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I]
+
+
+def native_kernel():
+    return native.kernel("qllm_moe_experts", ctypes.c_int, _ARGTYPES, env_switch="QLLM_NATIVE_MOE")
+
+
+def native_supports(experts: torch.nn.Module) -> bool:
+    """Whether this experts module has the layout the kernel computes: concatenated [gate; up] rows, no bias,
+    SiLU gating, no post-expert norm, all experts local, contiguous float32/bfloat16 weights on the CPU.
+    Decided once per module."""
+    known = experts.__dict__.get("_qllm_native")
+    if known is None:
+        known = experts._qllm_native = _layout_fits(experts)
+    return known
+
+
+def _layout_fits(experts: torch.nn.Module) -> bool:
+    weight, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    return (isinstance(weight, torch.Tensor) and isinstance(down, torch.Tensor)
+            and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and down.dtype == weight.dtype and weight.is_contiguous() and down.is_contiguous()
+            and getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
+            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_bias", True)
+            and not getattr(experts, "has_post_expert_norm", True)
+            and not getattr(experts, "_is_expert_parallel", True)
+            and type(experts)._apply_gate.__name__ == "_default_apply_gate"
+            and getattr(getattr(experts, "config", None), "hidden_act", None) == "silu")
+
+
+def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """hidden_states [tokens, hidden]; top_k_index / top_k_weights [tokens, top_k]; returns [tokens, hidden]."""
+    tokens = hidden_states.shape[0]
+    if tokens > NATIVE_MAX_ROWS or not native_supports(self) or native_kernel() is None:
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    gate_up, down = self.gate_up_proj, self.down_proj
+    x = hidden_states.to(torch.float32).contiguous()
+    ids = top_k_index.to(torch.int64).contiguous()
+    weights = top_k_weights.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    status = native_kernel()(
+        x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
+        int(gate_up.dtype == torch.bfloat16), out.data_ptr(), tokens, ids.shape[1], x.shape[1], down.shape[2],
+        gate_up.shape[0], torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("moe experts: no scratch memory")
+    return out.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
