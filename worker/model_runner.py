@@ -15,8 +15,9 @@ import torch
 
 from worker.logprobs import sampled_logprobs
 from worker.outputs import ModelRunnerOutput
-from worker.moe import EXPERTS_IMPLEMENTATION
 from worker.model_loader import LoadedModel, family_adapter, layer_windows
+from worker.moe import EXPERTS_IMPLEMENTATION
+from worker.native_stages import NativeStages
 from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
                                 prefill_mask)
 from worker.paged_decode import DecodeBatch
@@ -38,6 +39,8 @@ class StepState:
     next_stage: int = 0
     pauses: int = 0
     has_beams: bool = False              # live beam-search beams are among the decode rows (worker/beam.py)
+    # (cos, sin) for the native stages when this step runs them (worker/native_stages.py), else None
+    native_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def next_layer(self) -> int:
@@ -71,6 +74,9 @@ class ModelRunner:
         self.cache = PagedKVCache.for_config(model.config, self.num_layers, num_blocks, block_size, self.dtype,
                                              self.device)
         self.sampler = Sampler(self.device)
+        native = NativeStages(self.layers, self.moe_blocks, self.cache, self.adapter.residual_multiplier) \
+            if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        self.native = native if native is not None and native.any else None
 
     # --- step lifecycle ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -139,8 +145,11 @@ class ModelRunner:
         if self.adapter.embedding_multiplier != 1:
             hidden = hidden * self.adapter.embedding_multiplier
         pos_emb = self.decoder.rotary_emb(hidden, position_ids)
-        return StepState(plan, hidden, position_ids, pos_emb, layout, sample_rows, sample_index,
-                         has_beams=has_beams or any(s.request.beam is not None and s.samples for s in prefills))
+        state = StepState(plan, hidden, position_ids, pos_emb, layout, sample_rows, sample_index,
+                          has_beams=has_beams or any(s.request.beam is not None and s.samples for s in prefills))
+        if self.native is not None:
+            state.native_rope = self.native.prepare(state)
+        return state
 
     @torch.inference_mode()
     def run_layers(self, state: StepState, should_yield: Callable[[], bool] | None = None) -> bool:
@@ -158,23 +167,30 @@ class ModelRunner:
         while state.next_stage < last:
             index = state.next_stage // 2
             layer = self.layers[index]
+            rope = state.native_rope
             if state.next_stage % 2 == 0:
-                normed = layer.input_layernorm(state.hidden)
-                attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None,
-                                          position_ids=state.position_ids, cache=self.cache, use_cache=True,
-                                          position_embeddings=state.position_embeddings,
-                                          qllm_layout=state.layout, qllm_window=self.windows[index])
-                state.hidden = state.hidden + (attn if scale == 1 else attn * scale)
-            else:
-                moe = self.moe_blocks[index](layer.post_attention_layernorm(state.hidden))
-                if self.adapter.moe_returns_tuple:
-                    moe = moe[0]
-                state.hidden = state.hidden + (moe if scale == 1 else moe * scale)
+                if rope is None or not self.native.run_attention(index, state, rope, self.windows[index]):
+                    self._attention_block(index, layer, state, scale)
+            elif rope is None or not self.native.run_moe(index, state):
+                self._moe_block(index, layer, state, scale)
             state.next_stage += 1
             if state.next_stage < last and should_yield is not None and should_yield():
                 state.pauses += 1
                 return False
         return True
+
+    def _attention_block(self, index: int, layer, state: StepState, scale: float) -> None:
+        normed = layer.input_layernorm(state.hidden)
+        attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None, position_ids=state.position_ids,
+                                  cache=self.cache, use_cache=True, position_embeddings=state.position_embeddings,
+                                  qllm_layout=state.layout, qllm_window=self.windows[index])
+        state.hidden = state.hidden + (attn if scale == 1 else attn * scale)
+
+    def _moe_block(self, index: int, layer, state: StepState, scale: float) -> None:
+        moe = self.moe_blocks[index](layer.post_attention_layernorm(state.hidden))
+        if self.adapter.moe_returns_tuple:
+            moe = moe[0]
+        state.hidden = state.hidden + (moe if scale == 1 else moe * scale)
 
     @torch.inference_mode()
     def finish(self, state: StepState) -> ModelRunnerOutput:

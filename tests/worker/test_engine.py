@@ -125,6 +125,7 @@ def test_long_contexts_decoded_in_one_call_match_generate(loaded, make_runner, r
         pytest.skip("the native decode kernel is not available on this device")
     monkeypatch.setattr(paged_decode, "uses_native", lambda pool: native)
     runner = make_runner(num_blocks=256, block_size=16)
+    runner.native = None  # the decode attention itself, not the native stages (tests/worker/test_native_stages.py)
     ps = [p * 6 for p in prompts(loaded.tokenizer, 2, seed=5)]
     assert all(len(p) > 256 for p in ps)
     reqs = [greedy(f"long{i}", ids, 8, arrival=float(i)) for i, ids in enumerate(ps)]

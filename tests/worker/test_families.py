@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from worker import model_loader as ml  # noqa: E402
+from worker import model_loader as ml, native  # noqa: E402
 from worker.engine_core import EngineConfig, EngineCore  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 from worker.request import Priority, Request, SamplingParams  # noqa: E402
@@ -90,6 +90,11 @@ SUPPORTED = {
                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1),
                  [0, 0, 0]),
 }
+
+# Families whose decode steps run natively (worker/native_stages.py): (attention blocks, MoE blocks); every
+# other family runs its transformers modules throughout.
+NATIVE = {"qwen3_moe": (True, True), "qwen3_moe_swa": (True, True), "qwen2_moe": (True, False),
+          "qwen2_moe_swa": (True, False), "mixtral": (True, True), "mixtral_swa": (True, True)}
 
 # family -> (config builder, what the refusal must say besides the family's name)
 UNSUPPORTED = {
@@ -176,6 +181,10 @@ def test_family_engine_matches_generate(family, checkpoints, run_with_random_lay
     loaded = ml.load_model(str(path), dtype="float32")
     runner = ModelRunner(loaded, num_blocks=64, block_size=BLOCK)
     assert runner.windows == SUPPORTED[family][1]
+    if native.library() is not None:
+        stages = runner.native
+        assert (stages is not None and all(stages.attention),
+                stages is not None and all(stages.moe)) == NATIVE.get(family, (False, False))
 
     reqs = _requests(prompts)
     _run_chunked(runner, reqs)
@@ -232,6 +241,7 @@ def test_windows_and_sinks_through_the_gathered_decode(family, checkpoints, monk
     prompts = _prompts(seed=len(family) + 1, lengths=(40, 90))
     expected = _reference(path, prompts)
     runner = ModelRunner(ml.load_model(str(path), dtype="float32"), num_blocks=64, block_size=BLOCK)
+    runner.native = None  # the native decode stages attend in C too
     reqs = _requests(prompts)
     _run_chunked(runner, reqs)
     assert [r.output_token_ids for r in reqs] == expected

@@ -1,0 +1,170 @@
+"""Decode steps of a few rows run each decoder layer's two stages in one native call each (CPU, float32).
+
+At batch 1-32 a decode step of a small MoE model is hundreds of tiny framework ops per layer (norms, three
+projections, per-head norms, rotary, two cache writes, routing, top-k, the experts' bookkeeping), each costing
+more to dispatch on a CPU than its arithmetic; vLLM's CPU backend removes that cost with torch.compile of the
+whole model. Here the two stages QLLM parks between (attention block, MoE block) are each one call into
+worker/csrc/decode_layer.c, so parking points and the KV layout stay exactly as in the module path.
+
+A stage runs natively only where its modules are ones whose math the kernel reproduces (the attention and MoE
+blocks of Qwen3-MoE, Qwen2-MoE's attention, Mixtral; checked by class and by parameters, once per layer) and
+the step is all decode rows, at most NATIVE_MAX_ROWS of them, in float32 on the CPU; everything else (prefill
+chunks, other families, bfloat16, GPUs) runs the transformers modules unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from worker import native
+from worker.moe import native_supports as experts_fit
+from worker.paged_cache import PagedLayer
+
+# Rows up to which one native stage beats the modules (docs/benchmarks.md, "Engine speed").
+NATIVE_MAX_ROWS = 32
+
+RMS_NORMS = {"Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm", "MixtralRMSNorm"}
+ATTENTIONS = {"Qwen3MoeAttention", "Qwen2MoeAttention", "MixtralAttention"}
+MOE_BLOCKS = {"Qwen3MoeSparseMoeBlock": "Qwen3MoeTopKRouter", "MixtralSparseMoeBlock": "MixtralTopKRouter"}
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_ATTENTION_ARGTYPES = [_P, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I,
+                       _I, _I, _I, _F, ctypes.c_int64, _P, _P, _F, _I]
+_MOE_ARGTYPES = [_P, _I, _I, _P, _F, _P, _I, _I, _I, _P, _P, _I, _I, _F, _I]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _rms_norm_fits(norm, size: int) -> bool:
+    weight = getattr(norm, "weight", None)
+    return (type(norm).__name__ in RMS_NORMS and isinstance(weight, torch.Tensor) and weight.shape == (size,)
+            and hasattr(norm, "variance_epsilon"))
+
+
+def _f32(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+
+@dataclass
+class _Attention:
+    norm: torch.nn.Module
+    module: torch.nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class _Moe:
+    norm: torch.nn.Module
+    block: torch.nn.Module
+    norm_topk: bool
+
+
+class NativeStages:
+    """Which layers' stages run natively, and the calls that run them."""
+
+    def __init__(self, layers, moe_blocks, cache, residual_multiplier: float):
+        self.attention_fn = native.kernel("qllm_attention_stage", _I, _ATTENTION_ARGTYPES,
+                                          env_switch="QLLM_NATIVE_STAGES")
+        self.moe_fn = native.kernel("qllm_moe_stage", _I, _MOE_ARGTYPES, env_switch="QLLM_NATIVE_STAGES")
+        self.scale = float(residual_multiplier)
+        self.attention: list[_Attention | None] = []
+        self.moe: list[_Moe | None] = []
+        for i, layer in enumerate(layers):
+            self.attention.append(self._attention_of(layer, cache.layers[i]) if self.attention_fn else None)
+            self.moe.append(self._moe_of(layer, moe_blocks[i]) if self.moe_fn else None)
+
+    @property
+    def any(self) -> bool:
+        return any(self.attention) or any(self.moe)
+
+    @staticmethod
+    def _attention_of(layer, pools) -> _Attention | None:
+        attn = getattr(layer, "self_attn", None)
+        if type(attn).__name__ not in ATTENTIONS or type(pools) is not PagedLayer:
+            return None
+        head_dim = pools.keys.shape[-1]
+        if pools.values.shape[-1] != head_dim or not (_f32(pools.keys) and _f32(pools.values)):
+            return None
+        hidden = attn.q_proj.in_features
+        heads, kv_heads = attn.q_proj.out_features // head_dim, pools.keys.shape[2]
+        if (attn.k_proj.out_features != kv_heads * head_dim or attn.o_proj.in_features != heads * head_dim
+                or not _rms_norm_fits(layer.input_layernorm, hidden) or not _f32(layer.input_layernorm.weight)):
+            return None
+        norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+        if any(n is not None and not (_rms_norm_fits(n, head_dim) and _f32(n.weight)) for n in norms):
+            return None
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        if not all(_f32(m.weight) and _f32(m.bias) for m in linears):
+            return None
+        return _Attention(layer.input_layernorm, attn, heads, kv_heads, head_dim)
+
+    @staticmethod
+    def _moe_of(layer, block) -> _Moe | None:
+        router = MOE_BLOCKS.get(type(block).__name__)
+        gate = getattr(block, "gate", None)
+        if router is None or type(gate).__name__ != router or not experts_fit(block.experts):
+            return None
+        norm = layer.post_attention_layernorm
+        if (not _rms_norm_fits(norm, gate.weight.shape[1]) or not _f32(norm.weight) or not _f32(gate.weight)
+                or block.experts.gate_up_proj.dtype != torch.float32):
+            return None
+        return _Moe(norm, block, bool(getattr(gate, "norm_topk_prob", True)))
+
+    def prepare(self, state) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a step all of decode rows, few enough, in float32: its rotary (cos, sin) as [rows, head_dim]
+        arrays the kernels read (state.hidden made contiguous, as they update it in place); else None."""
+        layout, hidden = state.layout, state.hidden
+        rows = hidden.shape[1]
+        cos, sin = state.position_embeddings
+        if (layout.prefills or layout.num_decode != rows or not 0 < rows <= NATIVE_MAX_ROWS
+                or hidden.dtype != torch.float32 or cos.dtype != torch.float32):
+            return None
+        state.hidden = hidden.contiguous()
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def run_attention(self, index: int, state, rope: tuple[torch.Tensor, torch.Tensor], window: int) -> bool:
+        """Runs layer `index`'s attention block on state.hidden in place; False when it must take the modules
+        (this layer's modules do not fit, or its rotary is not over whole heads)."""
+        spec = self.attention[index]
+        cos, sin = rope
+        if spec is None or cos.shape[-1] != spec.head_dim:
+            return False
+        attn, layout = spec.module, state.layout
+        pools = layout.cache.layers[index]
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        decode = layout.decode
+        status = self.attention_fn(
+            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], spec.norm.weight.data_ptr(),
+            float(spec.norm.variance_epsilon), attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(),
+            attn.v_proj.weight.data_ptr(), _ptr(attn.q_proj.bias), _ptr(attn.k_proj.bias), _ptr(attn.v_proj.bias),
+            _ptr(q_norm.weight if q_norm is not None else None), _ptr(k_norm.weight if k_norm is not None else None),
+            float(q_norm.variance_epsilon if q_norm is not None else 0.0), cos.data_ptr(), sin.data_ptr(),
+            pools.keys.data_ptr(), pools.values.data_ptr(), layout.slot_mapping.data_ptr(),
+            decode.block_tables.data_ptr(), decode.kv_lens.data_ptr(), decode.block_tables.shape[1],
+            pools.keys.shape[1], spec.heads, spec.kv_heads, spec.head_dim, float(attn.scaling), int(window),
+            attn.o_proj.weight.data_ptr(), _ptr(attn.o_proj.bias), self.scale, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("attention stage: no scratch memory")
+        return True
+
+    def run_moe(self, index: int, state) -> bool:
+        """Runs layer `index`'s MoE block on state.hidden in place; False when it must take the modules."""
+        spec = self.moe[index]
+        if spec is None:
+            return False
+        experts, gate = spec.block.experts, spec.block.gate
+        status = self.moe_fn(
+            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], spec.norm.weight.data_ptr(),
+            float(spec.norm.variance_epsilon), gate.weight.data_ptr(), gate.weight.shape[0], int(gate.top_k),
+            int(spec.norm_topk), experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(), 0,
+            experts.down_proj.shape[2], self.scale, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("moe stage: no scratch memory")
+        return True
