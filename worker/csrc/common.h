@@ -57,26 +57,61 @@ static inline float weight_at(const void *w, int is_bf16, int64_t i) {
     return is_bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
-#define BLOCK 8 /* vectors dotted per pass over a weight row: their accumulators stay in registers */
+#define BLOCK 8 /* vectors dotted per pass over a weight row (row_dots' n) */
 
-/* res[j] = w[row, :] . xs[j][:] for j < n (n <= BLOCK): the weight row is read once for all n vectors. */
-static inline void row_dots(const void *w, int is_bf16, int64_t row, int d, const float *const *xs, int n, float *res) {
-    const int64_t base = row * d;
-    int i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[BLOCK];
-    for (int j = 0; j < n; j++) acc[j] = _mm256_setzero_ps();
+/* One weight row against one vector: four accumulators, so the FMA chains overlap. */
+static inline float dots1(const void *w, int is_bf16, int64_t base, int d, const float *x, int *done) {
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, e = a;
+    int i = 0;
+    for (; i + 32 <= d; i += 32) {
+        a = _mm256_fmadd_ps(load8(w, is_bf16, base + i), _mm256_loadu_ps(x + i), a);
+        b = _mm256_fmadd_ps(load8(w, is_bf16, base + i + 8), _mm256_loadu_ps(x + i + 8), b);
+        c = _mm256_fmadd_ps(load8(w, is_bf16, base + i + 16), _mm256_loadu_ps(x + i + 16), c);
+        e = _mm256_fmadd_ps(load8(w, is_bf16, base + i + 24), _mm256_loadu_ps(x + i + 24), e);
+    }
+    for (; i + 8 <= d; i += 8) a = _mm256_fmadd_ps(load8(w, is_bf16, base + i), _mm256_loadu_ps(x + i), a);
+    *done = i;
+    return hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, e)));
+}
+
+/* One weight row against four vectors: each weight load feeds four FMAs (accumulators in registers). */
+static inline void dots4(const void *w, int is_bf16, int64_t base, int d, const float *const *xs, float *res,
+                         int *done) {
+    const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
     for (; i + 8 <= d; i += 8) {
         const __m256 wv = load8(w, is_bf16, base + i);
-        for (int j = 0; j < n; j++) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[j] + i), acc[j]);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + i), a0);
+        a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + i), a1);
+        a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + i), a2);
+        a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + i), a3);
     }
-    for (int j = 0; j < n; j++) res[j] = hsum(acc[j]);
-#else
-    for (int j = 0; j < n; j++) res[j] = 0.0f;
+    *done = i;
+    res[0] = hsum(a0), res[1] = hsum(a1), res[2] = hsum(a2), res[3] = hsum(a3);
+}
 #endif
-    for (; i < d; i++) {
-        const float wv = weight_at(w, is_bf16, base + i);
-        for (int j = 0; j < n; j++) res[j] += wv * xs[j][i];
+
+/* res[j] = w[row, :] . xs[j][:] for j < n (n <= BLOCK): the weight row comes from memory once for all n. */
+static inline void row_dots(const void *w, int is_bf16, int64_t row, int d, const float *const *xs, int n,
+                            float *res) {
+    const int64_t base = row * d;
+    for (int j = 0; j < n;) {
+        int done = 0, m = 1;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (n - j >= 4) {
+            dots4(w, is_bf16, base, d, xs + j, res + j, &done);
+            m = 4;
+        } else {
+            res[j] = dots1(w, is_bf16, base, d, xs[j], &done);
+        }
+#else
+        res[j] = 0.0f;
+#endif
+        for (int k = j; k < j + m; k++)
+            for (int i = done; i < d; i++) res[k] += weight_at(w, is_bf16, base + i) * xs[k][i];
+        j += m;
     }
 }
 
