@@ -200,7 +200,9 @@ class ModelRunner:
             return ModelRunnerOutput()
         rows = torch.tensor(state.sample_rows, dtype=torch.long, device=self.device)
         hidden = self.decoder.norm(state.hidden[0, rows])
-        logits = self.model.lm_head(hidden)
+        logits = self.native.lm_head(hidden, self.model.lm_head) if state.native_rope is not None else None
+        if logits is None:
+            logits = self.model.lm_head(hidden)
         if self.adapter.logits_scaling != 1:
             logits = logits / self.adapter.logits_scaling
         logits = logits.float()

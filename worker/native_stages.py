@@ -34,6 +34,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _ATTENTION_ARGTYPES = [_P, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I,
                        _I, _I, _I, _F, ctypes.c_int64, _P, _P, _F, _I]
 _MOE_ARGTYPES = [_P, _I, _I, _P, _F, _P, _I, _I, _I, _P, _P, _I, _I, _F, _I]
+_LINEAR_ARGTYPES = [_P, _P, _I, _I, _I, _P, _I]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -73,6 +74,7 @@ class NativeStages:
         self.attention_fn = native.kernel("qllm_attention_stage", _I, _ATTENTION_ARGTYPES,
                                           env_switch="QLLM_NATIVE_STAGES")
         self.moe_fn = native.kernel("qllm_moe_stage", _I, _MOE_ARGTYPES, env_switch="QLLM_NATIVE_STAGES")
+        self.linear_fn = native.kernel("qllm_linear", None, _LINEAR_ARGTYPES, env_switch="QLLM_NATIVE_STAGES")
         self.scale = float(residual_multiplier)
         self.attention: list[_Attention | None] = []
         self.moe: list[_Moe | None] = []
@@ -153,6 +155,18 @@ class NativeStages:
         if status != 0:
             raise MemoryError("attention stage: no scratch memory")
         return True
+
+    def lm_head(self, hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor | None:
+        """The LM head for a few float32 rows [rows, hidden] (None: use the module)."""
+        weight = head.weight
+        if (self.linear_fn is None or getattr(head, "bias", None) is not None or not _f32(weight)
+                or hidden.dtype != torch.float32 or not 0 < hidden.shape[0] <= NATIVE_MAX_ROWS):
+            return None
+        x = hidden.contiguous()
+        out = x.new_empty(x.shape[0], weight.shape[0])
+        self.linear_fn(x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], out.data_ptr(),
+                       torch.get_num_threads())
+        return out
 
     def run_moe(self, index: int, state) -> bool:
         """Runs layer `index`'s MoE block on state.hidden in place; False when it must take the modules."""

@@ -144,3 +144,9 @@ int qllm_moe_stage(float *hidden, int rows, int hidden_size, const float *norm_w
     free(x), free(probs), free(weights), free(ids);
     return status;
 }
+
+/* out [rows, out_dim] = x [rows, in_dim] @ w [out_dim, in_dim]^T: the LM head of a decode step, whose weight a
+ * BLAS call for a few rows re-packs every step. */
+void qllm_linear(const float *x, const float *w, int rows, int in_dim, int out_dim, float *out, int num_threads) {
+    project(w, NULL, in_dim, out_dim, x, in_dim, rows, out, out_dim, num_threads);
+}
