@@ -2,15 +2,19 @@
 
   .venv/bin/python scripts/profile_engine_step.py [--dtype float32] [--decodes 30] [--context 1400]
                                                   [--prefill 512] [--threads 1] [--steps 20] [--top 15]
+                                                  [--modules-only]
 
 Builds the real scheduler and model runner, prefills `--decodes` requests of `--context` tokens, then times
 `--steps` decode-only steps and as many mixed steps (the decodes plus a `--prefill`-token chunk of a new
 request), and prints each kind's median step time and torch.profiler's top ops by self CPU time.
+--modules-only turns off the native decode stages and MoE experts (worker/native_stages.py, worker/moe.py;
+the native decode attention stays), which is how the engine ran before them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -58,7 +62,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--modules-only", action="store_true",
+                   help="transformers' modules for every stage (QLLM_NATIVE_STAGES=0 QLLM_NATIVE_MOE=0)")
     args = p.parse_args()
+    if args.modules_only:
+        os.environ["QLLM_NATIVE_STAGES"] = os.environ["QLLM_NATIVE_MOE"] = "0"
     torch.set_num_threads(args.threads)
     core, vocab = build(args)
     for kind in ("decode", "mixed"):
