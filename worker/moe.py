@@ -19,7 +19,7 @@ from worker import native
 
 EXPERTS_IMPLEMENTATION = "qllm"
 # Rows (tokens) up to which the native kernel beats the grouped GEMMs on a CPU; above it the GEMMs' blocking
-# (weights reused across many rows) wins. Chosen with scripts/profile_engine_step.py (docs/benchmarks.md).
+# (weights reused across many rows) wins. Chosen with scripts/bench_moe_experts.py (docs/benchmarks.md).
 NATIVE_MAX_ROWS = 32
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
