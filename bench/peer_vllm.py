@@ -553,7 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated: bf16/bfloat16, fp32/float32")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per dtype; the order alternates")
+    p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=3,
+                   help="rounds per dtype (as `qllm bench --repeat`); the order alternates")
     p.add_argument("--be-rate", type=float, default=4.0, help="BE requests/s (saturates both servers here)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
     p.add_argument("--seed", type=int, default=0, help="workload seed (the same for both sides)")

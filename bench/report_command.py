@@ -2,6 +2,7 @@
 generated from the data, never typed by hand.
 
     qllm bench report docs/results/mixed.json [more.json ...] [--out FILE.md]   # tables to stdout or FILE.md
+    qllm bench report --headline docs/results/a.json [b.json ...]               # the headline table of several
     qllm bench report --update docs/benchmarks.md [--check]                    # rewrite the marked blocks
 
 A marked block in a Markdown file is
@@ -10,7 +11,13 @@ A marked block in a Markdown file is
     (generated; rewritten by --update)
     <!-- /bench-report -->
 
-with the JSON's path relative to that Markdown file. It reads a `qllm bench` result (bench/report.py) or a
+with the JSON's path relative to that Markdown file, and a headline block
+
+    <!-- bench-headline: results/a.json results/b.json -->
+    (generated: a few ratios of each, median and range over its rounds; bench/headline.py)
+    <!-- /bench-headline -->
+
+takes several. It reads a `qllm bench` result (bench/report.py) or a
 `scripts/peer_vllm.py` one (bench/peer_vllm.py); a summary-only JSON (`qllm bench --summary-only`) is enough.
 """
 
@@ -23,6 +30,8 @@ import sys
 from pathlib import Path
 
 BLOCK = re.compile(r"(<!-- bench-report: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /bench-report -->)", re.DOTALL)
+HEADLINE = re.compile(r"(<!-- bench-headline: (?P<paths>[^>]+?) -->\n)(?P<body>.*?)(<!-- /bench-headline -->)",
+                      re.DOTALL)
 
 
 def tables(doc: dict) -> str:
@@ -44,11 +53,15 @@ def tables(doc: dict) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def render_file(path: str | Path) -> str:
+def _load(path: str | Path) -> dict:
     try:
-        doc = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+def render_file(path: str | Path) -> str:
+    doc = _load(path)
     try:
         return tables(doc)
     except ValueError as exc:
@@ -58,6 +71,13 @@ def render_file(path: str | Path) -> str:
 def block_body(json_path: str | Path) -> str:
     """What goes between a block's markers."""
     return "\n" + render_file(json_path) + "\n"
+
+
+def headline_body(paths: list[str], base_dir: str | Path) -> str:
+    """What goes between a headline block's markers (paths as written in the marker)."""
+    from bench import headline
+
+    return "\n" + headline.markdown([(p, _load(Path(base_dir) / p)) for p in paths]) + "\n"
 
 
 def update_text(text: str, base_dir: str | Path) -> tuple[str, list[str]]:
@@ -71,7 +91,13 @@ def update_text(text: str, base_dir: str | Path) -> tuple[str, list[str]]:
             changed.append(m.group("path"))
         return m.group(1) + body + m.group(4)
 
-    return BLOCK.sub(regenerate, text), changed
+    def regenerate_headline(m: re.Match) -> str:
+        body = headline_body(m.group("paths").split(), base_dir)
+        if body != m.group("body"):
+            changed.append("headline: " + m.group("paths"))
+        return m.group(1) + body + m.group(4)
+
+    return HEADLINE.sub(regenerate_headline, BLOCK.sub(regenerate, text)), changed
 
 
 def blocks(text: str) -> dict[str, str]:
@@ -79,9 +105,17 @@ def blocks(text: str) -> dict[str, str]:
     return {m.group("path"): m.group("body") for m in BLOCK.finditer(text)}
 
 
+def headline_blocks(text: str) -> dict[tuple[str, ...], str]:
+    """{the JSON paths of a headline marker: the block's current content}."""
+    return {tuple(m.group("paths").split()): m.group("body") for m in HEADLINE.finditer(text)}
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("files", nargs="*", metavar="FILE.json", help="result JSONs to render, in this order")
+    p.add_argument("--headline", action="store_true",
+                   help="print the headline table of the FILE.json(s) (a few ratios each, median and range over "
+                        "rounds) instead of their full tables")
     p.add_argument("--out", dest="report_out", default=None, help="write the tables here instead of stdout")
     p.add_argument("--update", default=None, metavar="DOC.md",
                    help="regenerate the marked blocks (<!-- bench-report: PATH.json --> ... <!-- /bench-report -->) "
@@ -99,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.files:
-            out = "\n".join(f"## `{path}`\n\n{render_file(path)}" for path in args.files)
+            if args.headline:
+                out = headline_body(args.files, ".").lstrip("\n")
+            else:
+                out = "\n".join(f"## `{path}`\n\n{render_file(path)}" for path in args.files)
             if args.report_out:
                 Path(args.report_out).write_text(out)
             else:
@@ -107,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         if args.update:
             doc_path = Path(args.update)
             text = doc_path.read_text()
-            if not blocks(text):
+            if not blocks(text) and not headline_blocks(text):
                 print(f"qllm bench report: {doc_path} has no <!-- bench-report: PATH.json --> block", file=sys.stderr)
                 return 2
             new_text, changed = update_text(text, doc_path.parent)

@@ -208,6 +208,11 @@ class EngineCore:
             self.scheduler.park(plan)
             self._observe_park(state, stages_before, layer_s)
             return self._take_pending(), True
+        if plan.has_best_effort and should_park is not None and self._ls_arrived_at is not None:
+            # LS work came after the step's last boundary check (or the scheduler let the step run on): it
+            # waited for the step's end, which is its preemption latency too.
+            self._observe_preemption_latency(time.monotonic() - self._ls_arrived_at,
+                                             layer_s if state.next_stage > stages_before else None)
         output = self.runner.finish(state)
         if output.beam_logprobs:
             tokens, copies = beam.advance(plan, output.beam_logprobs)
@@ -245,12 +250,14 @@ class EngineCore:
         # A BE step paused for LS is QLLM's preemption; an LS prefill paused for a newer LS is nesting.
         metrics.PREEMPTIONS.labels("layer" if state.plan.has_best_effort else "nested").inc()
         if self._ls_arrived_at is not None and state.plan.has_best_effort:
-            latency = time.monotonic() - self._ls_arrived_at
-            metrics.PREEMPTION_LATENCY.observe(latency)
-            # In units of this very step's layer time: QLLM's bound is "at most one layer". (A step parked
-            # before its first stage has no layer time of its own; its wait was shorter.)
-            if state.next_stage > stages_before:
-                metrics.PREEMPTION_LATENCY_LAYERS.observe(latency / layer_s)
+            # A step parked before its first stage has no layer time of its own; its wait was shorter.
+            self._observe_preemption_latency(time.monotonic() - self._ls_arrived_at,
+                                             layer_s if state.next_stage > stages_before else None)
+
+    def _observe_preemption_latency(self, latency: float, layer_s: float | None) -> None:
+        metrics.PREEMPTION_LATENCY.observe(latency)
+        if layer_s:  # in units of this very step's layer time: QLLM's bound is "at most one layer"
+            metrics.PREEMPTION_LATENCY_LAYERS.observe(latency / layer_s)
 
     def _count_preemptions(self, plan: SchedulerOutput) -> None:
         if not plan.preempted:

@@ -22,8 +22,8 @@ LAYER = Histogram("qllm_worker_layer_seconds", "Time of one decoder layer in a s
 PREEMPTIONS = Counter("qllm_worker_preemptions_total", "Preemptions by kind (layer, nested, recompute; offload = "
                       "the KV went to the host pool or int8, --kv-policy alise)", ["kind"])
 PREEMPTION_LATENCY = Histogram("qllm_worker_preemption_latency_seconds",
-                               "LS arrival at the worker until the running BE step paused at a layer boundary",
-                               buckets=FAST_BUCKETS)
+                               "LS arrival at the worker until the running BE step paused at a layer boundary "
+                               "(or ended, when the LS came after its last boundary)", buckets=FAST_BUCKETS)
 PREEMPTION_LATENCY_LAYERS = Histogram(
     "qllm_worker_preemption_latency_layers",
     "Preemption latency divided by the mean layer time of the step it paused (1 = one decoder layer)",

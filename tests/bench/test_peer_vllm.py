@@ -137,6 +137,8 @@ def test_parse_args_refuses_a_peer_venv_inside_the_project(tmp_path):
         pv.parse_args(["--peer-venv", str(pv.REPO / ".peer")])
     args = pv.parse_args(["--peer-venv", str(tmp_path / "v"), "--dtypes", "fp32", "--out", str(tmp_path / "o")])
     assert args.dtypes == ["float32"] and args.model_dir == (tmp_path / "o" / "model").resolve()
+    assert args.rounds == 3
+    assert pv.parse_args(["--peer-venv", str(tmp_path / "v"), "--repeat", "5"]).rounds == 5  # as qllm bench's
 
 
 def test_prefix_cache_hit_share_from_two_scrapes():

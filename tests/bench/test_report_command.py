@@ -75,3 +75,58 @@ async def test_report_refuses_what_it_cannot_render(tmp_path, capsys):
     assert "bad.json" in capsys.readouterr().err
     assert await bench_cli.run(_args(["report"])) == 2
     assert await bench_cli.run(_args(["report", str(bad), "--check"])) == 2
+
+
+def _round_doc(values_by_round):
+    """A two-policy `qllm bench` document whose LS TTFT p50 of `b` is values_by_round[i] x `a`'s."""
+    def cls(ttft):
+        return {"ttft_ms": {"p50": ttft}, "tpot_ms": {"p50": 10.0}, "e2e_ms": {"mean": 100.0 * ttft}}
+    runs, rounds = [], []
+    for i, v in enumerate(values_by_round, 1):
+        runs += [{"policy": "a", "round": i, "classes": {"LS": cls(100.0)}},
+                 {"policy": "b", "round": i, "classes": {"LS": cls(100.0 * v)}}]
+        rows = [{"policy": "a", "ls_ttft_p50_vs_baseline": 1.0, "be_output_tok_s_vs_baseline": 1.0},
+                {"policy": "b", "ls_ttft_p50_vs_baseline": v, "be_output_tok_s_vs_baseline": None}]
+        rounds.append({"round": i, "floor": {"classes": {"LS": cls(50.0)}},
+                       "comparisons": {"baseline": "a", "rows": rows}})
+    return {"scenario": "mixed", "params": {"seed": 3, "git_commit": "abc1234", "repeat": len(rounds)},
+            "runs": runs, "rounds": rounds, "comparisons": {"baseline": "a", "rows": [{"policy": "a"}, {"policy": "b"}]}}
+
+
+def test_headline_inverts_each_round_before_summarising():
+    from bench import headline
+
+    text = headline.markdown([("results/x.json", _round_doc([2.0, 4.0]))])
+    lines = text.splitlines()
+    assert lines[0] == "| result | figure | median | range over rounds |"
+    # a / b per round is 0.5 and 0.25: the median of those (0.375), not 1 / the median of the ratios (1/3)
+    assert lines[2].startswith("| `x.json` (2 rounds, seed 3, commit abc1234) | ")  # named once, on its first row
+    assert "|  | LS TTFT p50, a / b | 0.38 | 0.25-0.50 (n=2) |" in lines
+    assert "|  | LS TPOT p50, b / idle floor | 1.00 | 1.00-1.00 (n=2) |" in lines
+    assert "|  | LS E2E mean, b / idle floor | 6.00 | 4.00-8.00 (n=2) |" in lines
+    assert "|  | LS E2E mean, a / b | 0.38 | 0.25-0.50 (n=2) |" in lines
+    assert not any("BE output" in line for line in lines)  # a ratio no round has is left out, not shown as 0
+    assert "|  | LS E2E mean, a / idle floor | 2.00 | 2.00-2.00 (n=2) |" in lines  # the baseline against the floor
+    assert not any("a / a" in line for line in lines)  # but not against itself
+
+
+def test_docs_have_a_current_headline_of_committed_results():
+    found = 0
+    for md in DOCS.rglob("*.md"):
+        for paths, body in report_command.headline_blocks(md.read_text()).items():
+            found += 1
+            for rel in paths:
+                assert (md.parent / rel).is_file(), f"{md}: headline names {rel}, which is not there"
+            assert body == report_command.headline_body(list(paths), md.parent), (
+                f"{md}: the headline block is stale; run `qllm bench report --update {md}`")
+    assert found
+
+
+def test_update_rewrites_a_stale_headline(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps(_round_doc([2.0, 2.0, 3.0])))
+    md = tmp_path / "doc.md"
+    md.write_text("# Doc\n\n<!-- bench-headline: x.json -->\n| typed |\n<!-- /bench-headline -->\n")
+    assert report_command.run(_args(["report", "--update", str(md), "--check"])) == 1
+    assert report_command.run(_args(["report", "--update", str(md)])) == 0
+    assert "| typed |" not in md.read_text() and "LS TTFT p50, a / b | 0.50 | 0.33-0.50 (n=3)" in md.read_text()
+    assert report_command.run(_args(["report", "--update", str(md), "--check"])) == 0

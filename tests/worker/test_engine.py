@@ -169,3 +169,44 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(loaded, 
         assert ok.output_token_ids == reference_tokens([5, 6, 7], 4)
     finally:
         core.stop()
+
+
+def test_ls_arriving_after_a_steps_last_boundary_counts_its_wait(loaded, make_runner, reference_tokens):
+    """An LS request that arrives during a BE step's last stage is not a park, but it waited for the step's
+    end: the preemption latency histograms count that wait (they once left it out)."""
+    from prometheus_client import REGISTRY
+
+    runner = make_runner()
+    core = EngineCore(runner, EngineConfig(policy="qllm", block_size=runner.block_size,
+                                           kv_budget_tokens=runner.cache.num_blocks * runner.block_size))
+    ids = prompts(loaded.tokenizer, 2, seed=11)
+    be, ls = greedy("be", ids[0], 6, BE), greedy("ls", ids[1], 3, LS)
+    run_layers, sent = runner.run_layers, []
+
+    def run_layers_then_ls_arrives(state, should_park):
+        done = run_layers(state, should_park)
+        if done and state.plan.has_best_effort and not sent:
+            sent.append(True)
+            core.submit(ls)
+            time.sleep(0.02)  # the rest of the last stage: the LS waits this long (at least) for the step's end
+        return done
+
+    runner.run_layers = run_layers_then_ls_arrives
+
+    def count(name):
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = {n: count(n) for n in ("qllm_worker_preemption_latency_seconds_count",
+                                    "qllm_worker_preemption_latency_seconds_sum",
+                                    "qllm_worker_preemption_latency_layers_count")}
+    core.run_to_completion([be])
+    while core.has_unfinished_requests() or core._inbox:
+        core.step()
+    assert sent and ls.output_token_ids == reference_tokens(ids[1], 3)
+    assert be.output_token_ids == reference_tokens(ids[0], 6)
+    assert count("qllm_worker_preemption_latency_seconds_count") == before[
+        "qllm_worker_preemption_latency_seconds_count"] + 1
+    assert count("qllm_worker_preemption_latency_layers_count") == before[
+        "qllm_worker_preemption_latency_layers_count"] + 1
+    waited = count("qllm_worker_preemption_latency_seconds_sum") - before["qllm_worker_preemption_latency_seconds_sum"]
+    assert 0.02 <= waited < 5.0

@@ -1,0 +1,137 @@
+"""The headline table: a few ratios from each of several committed results, each the median over its rounds
+with the min-max range, so that the figures a reader quotes are generated from the data like every other
+table (`<!-- bench-headline: results/a.json results/b.json -->` blocks, bench/report_command.py).
+
+Per `qllm bench` result, for each policy against the result's baseline: LS TTFT p50 and p99 and LS E2E
+mean as baseline / policy (how many times faster), BE and total output tok/s as policy / baseline, E2E mean
+of all requests as baseline / policy; for every policy, the baseline too, LS TTFT p50, TPOT p50 and E2E
+mean over the round's idle floor's;
+per agent result its JCT ratios; per side-by-side (scripts/peer_vllm.py) result qllm / vLLM per dtype.
+Every ratio is computed per round, then summarised, so an inverted ratio's median and range are those of
+the inverted per-round values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.report import spread
+
+# (comparison key, label, invert): invert = the baseline over the policy, read "x times faster".
+POLICY_FIGURES: tuple[tuple[str, str, bool], ...] = (
+    ("ls_ttft_p50_vs_baseline", "LS TTFT p50, {base} / {policy}", True),
+    ("ls_ttft_p99_vs_baseline", "LS TTFT p99, {base} / {policy}", True),
+    ("ls_ttft_p50_vs_floor", "LS TTFT p50, {policy} / idle floor", False),
+    ("be_output_tok_s_vs_baseline", "BE output tok/s, {policy} / {base}", False),
+    ("total_output_tok_s_vs_baseline", "total output tok/s, {policy} / {base}", False),
+    ("e2e_mean_vs_baseline", "E2E mean (all requests), {base} / {policy}", True),
+)
+PEER_FIGURES: tuple[tuple[str, str, bool], ...] = (
+    ("idle_ls_ttft_p50_ms", "idle LS TTFT p50, qllm / vLLM ({dtype})", False),
+    ("idle_ls_tpot_p50_ms", "idle LS TPOT p50, qllm / vLLM ({dtype})", False),
+    ("be_output_tok_s", "BE output tok/s under the load, qllm / vLLM ({dtype})", False),
+    ("ls_ttft_p99_ms", "LS TTFT p99 under the load, vLLM / qllm ({dtype})", True),
+)
+
+
+def _cell(s: dict | None) -> tuple[str, str]:
+    if not s:
+        return "–", "–"
+    digits = 2 if s["median"] < 100 else 0
+    return f"{s['median']:.{digits}f}", f"{s['min']:.{digits}f}-{s['max']:.{digits}f} (n={s['n']})"
+
+
+def _inverse(v: float | None) -> float | None:
+    return None if v is None or v == 0 else 1.0 / v
+
+
+def _per_round(doc: dict, policy: str, key: str, fn: Callable[[Any], Any]) -> dict | None:
+    """A comparison ratio's spread over the rounds (fn applied to each round's value first)."""
+    rounds = doc.get("rounds") or []
+    comps = [r.get("comparisons") for r in rounds] if rounds else [doc.get("comparisons")]
+    values = []
+    for comp in comps:
+        for row in (comp or {}).get("rows") or []:
+            if row["policy"] == policy and not row.get("sweep"):
+                values.append(fn(row.get(key)))
+    return spread(values)
+
+
+def _ls_ratio(doc: dict, policy: str, figure: str, stat: str, against: str | None) -> dict | None:
+    """An LS figure of the policy's run over the same figure of its round's idle floor (against=None) or of
+    the `against` policy's run in that round, spread over the rounds."""
+    rounds = doc.get("rounds") or [{"round": None, "floor": (doc.get("params") or {}).get("floor")}]
+
+    def ls(run: dict | None) -> float | None:
+        return ((((run or {}).get("classes") or {}).get("LS") or {}).get(figure) or {}).get(stat)
+
+    def run_of(name: str, round_no) -> dict | None:
+        return next((r for r in doc.get("runs") or [] if r["policy"] == name and r.get("round") == round_no
+                     and not r.get("sweep")), None)
+
+    values = []
+    for entry in rounds:
+        a = ls(run_of(policy, entry.get("round")))
+        b = ls(entry.get("floor")) if against is None else ls(run_of(against, entry.get("round")))
+        values.append(a / b if a is not None and b else None)
+    return spread(values)
+
+
+def _bench_rows(doc: dict) -> list[tuple[str, dict | None]]:
+    comp = doc.get("comparisons") or {}
+    base = comp.get("baseline")
+    rows = []
+
+    def add(label: str, s: dict | None) -> None:
+        if s is not None:
+            rows.append((label, s))
+
+    for row in comp.get("rows") or []:
+        policy = row["policy"]
+        if row.get("sweep"):
+            continue
+        if policy != base:
+            for key, label, invert in POLICY_FIGURES:
+                add(label.format(base=base, policy=policy),
+                    _per_round(doc, policy, key, _inverse if invert else (lambda v: v)))
+            add(f"LS E2E mean, {base} / {policy}", _ls_ratio(doc, base, "e2e_ms", "mean", policy))
+        else:
+            add(f"LS TTFT p50, {policy} / idle floor", _per_round(doc, policy, "ls_ttft_p50_vs_floor", lambda v: v))
+        for figure, stat, label in (("tpot_ms", "p50", "LS TPOT p50"), ("e2e_ms", "mean", "LS E2E mean")):
+            add(f"{label}, {policy} / idle floor", _ls_ratio(doc, policy, figure, stat, None))
+    for ratio in doc.get("jct_ratios") or []:
+        jct = ratio.get("jct_mean")
+        add(f"JCT mean, {ratio['ratio']}", jct if isinstance(jct, dict) or jct is None else spread([jct]))
+    return rows
+
+
+def _peer_rows(doc: dict) -> list[tuple[str, dict | None]]:
+    rows = []
+    for dtype in doc.get("summary") or {}:
+        mine = [r for r in doc.get("rounds") or [] if r.get("dtype") == dtype]
+        for key, label, invert in PEER_FIGURES:
+            values = [(r.get("ratio") or {}).get(key) for r in mine]
+            s = spread([_inverse(v) for v in values] if invert else values)
+            if s is not None:
+                rows.append((label.format(dtype=dtype), s))
+    return rows
+
+
+def _source(doc: dict) -> str:
+    p = doc.get("params") or {}
+    rounds = p.get("repeat") or p.get("rounds") or len(doc.get("rounds") or []) or 1
+    return f"{rounds} round{'s' if rounds != 1 else ''}, seed {p.get('seed')}, commit {p.get('git_commit') or '?'}"
+
+
+def markdown(docs: list[tuple[str, dict]]) -> str:
+    """The headline table of (path as written in the marker, result document) pairs, in that order."""
+    lines = ["| result | figure | median | range over rounds |", "|---|---|---|---|"]
+    for path, doc in docs:
+        rows = _peer_rows(doc) if "summary" in doc and "rounds" in doc and "runs" not in doc else _bench_rows(doc)
+        name = f"`{Path(path).name}` ({_source(doc)})"
+        for label, s in rows:
+            median, rng = _cell(s)
+            lines.append(f"| {name} | {label} | {median} | {rng} |")
+            name = ""
+    return "\n".join(lines) + "\n"
