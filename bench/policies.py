@@ -49,6 +49,10 @@ POLICIES: dict[str, Part] = {
                             worker_args=("--ls-reserved-kv-tokens", "0", "--ls-reserved-slots", "0")),
     "qllm-no-pacing": Part("worker: qllm without LS decode pacing (LS decodes ride full BE iterations)",
                            worker_policy="qllm", worker_args=("--ls-tpot-target-ms", "0")),
+    # The LS TPOT target traded against BE throughput: qllm with a looser pacing target (the default is 1.5x
+    # the measured LS-only step), so a run shows what each LS token time costs BE.
+    **{f"qllm-tpot-{ms}": Part(f"worker: qllm with LS decode pacing at a {ms} ms TPOT target", worker_policy="qllm",
+                               worker_args=("--ls-tpot-target-ms", str(ms))) for ms in (25, 50, 100)},
     # BE orders (the router's queue decides which BE request a worker starts next; the worker runs fcfs).
     "arrival": Part("router: BE in arrival order (the baseline of the BE orders); worker: fcfs",
                     default_worker_policy="fcfs", router_args=("--be-order", "arrival")),
