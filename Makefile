@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test protos check-protos bench bench-peer tokenizer train-predictor clean
+.PHONY: setup run test protos check-protos bench bench-peer bench-results tokenizer train-predictor clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ PEER_VENV ?= $(HOME)/.cache/qllm-peer/vllm-venv
 PEER_ARGS ?= --dtypes bfloat16,float32 --rounds 3 --be-rate 4 --duration 60 --threads 1
 bench-peer: $(STAMP)
 	$(BIN)/python scripts/peer_vllm.py --peer-venv $(PEER_VENV) $(PEER_ARGS) --out bench-out/peer
+
+# Every result docs/benchmarks.md quotes, rerun (three rounds each, about two hours here; with PEER=1 also the
+# vLLM side by side), copied to docs/results/ and the docs' tables regenerated. scripts/bench_results.py.
+bench-results: $(STAMP)
+	$(BIN)/python scripts/bench_results.py $(if $(PEER),--peer-venv $(PEER_VENV))
 
 tokenizer: $(STAMP)
 	$(BIN)/python scripts/build_tokenizer.py
