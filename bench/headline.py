@@ -27,6 +27,13 @@ POLICY_FIGURES: tuple[tuple[str, str, bool], ...] = (
     ("total_output_tok_s_vs_baseline", "total output tok/s, {policy} / {base}", False),
     ("e2e_mean_vs_baseline", "E2E mean (all requests), {base} / {policy}", True),
 )
+# (LS figure, its stat, the idle floor's stat, label): the issue-15 targets are written against the floor's p50.
+FLOOR_FIGURES: tuple[tuple[str, str, str, str], ...] = (
+    ("ttft_ms", "p99", "p50", "LS TTFT p99, {policy} / idle floor p50"),
+    ("tpot_ms", "p50", "p50", "LS TPOT p50, {policy} / idle floor"),
+    ("tpot_ms", "p99", "p50", "LS TPOT p99, {policy} / idle floor p50"),
+    ("e2e_ms", "mean", "mean", "LS E2E mean, {policy} / idle floor"),
+)
 PEER_FIGURES: tuple[tuple[str, str, bool], ...] = (
     ("idle_ls_ttft_p50_ms", "idle LS TTFT p50, qllm / vLLM ({dtype})", False),
     ("idle_ls_tpot_p50_ms", "idle LS TPOT p50, qllm / vLLM ({dtype})", False),
@@ -58,13 +65,14 @@ def _per_round(doc: dict, policy: str, key: str, fn: Callable[[Any], Any]) -> di
     return spread(values)
 
 
-def _ls_ratio(doc: dict, policy: str, figure: str, stat: str, against: str | None) -> dict | None:
-    """An LS figure of the policy's run over the same figure of its round's idle floor (against=None) or of
-    the `against` policy's run in that round, spread over the rounds."""
+def _ls_ratio(doc: dict, policy: str, figure: str, stat: str, against: str | None,
+              against_stat: str | None = None) -> dict | None:
+    """An LS figure of the policy's run over the same figure (its `against_stat`, default the same stat) of its
+    round's idle floor (against=None) or of the `against` policy's run in that round, spread over the rounds."""
     rounds = doc.get("rounds") or [{"round": None, "floor": (doc.get("params") or {}).get("floor")}]
 
-    def ls(run: dict | None) -> float | None:
-        return ((((run or {}).get("classes") or {}).get("LS") or {}).get(figure) or {}).get(stat)
+    def ls(run: dict | None, which: str = stat) -> float | None:
+        return ((((run or {}).get("classes") or {}).get("LS") or {}).get(figure) or {}).get(which)
 
     def run_of(name: str, round_no) -> dict | None:
         return next((r for r in doc.get("runs") or [] if r["policy"] == name and r.get("round") == round_no
@@ -73,9 +81,15 @@ def _ls_ratio(doc: dict, policy: str, figure: str, stat: str, against: str | Non
     values = []
     for entry in rounds:
         a = ls(run_of(policy, entry.get("round")))
-        b = ls(entry.get("floor")) if against is None else ls(run_of(against, entry.get("round")))
+        other = entry.get("floor") if against is None else run_of(against, entry.get("round"))
+        b = ls(other, against_stat or stat)
         values.append(a / b if a is not None and b else None)
     return spread(values)
+
+
+def _per_round_runs(doc: dict, policy: str, fn: Callable[[dict], Any]) -> dict | None:
+    """fn of the policy's run in each round (sweep points left out), spread over the rounds."""
+    return spread([fn(r) for r in doc.get("runs") or [] if r["policy"] == policy and not r.get("sweep")])
 
 
 def _bench_rows(doc: dict) -> list[tuple[str, dict | None]]:
@@ -98,8 +112,10 @@ def _bench_rows(doc: dict) -> list[tuple[str, dict | None]]:
             add(f"LS E2E mean, {base} / {policy}", _ls_ratio(doc, base, "e2e_ms", "mean", policy))
         else:
             add(f"LS TTFT p50, {policy} / idle floor", _per_round(doc, policy, "ls_ttft_p50_vs_floor", lambda v: v))
-        for figure, stat, label in (("tpot_ms", "p50", "LS TPOT p50"), ("e2e_ms", "mean", "LS E2E mean")):
-            add(f"{label}, {policy} / idle floor", _ls_ratio(doc, policy, figure, stat, None))
+        for figure, stat, floor_stat, label in FLOOR_FIGURES:
+            add(label.format(policy=policy), _ls_ratio(doc, policy, figure, stat, None, floor_stat))
+        add(f"LS SLO attainment (TTFT and TPOT), {policy}", _per_round_runs(
+            doc, policy, lambda run: ((run.get("classes") or {}).get("LS") or {}).get("slo_attainment")))
     for ratio in doc.get("jct_ratios") or []:
         jct = ratio.get("jct_mean")
         add(f"JCT mean, {ratio['ratio']}", jct if isinstance(jct, dict) or jct is None else spread([jct]))

@@ -6,7 +6,8 @@
 
 Builds the real scheduler and model runner, prefills `--decodes` requests of `--context` tokens, then times
 `--steps` decode-only steps and as many mixed steps (the decodes plus a `--prefill`-token chunk of a new
-request), and prints each kind's median step time and torch.profiler's top ops by self CPU time.
+request), and prints each kind's median step time and torch.profiler's top ops by self CPU time. With
+`--decodes 0` it times prefill-only steps (an idle worker's TTFT step).
 --modules-only turns off the native decode stages and MoE experts (worker/native_stages.py, worker/moe.py;
 the native decode attention stays), which is how the engine ran before them.
 """
@@ -69,7 +70,7 @@ def main() -> None:
         os.environ["QLLM_NATIVE_STAGES"] = os.environ["QLLM_NATIVE_MOE"] = "0"
     torch.set_num_threads(args.threads)
     core, vocab = build(args)
-    for kind in ("decode", "mixed"):
+    for kind in ("decode", "mixed") if args.decodes else ("mixed",):  # --decodes 0: prefill-only steps
         times = []
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for k in range(args.steps):

@@ -80,7 +80,8 @@ async def test_report_refuses_what_it_cannot_render(tmp_path, capsys):
 def _round_doc(values_by_round):
     """A two-policy `qllm bench` document whose LS TTFT p50 of `b` is values_by_round[i] x `a`'s."""
     def cls(ttft):
-        return {"ttft_ms": {"p50": ttft}, "tpot_ms": {"p50": 10.0}, "e2e_ms": {"mean": 100.0 * ttft}}
+        return {"ttft_ms": {"p50": ttft, "p99": 2 * ttft}, "tpot_ms": {"p50": 10.0}, "e2e_ms": {"mean": 100.0 * ttft},
+                "slo_attainment": 0.5}
     runs, rounds = [], []
     for i, v in enumerate(values_by_round, 1):
         runs += [{"policy": "a", "round": i, "classes": {"LS": cls(100.0)}},
@@ -104,6 +105,8 @@ def test_headline_inverts_each_round_before_summarising():
     assert "|  | LS TTFT p50, a / b | 0.38 | 0.25-0.50 (n=2) |" in lines
     assert "|  | LS TPOT p50, b / idle floor | 1.00 | 1.00-1.00 (n=2) |" in lines
     assert "|  | LS E2E mean, b / idle floor | 6.00 | 4.00-8.00 (n=2) |" in lines
+    assert "|  | LS TTFT p99, b / idle floor p50 | 12.00 | 8.00-16.00 (n=2) |" in lines  # the targets' denominator
+    assert "|  | LS SLO attainment (TTFT and TPOT), b | 0.50 | 0.50-0.50 (n=2) |" in lines
     assert "|  | LS E2E mean, a / b | 0.38 | 0.25-0.50 (n=2) |" in lines
     assert not any("BE output" in line for line in lines)  # a ratio no round has is left out, not shown as 0
     assert "|  | LS E2E mean, a / idle floor | 2.00 | 2.00-2.00 (n=2) |" in lines  # the baseline against the floor
