@@ -4,11 +4,11 @@ table (`<!-- bench-headline: results/a.json results/b.json -->` blocks, bench/re
 
 Per `qllm bench` result, for each policy against the result's baseline: LS TTFT p50 and p99 and LS E2E
 mean as baseline / policy (how many times faster), BE and total output tok/s as policy / baseline, E2E mean
-of all requests as baseline / policy; for every policy, the baseline too, LS TTFT p50, TPOT p50 and E2E
-mean over the round's idle floor's;
-per agent result its JCT ratios; per side-by-side (scripts/peer_vllm.py) result qllm / vLLM per dtype.
-Every ratio is computed per round, then summarised, so an inverted ratio's median and range are those of
-the inverted per-round values.
+of all requests as baseline / policy. For every policy, the baseline too, against its round's idle floor:
+LS TTFT p50, TPOT p50 and E2E mean over the floor's, TTFT p99 and TPOT p99 over the floor's p50 (how
+issue 15's targets are written), and LS SLO attainment. Per agent result its JCT ratios; per side-by-side
+(scripts/peer_vllm.py) result qllm / vLLM per dtype. Every ratio is computed per round, then summarised,
+so an inverted ratio's median and range are those of the inverted per-round values.
 """
 
 from __future__ import annotations
