@@ -31,6 +31,9 @@ BENCH = (
     ("mixed-ablation-native", "mixed.json",
      "--scenario mixed --policies qllm,qllm-no-park,qllm-no-ls-steps,qllm-no-reserve,qllm-no-pacing,priority-evict "
      "--be-rate 1.0 --duration 30 --repeat 3"),
+    ("mixed-tpot-tradeoff", "mixed.json",
+     "--scenario mixed --policies fcfs,qllm,qllm-tpot-25,qllm-tpot-50,qllm-tpot-100 --be-rate 1.0 --duration 30 "
+     "--repeat 3"),
     ("memory-pressure", "memory-pressure.json",
      "--scenario memory-pressure --policies recompute,alise,alise-oracle --duration 60 --repeat 3"),
     ("chatbot", "chatbot.json",
