@@ -42,19 +42,28 @@ PEER_FIGURES: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def _cell(s: dict | None) -> tuple[str, str]:
-    if not s:
-        return "–", "–"
+def _fmt(v: float, digits: int) -> str:
+    return f"{v:.{digits}f}"
+
+
+def _cells(values: list[float | None]) -> tuple[str, str, str]:
+    """median, range (n) and the per-round values, in round order ("–" where a round has none)."""
+    s = spread(values)
     digits = 2 if s["median"] < 100 else 0
-    return f"{s['median']:.{digits}f}", f"{s['min']:.{digits}f}-{s['max']:.{digits}f} (n={s['n']})"
+    rounds = " / ".join("–" if v is None else _fmt(v, digits) for v in values)
+    return _fmt(s["median"], digits), f"{_fmt(s['min'], digits)}-{_fmt(s['max'], digits)} (n={s['n']})", rounds
 
 
 def _inverse(v: float | None) -> float | None:
     return None if v is None or v == 0 else 1.0 / v
 
 
-def _per_round(doc: dict, policy: str, key: str, fn: Callable[[Any], Any]) -> dict | None:
-    """A comparison ratio's spread over the rounds (fn applied to each round's value first)."""
+def _same(v):
+    return v
+
+
+def _per_round(doc: dict, policy: str, key: str, fn: Callable[[Any], Any]) -> list:
+    """A comparison ratio in each round (fn applied to each round's value)."""
     rounds = doc.get("rounds") or []
     comps = [r.get("comparisons") for r in rounds] if rounds else [doc.get("comparisons")]
     values = []
@@ -62,13 +71,13 @@ def _per_round(doc: dict, policy: str, key: str, fn: Callable[[Any], Any]) -> di
         for row in (comp or {}).get("rows") or []:
             if row["policy"] == policy and not row.get("sweep"):
                 values.append(fn(row.get(key)))
-    return spread(values)
+    return values
 
 
 def _ls_ratio(doc: dict, policy: str, figure: str, stat: str, against: str | None,
-              against_stat: str | None = None) -> dict | None:
-    """An LS figure of the policy's run over the same figure (its `against_stat`, default the same stat) of its
-    round's idle floor (against=None) or of the `against` policy's run in that round, spread over the rounds."""
+              against_stat: str | None = None) -> list:
+    """In each round, an LS figure of the policy's run over the same figure (its `against_stat`, default the
+    same stat) of that round's idle floor (against=None) or of the `against` policy's run."""
     rounds = doc.get("rounds") or [{"round": None, "floor": (doc.get("params") or {}).get("floor")}]
 
     def ls(run: dict | None, which: str = stat) -> float | None:
@@ -84,22 +93,22 @@ def _ls_ratio(doc: dict, policy: str, figure: str, stat: str, against: str | Non
         other = entry.get("floor") if against is None else run_of(against, entry.get("round"))
         b = ls(other, against_stat or stat)
         values.append(a / b if a is not None and b else None)
-    return spread(values)
+    return values
 
 
-def _per_round_runs(doc: dict, policy: str, fn: Callable[[dict], Any]) -> dict | None:
-    """fn of the policy's run in each round (sweep points left out), spread over the rounds."""
-    return spread([fn(r) for r in doc.get("runs") or [] if r["policy"] == policy and not r.get("sweep")])
+def _slo_attainment(doc: dict, policy: str) -> list:
+    return [((r.get("classes") or {}).get("LS") or {}).get("slo_attainment") for r in doc.get("runs") or []
+            if r["policy"] == policy and not r.get("sweep")]
 
 
-def _bench_rows(doc: dict) -> list[tuple[str, dict | None]]:
+def _bench_rows(doc: dict) -> list[tuple[str, list]]:
     comp = doc.get("comparisons") or {}
     base = comp.get("baseline")
-    rows = []
+    rows: list[tuple[str, list]] = []
 
-    def add(label: str, s: dict | None) -> None:
-        if s is not None:
-            rows.append((label, s))
+    def add(label: str, values: list) -> None:
+        if any(v is not None for v in values):
+            rows.append((label, values))
 
     for row in comp.get("rows") or []:
         policy = row["policy"]
@@ -107,30 +116,28 @@ def _bench_rows(doc: dict) -> list[tuple[str, dict | None]]:
             continue
         if policy != base:
             for key, label, invert in POLICY_FIGURES:
-                add(label.format(base=base, policy=policy),
-                    _per_round(doc, policy, key, _inverse if invert else (lambda v: v)))
+                add(label.format(base=base, policy=policy), _per_round(doc, policy, key, _inverse if invert else _same))
             add(f"LS E2E mean, {base} / {policy}", _ls_ratio(doc, base, "e2e_ms", "mean", policy))
         else:
-            add(f"LS TTFT p50, {policy} / idle floor", _per_round(doc, policy, "ls_ttft_p50_vs_floor", lambda v: v))
+            add(f"LS TTFT p50, {policy} / idle floor", _per_round(doc, policy, "ls_ttft_p50_vs_floor", _same))
         for figure, stat, floor_stat, label in FLOOR_FIGURES:
             add(label.format(policy=policy), _ls_ratio(doc, policy, figure, stat, None, floor_stat))
-        add(f"LS SLO attainment (TTFT and TPOT), {policy}", _per_round_runs(
-            doc, policy, lambda run: ((run.get("classes") or {}).get("LS") or {}).get("slo_attainment")))
+        add(f"LS SLO attainment (TTFT and TPOT), {policy}", _slo_attainment(doc, policy))
+    per_round = [r.get("jct_ratios") or [] for r in doc.get("rounds") or []] or [doc.get("jct_ratios") or []]
     for ratio in doc.get("jct_ratios") or []:
-        jct = ratio.get("jct_mean")
-        add(f"JCT mean, {ratio['ratio']}", jct if isinstance(jct, dict) or jct is None else spread([jct]))
+        add(f"JCT mean, {ratio['ratio']}", [next((x.get("jct_mean") for x in rows_ if x["ratio"] == ratio["ratio"]),
+                                                 None) for rows_ in per_round])
     return rows
 
 
-def _peer_rows(doc: dict) -> list[tuple[str, dict | None]]:
+def _peer_rows(doc: dict) -> list[tuple[str, list]]:
     rows = []
     for dtype in doc.get("summary") or {}:
         mine = [r for r in doc.get("rounds") or [] if r.get("dtype") == dtype]
         for key, label, invert in PEER_FIGURES:
-            values = [(r.get("ratio") or {}).get(key) for r in mine]
-            s = spread([_inverse(v) for v in values] if invert else values)
-            if s is not None:
-                rows.append((label.format(dtype=dtype), s))
+            values = [(_inverse if invert else _same)((r.get("ratio") or {}).get(key)) for r in mine]
+            if any(v is not None for v in values):
+                rows.append((label.format(dtype=dtype), values))
     return rows
 
 
@@ -142,12 +149,11 @@ def _source(doc: dict) -> str:
 
 def markdown(docs: list[tuple[str, dict]]) -> str:
     """The headline table of (path as written in the marker, result document) pairs, in that order."""
-    lines = ["| result | figure | median | range over rounds |", "|---|---|---|---|"]
+    lines = ["| result | figure | median | range over rounds | each round |", "|---|---|---|---|---|"]
     for path, doc in docs:
         rows = _peer_rows(doc) if "summary" in doc and "rounds" in doc and "runs" not in doc else _bench_rows(doc)
         name = f"`{Path(path).name}` ({_source(doc)})"
-        for label, s in rows:
-            median, rng = _cell(s)
-            lines.append(f"| {name} | {label} | {median} | {rng} |")
+        for label, values in rows:
+            lines.append(f"| {name} | {label} | " + " | ".join(_cells(values)) + " |")
             name = ""
     return "\n".join(lines) + "\n"

@@ -99,17 +99,17 @@ def test_headline_inverts_each_round_before_summarising():
 
     text = headline.markdown([("results/x.json", _round_doc([2.0, 4.0]))])
     lines = text.splitlines()
-    assert lines[0] == "| result | figure | median | range over rounds |"
+    assert lines[0] == "| result | figure | median | range over rounds | each round |"
     # a / b per round is 0.5 and 0.25: the median of those (0.375), not 1 / the median of the ratios (1/3)
     assert lines[2].startswith("| `x.json` (2 rounds, seed 3, commit abc1234) | ")  # named once, on its first row
-    assert "|  | LS TTFT p50, a / b | 0.38 | 0.25-0.50 (n=2) |" in lines
-    assert "|  | LS TPOT p50, b / idle floor | 1.00 | 1.00-1.00 (n=2) |" in lines
-    assert "|  | LS E2E mean, b / idle floor | 6.00 | 4.00-8.00 (n=2) |" in lines
-    assert "|  | LS TTFT p99, b / idle floor p50 | 12.00 | 8.00-16.00 (n=2) |" in lines  # the targets' denominator
-    assert "|  | LS SLO attainment (TTFT and TPOT), b | 0.50 | 0.50-0.50 (n=2) |" in lines
-    assert "|  | LS E2E mean, a / b | 0.38 | 0.25-0.50 (n=2) |" in lines
+    assert "|  | LS TTFT p50, a / b | 0.38 | 0.25-0.50 (n=2) | 0.50 / 0.25 |" in lines
+    assert "|  | LS TPOT p50, b / idle floor | 1.00 | 1.00-1.00 (n=2) | 1.00 / 1.00 |" in lines
+    assert "|  | LS E2E mean, b / idle floor | 6.00 | 4.00-8.00 (n=2) | 4.00 / 8.00 |" in lines
+    assert "|  | LS TTFT p99, b / idle floor p50 | 12.00 | 8.00-16.00 (n=2) | 8.00 / 16.00 |" in lines  # the targets'
+    assert "|  | LS SLO attainment (TTFT and TPOT), b | 0.50 | 0.50-0.50 (n=2) | 0.50 / 0.50 |" in lines
+    assert "|  | LS E2E mean, a / b | 0.38 | 0.25-0.50 (n=2) | 0.50 / 0.25 |" in lines
     assert not any("BE output" in line for line in lines)  # a ratio no round has is left out, not shown as 0
-    assert "|  | LS E2E mean, a / idle floor | 2.00 | 2.00-2.00 (n=2) |" in lines  # the baseline against the floor
+    assert "|  | LS E2E mean, a / idle floor | 2.00 | 2.00-2.00 (n=2) | 2.00 / 2.00 |" in lines  # baseline vs floor
     assert not any("a / a" in line for line in lines)  # but not against itself
 
 
@@ -131,5 +131,6 @@ def test_update_rewrites_a_stale_headline(tmp_path):
     md.write_text("# Doc\n\n<!-- bench-headline: x.json -->\n| typed |\n<!-- /bench-headline -->\n")
     assert report_command.run(_args(["report", "--update", str(md), "--check"])) == 1
     assert report_command.run(_args(["report", "--update", str(md)])) == 0
-    assert "| typed |" not in md.read_text() and "LS TTFT p50, a / b | 0.50 | 0.33-0.50 (n=3)" in md.read_text()
+    text = md.read_text()
+    assert "| typed |" not in text and "LS TTFT p50, a / b | 0.50 | 0.33-0.50 (n=3) | 0.50 / 0.50 / 0.33 |" in text
     assert report_command.run(_args(["report", "--update", str(md), "--check"])) == 0
