@@ -34,6 +34,8 @@ BENCH = (
     ("mixed-tpot-tradeoff", "mixed.json",
      "--scenario mixed --policies fcfs,qllm,qllm-tpot-25,qllm-tpot-50,qllm-tpot-100 --be-rate 1.0 --duration 30 "
      "--repeat 3"),
+    ("mixed-ls-budget", "mixed.json",
+     "--scenario mixed --policies fcfs,qllm,qllm-budget-256,qllm-budget-512 --be-rate 1.0 --duration 30 --repeat 3"),
     ("memory-pressure", "memory-pressure.json",
      "--scenario memory-pressure --policies recompute,alise,alise-oracle --duration 60 --repeat 3"),
     ("chatbot", "chatbot.json",
