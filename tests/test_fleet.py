@@ -41,7 +41,9 @@ def test_worker_sigkilled_in_a_subprocess_fleet_loses_nothing(tmp_path):
     """The same against real processes (qllm.up.Stack: predictor, kvmanager, 2 workers, router), worker0
     SIGKILLed once every request has streamed a few tokens."""
     n = 48
-    r = loss.measure_sigkill(n=n, max_tokens=24, port_offset=1300, log_dir=str(tmp_path))
+    # 96 tokens: the kill comes once the slowest request has 4, and worker0's must still be mid-stream then
+    # (at 24 a fast worker had finished its share first: nothing to re-queue).
+    r = loss.measure_sigkill(n=n, max_tokens=96, port_offset=1300, log_dir=str(tmp_path))
     print(r)
     assert r["lost"] == 0 and r["errors"] == [] and r["completed"] == n, r
     assert r["requeued"] >= 1, r

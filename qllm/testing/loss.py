@@ -86,7 +86,7 @@ async def measure_worker_loss(fleet: Fleet, n: int = 48, max_tokens: int = 24, k
     }
 
 
-def measure_sigkill(n: int = 48, max_tokens: int = 24, port_offset: int = 1300, log_dir: str | None = None) -> dict:
+def measure_sigkill(n: int = 48, max_tokens: int = 96, port_offset: int = 1300, log_dir: str | None = None) -> dict:
     """The loss measurement against real processes (qllm.up.Stack: predictor, kvmanager, 2 workers, router):
     worker0 gets SIGKILL once every request has streamed a few tokens. The re-queue count is read from the
     router's /metrics. Runs its own event loop."""
