@@ -386,9 +386,21 @@ def plot_ttft_cdf(path: str | os.PathLike, doc: dict, records: dict[str, Sequenc
     plt.close(fig)
 
 
+def sweep_series(doc: dict, key: str, policy: str, figure) -> tuple[list, list, list, list]:
+    """x values and, per x, the median, min and max over rounds of figure(run) for one policy's sweep runs."""
+    by_x: dict = {}
+    for r in doc["runs"]:
+        if r["policy"] == policy and key in (r.get("sweep") or {}):
+            v = figure(r)
+            if v is not None:
+                by_x.setdefault(r["sweep"][key], []).append(v)
+    xs = sorted(by_x)
+    return (xs, [statistics.median(by_x[x]) for x in xs], [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs])
+
+
 def plot_sweep(path: str | os.PathLike, doc: dict, key: str) -> None:
-    """LS SLO attainment and BE output throughput against the swept parameter, one line per policy (with
-    --repeat, round 1's runs: one line per policy needs one value per point)."""
+    """LS SLO attainment and BE output throughput against the swept parameter, one line per policy: with
+    --repeat the median over rounds, the bars spanning min to max."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,16 +409,13 @@ def plot_sweep(path: str | os.PathLike, doc: dict, key: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     policies = list(dict.fromkeys(r["policy"] for r in doc["runs"]))
     for policy in policies:
-        runs = sorted((r for r in doc["runs"] if r["policy"] == policy and key in (r.get("sweep") or {})
-                       and r.get("round", 1) == 1),
-                      key=lambda r: r["sweep"][key])
-        xs = [r["sweep"][key] for r in runs]
-        slo = [_get(r, "LS", "slo_attainment") for r in runs]
-        be = [_get(r, "BE", "output_tok_s") for r in runs]
-        ax1.plot(xs, [math.nan if v is None else v for v in slo], marker="o", label=policy)
-        ax2.plot(xs, [math.nan if v is None else v for v in be], marker="o", label=policy)
+        for ax, cls, field in ((ax1, "LS", "slo_attainment"), (ax2, "BE", "output_tok_s")):
+            xs, med, lo, hi = sweep_series(doc, key, policy, lambda r: _get(r, cls, field))
+            if xs:
+                ax.errorbar(xs, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                            marker="o", capsize=3, label=policy)
     ax1.set_xlabel(key)
-    ax1.set_ylabel("LS TTFT SLO attainment")
+    ax1.set_ylabel("LS SLO attainment (TTFT and TPOT)")
     ax1.set_ylim(0, 1.02)
     ax1.set_title("LS SLO attainment")
     ax2.set_xlabel(key)

@@ -152,3 +152,19 @@ def test_ratios_over_rounds_are_median_min_max_of_each_rounds_ratio():
     assert qllm["ls_ttft_p99_vs_floor"] is None
     assert report._ratio_cell(qllm["ls_ttft_p50_vs_baseline"]) == "0.20 (0.10-0.30)"
     assert report._ratio_cell(None) == "–" and report._ratio_cell(1.234) == "1.23"
+
+
+def test_sweep_plot_shows_the_spread_over_rounds(tmp_path):
+    """With --repeat and --sweep, each point is the median over rounds with min-max bars, not round 1 alone."""
+    def run(policy, rnd, rate, be_tok_s, slo):
+        return {"policy": policy, "round": rnd, "sweep": {"be-rate": rate},
+                "classes": {"LS": {"slo_attainment": slo}, "BE": {"output_tok_s": be_tok_s}}}
+    doc = {"scenario": "mixed", "runs": [run("qllm", 1, 1.0, 10.0, 0.9), run("qllm", 2, 1.0, 14.0, 1.0),
+                                         run("qllm", 3, 1.0, 11.0, 0.8), run("qllm", 1, 2.0, 20.0, 0.5),
+                                         run("qllm", 2, 2.0, 22.0, None), run("fcfs", 1, 1.0, 9.0, 0.1)]}
+    xs, med, lo, hi = report.sweep_series(doc, "be-rate", "qllm", lambda r: report._get(r, "BE", "output_tok_s"))
+    assert (xs, med, lo, hi) == ([1.0, 2.0], [11.0, 21.0], [10.0, 20.0], [14.0, 22.0])
+    xs, med, lo, hi = report.sweep_series(doc, "be-rate", "qllm", lambda r: report._get(r, "LS", "slo_attainment"))
+    assert (xs, med) == ([1.0, 2.0], [0.9, 0.5])  # a round without the figure is left out, not counted as 0
+    report.plot_sweep(tmp_path / "sweep.png", doc, "be-rate")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
