@@ -2,10 +2,12 @@
 
 A decode step routes a few rows to a few experts: the work is reading those experts' weights once, and
 transformers' grouped path (sort, histogram, two grouped GEMMs, an inverse permutation: ~27 framework ops per
-layer) costs far more than that on a CPU. So on the CPU, for steps of up to NATIVE_MAX_ROWS rows, the experts
-run in one native call (worker/csrc/moe_experts.c) that streams each hit expert's weights once; larger steps
-(prefill chunks), other devices and layouts the kernel does not cover (biases, transposed or interleaved
-weights, other activations, expert parallelism) take transformers' grouped_mm path unchanged.
+layer) costs far more than that on a CPU. A short prefill (an LS prompt) routes a few dozen rows to each
+expert, where BLAS calls on such thin matrices stay well below the core's FMA rate. So on the CPU, for steps
+of up to NATIVE_MAX_ROWS rows, the experts run in one native call (worker/csrc/moe_experts.c: register tiles
+of weight rows by token rows, each hit expert's weights streamed once); larger steps (long prefill chunks),
+other devices and layouts the kernel does not cover (biases, transposed or interleaved weights, other
+activations, expert parallelism) take transformers' grouped_mm path unchanged.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from worker import native
 
 EXPERTS_IMPLEMENTATION = "qllm"
-# Rows (tokens) up to which the native kernel beats the grouped GEMMs on a CPU; above it the GEMMs' blocking
-# (weights reused across many rows) wins. Chosen with scripts/bench_moe_experts.py (docs/benchmarks.md).
-NATIVE_MAX_ROWS = 32
+# Rows (tokens) up to which the native kernel is at least as fast as the grouped GEMMs on a CPU; above it the
+# GEMMs' cache blocking catches up. Chosen with scripts/bench_moe_experts.py (docs/benchmarks.md).
+NATIVE_MAX_ROWS = 256
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I]

@@ -115,6 +115,93 @@ static inline void row_dots(const void *w, int is_bf16, int64_t row, int d, cons
     }
 }
 
+#define TILE_ROWS 4 /* weight rows per register tile */
+#define TILE_VECS 3 /* vectors per register tile: TILE_ROWS * TILE_VECS accumulators + the vectors = 15 ymm */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS TILE_ROWS /* weight rows ahead that a tile asks the cache for: the next tile */
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* [a.sum, b.sum, c.sum, d.sum] */
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* out[j * ld + q] = w[row0 + q, :] . xs[j][:] for q < TILE_ROWS, j < m (m <= TILE_VECS, a constant after
+ * inlining): every weight load feeds m FMAs and every vector load TILE_ROWS, all sums in registers. */
+static inline __attribute__((always_inline)) void tile_dots(const void *w, int is_bf16, int64_t row0, int d,
+                                                            const float *const *xs, int m, float *out,
+                                                            int64_t ld) {
+    __m256 acc[TILE_VECS][TILE_ROWS];
+    for (int j = 0; j < m; j++)
+        for (int q = 0; q < TILE_ROWS; q++) acc[j][q] = _mm256_setzero_ps();
+    const int64_t base = row0 * d;
+    int i = 0;
+    const char *ahead = (const char *)w + (base + PREFETCH_ROWS * (int64_t)d) * (is_bf16 ? 2 : 4);
+    const int step = is_bf16 ? 16 : 32; /* bytes of a weight row per iteration */
+    for (; i + 8 <= d; i += 8) {
+        __m256 xv[TILE_VECS];
+        for (int q = 0; q < TILE_ROWS; q++) _mm_prefetch(ahead + ((int64_t)q * d + i) * (step / 8), _MM_HINT_T0);
+        for (int j = 0; j < m; j++) xv[j] = _mm256_loadu_ps(xs[j] + i);
+        for (int q = 0; q < TILE_ROWS; q++) {
+            const __m256 wv = load8(w, is_bf16, base + (int64_t)q * d + i);
+            for (int j = 0; j < m; j++) acc[j][q] = _mm256_fmadd_ps(wv, xv[j], acc[j][q]);
+        }
+    }
+    for (int j = 0; j < m; j++) {
+        float s[4];
+        _mm_storeu_ps(s, hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+        for (int q = 0; q < TILE_ROWS; q++) {
+            for (int k = i; k < d; k++) s[q] += weight_at(w, is_bf16, base + (int64_t)q * d + k) * xs[j][k];
+            out[(int64_t)j * ld + q] = s[q];
+        }
+    }
+}
+
+static void tile_dots_f32(const void *w, int64_t row0, int d, const float *const *xs, int m, float *out, int64_t ld) {
+    if (m == 3) tile_dots(w, 0, row0, d, xs, 3, out, ld);
+    else if (m == 2) tile_dots(w, 0, row0, d, xs, 2, out, ld);
+    else tile_dots(w, 0, row0, d, xs, 1, out, ld);
+}
+
+static void tile_dots_bf16(const void *w, int64_t row0, int d, const float *const *xs, int m, float *out,
+                           int64_t ld) {
+    if (m == 3) tile_dots(w, 1, row0, d, xs, 3, out, ld);
+    else if (m == 2) tile_dots(w, 1, row0, d, xs, 2, out, ld);
+    else tile_dots(w, 1, row0, d, xs, 1, out, ld);
+}
+#endif
+
+/* out[j * ld + r] = w[r, :] . xs[j][:d] for r < rows, j < n: a small-batch matmul against a weight stored as
+ * [rows, d] (as torch's Linear and the experts keep it), so nothing is re-packed. Weight rows are taken
+ * TILE_ROWS at a time, read from memory once and then from cache against the vectors TILE_VECS at a time. */
+static inline void matmul_rows(const void *w, int is_bf16, int rows, int d, const float *const *xs, int n,
+                               float *out, int64_t ld, int num_threads) {
+    const int tiles = n > 1 ? rows / TILE_ROWS : 0; /* one vector: row_dots streams a row at a time */
+#if defined(__AVX2__) && defined(__FMA__)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
+    for (int t = 0; t < tiles; t++) {
+        const int64_t r0 = (int64_t)t * TILE_ROWS;
+        for (int j0 = 0; j0 < n; j0 += TILE_VECS) {
+            const int m = n - j0 < TILE_VECS ? n - j0 : TILE_VECS;
+            if (is_bf16) tile_dots_bf16(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
+            else tile_dots_f32(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
+        }
+    }
+    const int first = tiles * TILE_ROWS;
+#else
+    const int first = 0;
+#endif
+    for (int r = first; r < rows; r++)
+        for (int j0 = 0; j0 < n; j0 += BLOCK) {
+            const int m = n - j0 < BLOCK ? n - j0 : BLOCK;
+            float res[BLOCK];
+            row_dots(w, is_bf16, r, d, xs + j0, m, res);
+            for (int j = 0; j < m; j++) out[(int64_t)(j0 + j) * ld + r] = res[j];
+        }
+}
+
 /* Defined in paged_decode.c / moe_experts.c; decode_layer.c calls them. */
 void qllm_attend_row(const float *q, const void *k_pool, const void *v_pool, int is_bf16, const int64_t *blocks,
                      int64_t kv_len, float *out, int heads, int kv_heads, int head_dim, int v_head_dim,

@@ -25,17 +25,12 @@ static void rms_norm(const float *x, const float *w, float eps, int d, float *ou
 /* out[t * ld_out + r] = w[r, :] . x[t * ld_x :] (+ bias[r]) for r < out_dim, t < rows: weights read once. */
 static void project(const float *w, const float *bias, int in_dim, int out_dim, const float *x, int ld_x, int rows,
                     float *out, int ld_out, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
-    for (int r = 0; r < out_dim; r++) {
-        for (int t0 = 0; t0 < rows; t0 += BLOCK) {
-            const int m = rows - t0 < BLOCK ? rows - t0 : BLOCK;
-            const float *xs[BLOCK];
-            float res[BLOCK];
-            for (int j = 0; j < m; j++) xs[j] = x + (int64_t)(t0 + j) * ld_x;
-            row_dots(w, 0, r, in_dim, xs, m, res);
-            for (int j = 0; j < m; j++) out[(int64_t)(t0 + j) * ld_out + r] = bias ? res[j] + bias[r] : res[j];
-        }
-    }
+    const float *xs[rows > 0 ? rows : 1]; /* a decode step's rows: a few hundred at most */
+    for (int t = 0; t < rows; t++) xs[t] = x + (int64_t)t * ld_x;
+    matmul_rows(w, 0, out_dim, in_dim, xs, rows, out, ld_out, num_threads);
+    if (bias)
+        for (int t = 0; t < rows; t++)
+            for (int r = 0; r < out_dim; r++) out[(int64_t)t * ld_out + r] += bias[r];
 }
 
 /* transformers' apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin. */

@@ -2,8 +2,8 @@
  *
  * The CPU small-batch path of worker/moe.py. With a handful of rows a step's experts are memory-bound
  * matrix-vector products, and the framework's grouped matmul pays a sort, a histogram and two GEMM calls per
- * expert per layer. Here each hit expert's weights are streamed once, every row that chose it is dotted
- * against each weight row while that row is in cache, and the weighted result is added to the row's output.
+ * expert per layer. Here each hit expert's weights are streamed once (matmul_rows: register tiles of weight
+ * rows by rows that chose the expert), and the weighted result is added to the row's output.
  *
  * x [tokens, hidden] float32; ids [tokens, top_k] int64 (ids outside 0..experts-1 are skipped);
  * weights [tokens, top_k] float32; gate_up [experts, 2 * inter, hidden] (gate rows then up rows, as
@@ -16,58 +16,44 @@
 int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, const void *gate_up,
                      const void *down, int is_bf16, float *out, int tokens, int top_k, int hidden, int inter,
                      int experts, int num_threads) {
-    const int pairs = tokens * top_k;
-    int *rows = malloc(sizeof(int) * (size_t)(pairs > 0 ? pairs : 1));        /* pair index per slot */
-    float *act = malloc(sizeof(float) * (size_t)(pairs > 0 ? pairs : 1) * (size_t)(2 * inter)); /* per slot */
-    if (rows == NULL || act == NULL) {
-        free(rows);
-        free(act);
+    const int pairs = tokens * top_k, slots = pairs > 0 ? pairs : 1, width = 2 * inter;
+    int *rows = malloc(sizeof(int) * (size_t)slots);                             /* pair index per slot */
+    const float **xs = malloc(sizeof(float *) * (size_t)slots);                  /* input vector per slot */
+    float *act = malloc(sizeof(float) * (size_t)slots * (size_t)width);          /* [gate | up] per slot */
+    float *down_out = malloc(sizeof(float) * (size_t)slots * (size_t)hidden);    /* unweighted down per slot */
+    if (rows == NULL || xs == NULL || act == NULL || down_out == NULL) {
+        free(rows), free(xs), free(act), free(down_out);
         return -1;
     }
     memset(out, 0, sizeof(float) * (size_t)tokens * (size_t)hidden);
-    const int width = 2 * inter;
+    const size_t gu_expert = (size_t)width * (size_t)hidden, d_expert = (size_t)hidden * (size_t)inter;
+    const size_t elem = is_bf16 ? 2 : 4;
     for (int e = 0; e < experts; e++) {
         int n = 0;
         for (int p = 0; p < pairs; p++)
             if (ids[p] == e) rows[n++] = p;
         if (n == 0) continue;
-        /* gate and up rows: each weight row read once per BLOCK of the rows that chose this expert */
-        const int64_t base_gu = (int64_t)e * width;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
-        for (int r = 0; r < width; r++) {
-            for (int j0 = 0; j0 < n; j0 += BLOCK) {
-                const int m = n - j0 < BLOCK ? n - j0 : BLOCK;
-                const float *xs[BLOCK];
-                float res[BLOCK];
-                for (int j = 0; j < m; j++) xs[j] = x + (int64_t)(rows[j0 + j] / top_k) * hidden;
-                row_dots(gate_up, is_bf16, base_gu + r, hidden, xs, m, res);
-                for (int j = 0; j < m; j++) act[(int64_t)(j0 + j) * width + r] = res[j];
-            }
-        }
+        /* gate and up: each weight row comes from memory once for all n rows that chose this expert */
+        for (int j = 0; j < n; j++) xs[j] = x + (int64_t)(rows[j] / top_k) * hidden;
+        matmul_rows((const char *)gate_up + (size_t)e * gu_expert * elem, is_bf16, width, hidden, xs, n, act,
+                    width, num_threads);
         for (int j = 0; j < n; j++) {
             float *a = act + (int64_t)j * width;
             for (int i = 0; i < inter; i++) {
                 const float g = a[i];
                 a[i] = g / (1.0f + expf(-g)) * a[inter + i];
             }
+            xs[j] = a;
         }
-        const int64_t base_d = (int64_t)e * hidden;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
-        for (int h = 0; h < hidden; h++) {
-            for (int j0 = 0; j0 < n; j0 += BLOCK) {
-                const int m = n - j0 < BLOCK ? n - j0 : BLOCK;
-                const float *xs[BLOCK];
-                float res[BLOCK];
-                for (int j = 0; j < m; j++) xs[j] = act + (int64_t)(j0 + j) * width;
-                row_dots(down, is_bf16, base_d + h, inter, xs, m, res);
-                for (int j = 0; j < m; j++) {
-                    const int p = rows[j0 + j];
-                    out[(int64_t)(p / top_k) * hidden + h] += weights[p] * res[j];
-                }
-            }
+        matmul_rows((const char *)down + (size_t)e * d_expert * elem, is_bf16, hidden, inter, xs, n, down_out,
+                    hidden, num_threads);
+        for (int j = 0; j < n; j++) {
+            const int p = rows[j];
+            const float wt = weights[p], *d = down_out + (int64_t)j * hidden;
+            float *o = out + (int64_t)(p / top_k) * hidden;
+            for (int h = 0; h < hidden; h++) o[h] += wt * d[h];
         }
     }
-    free(rows);
-    free(act);
+    free(rows), free(xs), free(act), free(down_out);
     return 0;
 }
