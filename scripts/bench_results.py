@@ -5,7 +5,7 @@ copied to docs/results/, then every generated table of the docs rewritten (`make
 
 Runs one command after another; give the machine to it (nothing else running: the figures are ratios within
 a run, but a busy machine moves them). About two hours on the 2-core machine here, the vLLM side-by-side
-(only with --peer-venv) a quarter of an hour more. Prints each command's wall time. The results of earlier
+(only with --peer-venv, float32 and bfloat16) half an hour more. Prints each command's wall time. The results of earlier
 commits that the docs keep for comparison (docs/results/*-before-*.json and the like) are not rerun.
 """
 
@@ -26,7 +26,7 @@ RESULTS = REPO / "docs" / "results"
 # chatbot and agent run on seed 1: their tuned defaults were chosen on seed 0 (docs/benchmarks.md).
 BENCH = (
     ("make-bench", "mixed.json", "--scenario mixed --policies fcfs,priority,qllm --be-rate 1.5 --repeat 3"),
-    ("mixed-ls-pacing-native", "mixed.json",
+    ("mixed-ls-pacing", "mixed.json",
      "--scenario mixed --policies fcfs,priority,qllm --be-rate 1.0 --duration 60 --repeat 3"),
     ("mixed-ablation-native", "mixed.json",
      "--scenario mixed --policies qllm,qllm-no-park,qllm-no-ls-steps,qllm-no-reserve,qllm-no-pacing,priority-evict "
@@ -42,7 +42,11 @@ BENCH = (
      "--scenario chatbot --policies arrival,ltr,speculative,oracle --duration 60 --seed 1 --repeat 3"),
     ("agent", "agent.json", "--scenario agent --policies no-pin,fixed-ttl,ttl,pin-forever --duration 60 --seed 1 --repeat 3"),
 )
-PEER = ("peer-vllm-fp32", "peer.json", "--dtypes float32 --rounds 3 --be-rate 1.0 --duration 30 --threads 1")
+PEERS = (
+    ("peer-vllm-fp32", "peer.json", "--dtypes float32 --rounds 3 --be-rate 1.0 --duration 30 --threads 1"),
+    # bfloat16 is emulated on a CPU without AVX512-BF16/AMX (docs/benchmarks.md says which this was)
+    ("peer-vllm-bf16", "peer.json", "--dtypes bfloat16 --rounds 3 --be-rate 1.0 --duration 30 --threads 1"),
+)
 
 
 def commands(names: set[str] | None, peer_venv: str | None, out_root: Path) -> list[tuple[str, Path, list[str]]]:
@@ -53,11 +57,11 @@ def commands(names: set[str] | None, peer_venv: str | None, out_root: Path) -> l
             out = out_root / name
             todo.append((name, out / written,
                          [str(BIN / "qllm"), "bench", *args.split(), "--summary-only", "--out", str(out)]))
-    name, written, args = PEER
-    if peer_venv and (names is None or name in names):
-        out = out_root / name
-        todo.append((name, out / written, [sys.executable, str(REPO / "scripts" / "peer_vllm.py"), "--peer-venv",
-                                           peer_venv, *args.split(), "--out", str(out)]))
+    for name, written, args in PEERS:
+        if peer_venv and (names is None or name in names):
+            out = out_root / name
+            todo.append((name, out / written, [sys.executable, str(REPO / "scripts" / "peer_vllm.py"),
+                                               "--peer-venv", peer_venv, *args.split(), "--out", str(out)]))
     return todo
 
 
@@ -65,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=None, help="comma-separated docs/results names (default: all)")
     p.add_argument("--peer-venv", default=None, help="vLLM's CPU build venv (scripts/peer_vllm.py); "
-                                                     "without it the side-by-side run is skipped")
+                                                     "without it the side-by-side runs are skipped")
     p.add_argument("--out", default=str(REPO / "bench-out" / "results"), help="where the runs write")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     names = set(args.only.split(",")) if args.only else None
-    known = {b[0] for b in BENCH} | {PEER[0]}
+    known = {b[0] for b in BENCH} | {p[0] for p in PEERS}
     if names and names - known:
         p.error(f"unknown result(s) {', '.join(sorted(names - known))}; known: {', '.join(sorted(known))}")
     todo = commands(names, args.peer_venv, Path(args.out))

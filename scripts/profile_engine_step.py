@@ -2,19 +2,21 @@
 
   .venv/bin/python scripts/profile_engine_step.py [--dtype float32] [--decodes 30] [--context 1400]
                                                   [--prefill 512] [--threads 1] [--steps 20] [--top 15]
-                                                  [--modules-only]
+                                                  [--modules-only] [--no-profile]
 
 Builds the real scheduler and model runner, prefills `--decodes` requests of `--context` tokens, then times
 `--steps` decode-only steps and as many mixed steps (the decodes plus a `--prefill`-token chunk of a new
 request), and prints each kind's median step time and torch.profiler's top ops by self CPU time. With
 `--decodes 0` it times prefill-only steps (an idle worker's TTFT step).
 --modules-only turns off the native decode stages and MoE experts (worker/native_stages.py, worker/moe.py;
-the native decode attention stays), which is how the engine ran before them.
+the native decode attention stays), which is how the engine ran before them. --no-profile times the steps
+without torch.profiler (its per-op hooks add a few ms to a step of many small ops) and prints no op table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -65,6 +67,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--modules-only", action="store_true",
                    help="transformers' modules for every stage (QLLM_NATIVE_STAGES=0 QLLM_NATIVE_MOE=0)")
+    p.add_argument("--no-profile", action="store_true", help="step times only, without torch.profiler's overhead")
     args = p.parse_args()
     if args.modules_only:
         os.environ["QLLM_NATIVE_STAGES"] = os.environ["QLLM_NATIVE_MOE"] = "0"
@@ -72,7 +75,7 @@ def main() -> None:
     core, vocab = build(args)
     for kind in ("decode", "mixed") if args.decodes else ("mixed",):  # --decodes 0: prefill-only steps
         times = []
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) if not args.no_profile else contextlib.nullcontext() as prof:
             for k in range(args.steps):
                 if kind == "mixed":  # a fresh prefill request each step, so every step carries one chunk
                     ids = [(13 * k + j) % (vocab - 1) + 1 for j in range(args.prefill)]
@@ -81,6 +84,8 @@ def main() -> None:
         chunk = f" + a {args.prefill}-token chunk" if kind == "mixed" else ""
         print(f"\n== {kind}: {args.decodes} decodes{chunk}; step median "
               f"{1000 * statistics.median(times):.1f} ms (min {1000 * min(times):.1f}, max {1000 * max(times):.1f})")
+        if prof is None:
+            continue
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         print(f"  torch ops: {total / 1000 / len(times):.1f} ms of each step (the rest: Python, native kernel)")
         rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]

@@ -32,7 +32,11 @@ def test_the_peer_run_only_with_a_venv_and_unknown_names_are_refused(tmp_path, c
     assert [n for n, _, _ in bench_results.commands({"chatbot", "peer-vllm-fp32"}, None, tmp_path)] == ["chatbot"]
     todo = bench_results.commands({"peer-vllm-fp32"}, "/venv", tmp_path)
     assert len(todo) == 1 and "--peer-venv" in todo[0][2] and "/venv" in todo[0][2]
-    assert (REPO / "docs" / "results" / "peer-vllm-fp32.json").is_file()
+    peers = bench_results.commands(None, "/venv", tmp_path)[len(bench_results.BENCH):]
+    assert [(n, argv[argv.index("--dtypes") + 1]) for n, _, argv in peers] == [
+        ("peer-vllm-fp32", "float32"), ("peer-vllm-bf16", "bfloat16")]
+    for name, _, _ in peers:
+        assert (REPO / "docs" / "results" / f"{name}.json").is_file(), name
     with pytest.raises(SystemExit):
         bench_results.main(["--only", "nonsense", "--dry-run"])
     assert "unknown result(s) nonsense" in capsys.readouterr().err

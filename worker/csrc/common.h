@@ -117,9 +117,6 @@ static inline void row_dots(const void *w, int is_bf16, int64_t row, int d, cons
 
 #define TILE_ROWS 4 /* weight rows per register tile */
 #define TILE_VECS 3 /* vectors per register tile: TILE_ROWS * TILE_VECS accumulators + the vectors = 15 ymm */
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS TILE_ROWS /* weight rows ahead that a tile asks the cache for: the next tile */
-#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 /* [a.sum, b.sum, c.sum, d.sum] */
@@ -129,7 +126,8 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 /* out[j * ld + q] = w[row0 + q, :] . xs[j][:] for q < TILE_ROWS, j < m (m <= TILE_VECS, a constant after
- * inlining): every weight load feeds m FMAs and every vector load TILE_ROWS, all sums in registers. */
+ * inlining): every weight load feeds m FMAs and every vector load TILE_ROWS, all sums in registers. The next
+ * tile's weight rows are prefetched meanwhile: at a few token rows the tile is bound by memory latency. */
 static inline __attribute__((always_inline)) void tile_dots(const void *w, int is_bf16, int64_t row0, int d,
                                                             const float *const *xs, int m, float *out,
                                                             int64_t ld) {
@@ -138,11 +136,12 @@ static inline __attribute__((always_inline)) void tile_dots(const void *w, int i
         for (int q = 0; q < TILE_ROWS; q++) acc[j][q] = _mm256_setzero_ps();
     const int64_t base = row0 * d;
     int i = 0;
-    const char *ahead = (const char *)w + (base + PREFETCH_ROWS * (int64_t)d) * (is_bf16 ? 2 : 4);
-    const int step = is_bf16 ? 16 : 32; /* bytes of a weight row per iteration */
+    const int elem = is_bf16 ? 2 : 4;
+    /* the next tile's rows; past the last tile this names memory after the weight, which a prefetch never reads */
+    const char *next = (const char *)w + (base + (int64_t)TILE_ROWS * d) * elem;
     for (; i + 8 <= d; i += 8) {
         __m256 xv[TILE_VECS];
-        for (int q = 0; q < TILE_ROWS; q++) _mm_prefetch(ahead + ((int64_t)q * d + i) * (step / 8), _MM_HINT_T0);
+        for (int q = 0; q < TILE_ROWS; q++) _mm_prefetch(next + ((int64_t)q * d + i) * elem, _MM_HINT_T0);
         for (int j = 0; j < m; j++) xv[j] = _mm256_loadu_ps(xs[j] + i);
         for (int q = 0; q < TILE_ROWS; q++) {
             const __m256 wv = load8(w, is_bf16, base + (int64_t)q * d + i);
