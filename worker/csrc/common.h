@@ -177,8 +177,9 @@ static void tile_dots_bf16(const void *w, int64_t row0, int d, const float *cons
  * TILE_ROWS at a time, read from memory once and then from cache against the vectors TILE_VECS at a time. */
 static inline void matmul_rows(const void *w, int is_bf16, int rows, int d, const float *const *xs, int n,
                                float *out, int64_t ld, int num_threads) {
-    const int tiles = n > 1 ? rows / TILE_ROWS : 0; /* one vector: row_dots streams a row at a time */
+    int first = 0; /* weight rows from here on take row_dots */
 #if defined(__AVX2__) && defined(__FMA__)
+    const int tiles = n > 1 ? rows / TILE_ROWS : 0; /* one vector: row_dots streams a row at a time */
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int t = 0; t < tiles; t++) {
         const int64_t r0 = (int64_t)t * TILE_ROWS;
@@ -188,9 +189,7 @@ static inline void matmul_rows(const void *w, int is_bf16, int rows, int d, cons
             else tile_dots_f32(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
         }
     }
-    const int first = tiles * TILE_ROWS;
-#else
-    const int first = 0;
+    first = tiles * TILE_ROWS;
 #endif
     for (int r = first; r < rows; r++)
         for (int j0 = 0; j0 < n; j0 += BLOCK) {

@@ -19,12 +19,13 @@ int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, c
     const int pairs = tokens * top_k, slots = pairs > 0 ? pairs : 1, width = 2 * inter;
     int *rows = malloc(sizeof(int) * (size_t)slots);                             /* pair index per slot */
     const float **xs = malloc(sizeof(float *) * (size_t)slots);                  /* input vector per slot */
-    float *act = malloc(sizeof(float) * (size_t)slots * (size_t)width);          /* [gate | up] per slot */
-    float *down_out = malloc(sizeof(float) * (size_t)slots * (size_t)hidden);    /* unweighted down per slot */
-    if (rows == NULL || xs == NULL || act == NULL || down_out == NULL) {
-        free(rows), free(xs), free(act), free(down_out);
+    /* [gate | up] of every slot, then the unweighted down projection of every slot */
+    float *act = malloc(sizeof(float) * (size_t)slots * (size_t)(width + hidden));
+    if (rows == NULL || xs == NULL || act == NULL) {
+        free(rows), free(xs), free(act);
         return -1;
     }
+    float *down_out = act + (size_t)slots * (size_t)width;
     memset(out, 0, sizeof(float) * (size_t)tokens * (size_t)hidden);
     const size_t gu_expert = (size_t)width * (size_t)hidden, d_expert = (size_t)hidden * (size_t)inter;
     const size_t elem = is_bf16 ? 2 : 4;
@@ -54,6 +55,6 @@ int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, c
             for (int h = 0; h < hidden; h++) o[h] += wt * d[h];
         }
     }
-    free(rows), free(xs), free(act), free(down_out);
+    free(rows), free(xs), free(act);
     return 0;
 }
