@@ -73,7 +73,9 @@ def main() -> None:
         os.environ["QLLM_NATIVE_STAGES"] = os.environ["QLLM_NATIVE_MOE"] = "0"
     torch.set_num_threads(args.threads)
     core, vocab = build(args)
-    for kind in ("decode", "mixed") if args.decodes else ("mixed",):  # --decodes 0: prefill-only steps
+    # --decodes 0: prefill-only steps; --prefill 0: decode steps only
+    kinds = (("decode",) if args.decodes else ()) + (("mixed",) if args.prefill else ())
+    for kind in kinds:
         times = []
         with profile(activities=[ProfilerActivity.CPU]) if not args.no_profile else contextlib.nullcontext() as prof:
             for k in range(args.steps):

@@ -23,6 +23,7 @@ of different head sizes) are run (worker/paged_cache.py). DeepSeek-V3's dense fi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -92,6 +93,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype: unsupported value {dtype!r}; use one of float32, float16, bfloat16")
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower
     than float32."""

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from worker import emulated_bf16
 from worker.logprobs import sampled_logprobs
 from worker.outputs import ModelRunnerOutput
 from worker.model_loader import LoadedModel, family_adapter, layer_windows
@@ -74,8 +75,10 @@ class ModelRunner:
         self.cache = PagedKVCache.for_config(model.config, self.num_layers, num_blocks, block_size, self.dtype,
                                              self.device)
         self.sampler = Sampler(self.device)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            emulated_bf16.install(model)  # bf16 GEMMs in float32 where the CPU only emulates bf16
         native = NativeStages(self.layers, self.moe_blocks, self.cache, self.adapter.residual_multiplier) \
-            if self.device.type == "cpu" and self.dtype == torch.float32 else None
+            if self.device.type == "cpu" else None
         self.native = native if native is not None and native.any else None
 
     # --- step lifecycle ---------------------------------------------------------------------------------

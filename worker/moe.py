@@ -5,8 +5,10 @@ transformers' grouped path (sort, histogram, two grouped GEMMs, an inverse permu
 layer) costs far more than that on a CPU. A short prefill (an LS prompt) routes a few dozen rows to each
 expert, where BLAS calls on such thin matrices stay well below the core's FMA rate. So on the CPU, for steps
 of up to NATIVE_MAX_ROWS rows, the experts run in one native call (worker/csrc/moe_experts.c: register tiles
-of weight rows by token rows, each hit expert's weights streamed once); larger steps (long prefill chunks),
-other devices and layouts the kernel does not cover (biases, transposed or interleaved weights, other
+of weight rows by token rows, each hit expert's weights streamed once); larger steps (long prefill chunks)
+take the grouped GEMMs, except in bfloat16 on a CPU without native bfloat16 (AVX2), where those GEMMs are
+emulated and the native kernel, which widens each weight to float32 as it loads it, is faster at any size. Other
+devices and layouts the kernel does not cover (biases, transposed or interleaved weights, other
 activations, expert parallelism) take transformers' grouped_mm path unchanged.
 """
 
@@ -18,6 +20,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from worker import native
+from worker.model_loader import cpu_has_native_bf16
 
 EXPERTS_IMPLEMENTATION = "qllm"
 # Rows (tokens) up to which the native kernel is at least as fast as the grouped GEMMs on a CPU; above it the
@@ -30,6 +33,11 @@ _ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I]
 
 def native_kernel():
     return native.kernel("qllm_moe_experts", ctypes.c_int, _ARGTYPES, env_switch="QLLM_NATIVE_MOE")
+
+
+def native_max_rows(dtype: torch.dtype) -> int | None:
+    """The most rows a step may have for the native kernel to take it (None: any number)."""
+    return None if dtype == torch.bfloat16 and not cpu_has_native_bf16() else NATIVE_MAX_ROWS
 
 
 def native_supports(experts: torch.nn.Module) -> bool:
@@ -58,8 +66,8 @@ def _layout_fits(experts: torch.nn.Module) -> bool:
 def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """hidden_states [tokens, hidden]; top_k_index / top_k_weights [tokens, top_k]; returns [tokens, hidden]."""
-    tokens = hidden_states.shape[0]
-    if tokens > NATIVE_MAX_ROWS or not native_supports(self) or native_kernel() is None:
+    tokens, limit = hidden_states.shape[0], native_max_rows(self.gate_up_proj.dtype)
+    if (limit is not None and tokens > limit) or not native_supports(self) or native_kernel() is None:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     gate_up, down = self.gate_up_proj, self.down_proj
     x = hidden_states.to(torch.float32).contiguous()

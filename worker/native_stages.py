@@ -1,4 +1,5 @@
-"""Decode steps of a few rows run each decoder layer's two stages in one native call each (CPU, float32).
+"""Decode steps of a few rows run each decoder layer's two stages in one native call each (CPU, float32 or
+bfloat16).
 
 At decode batch sizes a decode step of a small MoE model is hundreds of tiny framework ops per layer (norms, three
 projections, per-head norms, rotary, two cache writes, routing, top-k, the experts' bookkeeping), each costing
@@ -8,8 +9,11 @@ worker/csrc/decode_layer.c, so parking points and the KV layout stay exactly as 
 
 A stage runs natively only where its modules are ones whose math the kernel reproduces (the attention and MoE
 blocks of Qwen3-MoE, Qwen2-MoE's attention, Mixtral; checked by class and by parameters, once per layer) and
-the step is all decode rows, at most NATIVE_MAX_ROWS of them, in float32 on the CPU; everything else (prefill
-chunks, other families, bfloat16, GPUs) runs the transformers modules unchanged.
+the step is all decode rows, at most NATIVE_MAX_ROWS of them, on the CPU, with the layer's weights, its KV pools
+and the residual stream in one dtype, float32 or bfloat16; everything else (prefill chunks, other families, mixed
+or other dtypes, GPUs) runs the transformers modules unchanged. In bfloat16 the kernels compute in float32 and
+round where they store (the stream, the pools), so tokens stay close to the modules' but not bit-equal; in
+float32 they are the modules' tokens.
 """
 
 from __future__ import annotations
@@ -32,10 +36,29 @@ ATTENTIONS = {"Qwen3MoeAttention", "Qwen2MoeAttention", "MixtralAttention"}
 MOE_BLOCKS = {"Qwen3MoeSparseMoeBlock": "Qwen3MoeTopKRouter", "MixtralSparseMoeBlock": "MixtralTopKRouter"}
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-_ATTENTION_ARGTYPES = [_P, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I,
-                       _I, _I, _I, _F, ctypes.c_int64, _P, _P, _F, _I]
-_MOE_ARGTYPES = [_P, _I, _I, _P, _F, _P, _I, _I, _I, _P, _P, _I, _I, _F, _I]
-_LINEAR_ARGTYPES = [_P, _P, _I, _I, _I, _P, _I]
+_ATTENTION_ARGTYPES = [_P, _I, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I,
+                       _I, _I, _I, _I, _F, ctypes.c_int64, _P, _P, _F, _I]
+_MOE_ARGTYPES = [_P, _I, _I, _I, _P, _F, _P, _I, _I, _I, _P, _P, _I, _F, _I]
+_LINEAR_ARGTYPES = [_P, _P, _I, _I, _I, _I, _P, _I]
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear_kernel():
+    """qllm_linear: out [rows, out] float32 = x [rows, in] float32 @ w [out, in]^T, w float32 or bfloat16."""
+    return native.kernel("qllm_linear", None, _LINEAR_ARGTYPES, env_switch="QLLM_NATIVE_STAGES")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x [rows, in] @ weight^T as float32 through qllm_linear, weights read once for all rows (None: no native
+    library). For a few rows, where a BLAS call re-packs the weight every time."""
+    fn = linear_kernel()
+    if fn is None:
+        return None
+    x = x.float().contiguous()
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    fn(x.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16), x.shape[0], x.shape[1],
+       weight.shape[0], out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -48,8 +71,11 @@ def _rms_norm_fits(norm, size: int) -> bool:
             and hasattr(norm, "variance_epsilon"))
 
 
-def _f32(t: torch.Tensor | None) -> bool:
-    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+def _fits(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    """Every tensor given (None: an absent bias or norm) is a contiguous CPU tensor of `dtype`, one the kernels
+    read."""
+    return dtype in DTYPES and all(t is None or (t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous())
+                                   for t in tensors)
 
 
 @dataclass
@@ -59,6 +85,7 @@ class _Attention:
     heads: int
     kv_heads: int
     head_dim: int
+    dtype: torch.dtype
 
 
 @dataclass
@@ -66,6 +93,7 @@ class _Moe:
     norm: torch.nn.Module
     block: torch.nn.Module
     norm_topk: bool
+    dtype: torch.dtype
 
 
 class NativeStages:
@@ -75,7 +103,6 @@ class NativeStages:
         self.attention_fn = native.kernel("qllm_attention_stage", _I, _ATTENTION_ARGTYPES,
                                           env_switch="QLLM_NATIVE_STAGES")
         self.moe_fn = native.kernel("qllm_moe_stage", _I, _MOE_ARGTYPES, env_switch="QLLM_NATIVE_STAGES")
-        self.linear_fn = native.kernel("qllm_linear", None, _LINEAR_ARGTYPES, env_switch="QLLM_NATIVE_STAGES")
         self.scale = float(residual_multiplier)
         self.attention: list[_Attention | None] = []
         self.moe: list[_Moe | None] = []
@@ -92,21 +119,22 @@ class NativeStages:
         attn = getattr(layer, "self_attn", None)
         if type(attn).__name__ not in ATTENTIONS or type(pools) is not PagedLayer:
             return None
-        head_dim = pools.keys.shape[-1]
-        if pools.values.shape[-1] != head_dim or not (_f32(pools.keys) and _f32(pools.values)):
+        head_dim, dtype = pools.keys.shape[-1], pools.keys.dtype
+        if pools.values.shape[-1] != head_dim or not _fits(dtype, pools.keys, pools.values):
             return None
         hidden = attn.q_proj.in_features
         heads, kv_heads = attn.q_proj.out_features // head_dim, pools.keys.shape[2]
         if (attn.k_proj.out_features != kv_heads * head_dim or attn.o_proj.in_features != heads * head_dim
-                or not _rms_norm_fits(layer.input_layernorm, hidden) or not _f32(layer.input_layernorm.weight)):
+                or not _rms_norm_fits(layer.input_layernorm, hidden)
+                or not _fits(dtype, layer.input_layernorm.weight)):
             return None
         norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
-        if any(n is not None and not (_rms_norm_fits(n, head_dim) and _f32(n.weight)) for n in norms):
+        if any(n is not None and not (_rms_norm_fits(n, head_dim) and _fits(dtype, n.weight)) for n in norms):
             return None
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-        if not all(_f32(m.weight) and _f32(m.bias) for m in linears):
+        if not all(_fits(dtype, m.weight, m.bias) for m in linears):
             return None
-        return _Attention(layer.input_layernorm, attn, heads, kv_heads, head_dim)
+        return _Attention(layer.input_layernorm, attn, heads, kv_heads, head_dim, dtype)
 
     @staticmethod
     def _moe_of(layer, block) -> _Moe | None:
@@ -114,38 +142,39 @@ class NativeStages:
         gate = getattr(block, "gate", None)
         if router is None or type(gate).__name__ != router or not experts_fit(block.experts):
             return None
-        norm = layer.post_attention_layernorm
-        if (not _rms_norm_fits(norm, gate.weight.shape[1]) or not _f32(norm.weight) or not _f32(gate.weight)
-                or block.experts.gate_up_proj.dtype != torch.float32):
+        norm, dtype = layer.post_attention_layernorm, gate.weight.dtype
+        if (not _rms_norm_fits(norm, gate.weight.shape[1])
+                or not _fits(dtype, norm.weight, gate.weight, block.experts.gate_up_proj)):
             return None
-        return _Moe(norm, block, bool(getattr(gate, "norm_topk_prob", True)))
+        return _Moe(norm, block, bool(getattr(gate, "norm_topk_prob", True)), dtype)
 
     def prepare(self, state) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For a step all of decode rows, few enough, in float32: its rotary (cos, sin) as [rows, head_dim]
-        arrays the kernels read (state.hidden made contiguous, as they update it in place); else None."""
+        """For a step all of decode rows, few enough, on the CPU: its rotary (cos, sin) as float32
+        [rows, head_dim] arrays the kernels read (state.hidden made contiguous, as they update it in place);
+        else None."""
         layout, hidden = state.layout, state.hidden
         rows = hidden.shape[1]
         cos, sin = state.position_embeddings
         if (layout.prefills or layout.num_decode != rows or not 0 < rows <= NATIVE_MAX_ROWS
-                or hidden.dtype != torch.float32 or cos.dtype != torch.float32):
+                or not _fits(hidden.dtype, hidden)):
             return None
         state.hidden = hidden.contiguous()
-        return cos[0].contiguous(), sin[0].contiguous()
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
 
     def run_attention(self, index: int, state, rope: tuple[torch.Tensor, torch.Tensor], window: int) -> bool:
         """Runs layer `index`'s attention block on state.hidden in place; False when it must take the modules
         (this layer's modules do not fit, or its rotary is not over whole heads)."""
         spec = self.attention[index]
         cos, sin = rope
-        if spec is None or cos.shape[-1] != spec.head_dim:
+        if spec is None or cos.shape[-1] != spec.head_dim or state.hidden.dtype != spec.dtype:
             return False
         attn, layout = spec.module, state.layout
         pools = layout.cache.layers[index]
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         decode = layout.decode
         status = self.attention_fn(
-            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], spec.norm.weight.data_ptr(),
-            float(spec.norm.variance_epsilon), attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(),
+            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], int(spec.dtype == torch.bfloat16),
+            spec.norm.weight.data_ptr(), float(spec.norm.variance_epsilon), attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(),
             attn.v_proj.weight.data_ptr(), _ptr(attn.q_proj.bias), _ptr(attn.k_proj.bias), _ptr(attn.v_proj.bias),
             _ptr(q_norm.weight if q_norm is not None else None), _ptr(k_norm.weight if k_norm is not None else None),
             float(q_norm.variance_epsilon if q_norm is not None else 0.0), cos.data_ptr(), sin.data_ptr(),
@@ -158,28 +187,24 @@ class NativeStages:
         return True
 
     def lm_head(self, hidden: torch.Tensor, head: torch.nn.Module) -> torch.Tensor | None:
-        """The LM head for a few float32 rows [rows, hidden] (None: use the module)."""
+        """The LM head for a few rows [rows, hidden] as float32 logits (None: use the module)."""
         weight = head.weight
-        if (self.linear_fn is None or getattr(head, "bias", None) is not None or not _f32(weight)
-                or hidden.dtype != torch.float32 or not 0 < hidden.shape[0] <= NATIVE_MAX_ROWS):
+        if (getattr(head, "bias", None) is not None or not _fits(weight.dtype, weight)
+                or hidden.dtype != weight.dtype or not 0 < hidden.shape[0] <= NATIVE_MAX_ROWS):
             return None
-        x = hidden.contiguous()
-        out = x.new_empty(x.shape[0], weight.shape[0])
-        self.linear_fn(x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], out.data_ptr(),
-                       torch.get_num_threads())
-        return out
+        return linear(hidden, weight)
 
     def run_moe(self, index: int, state) -> bool:
         """Runs layer `index`'s MoE block on state.hidden in place; False when it must take the modules."""
         spec = self.moe[index]
-        if spec is None:
+        if spec is None or state.hidden.dtype != spec.dtype:
             return False
         experts, gate = spec.block.experts, spec.block.gate
         status = self.moe_fn(
-            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], spec.norm.weight.data_ptr(),
-            float(spec.norm.variance_epsilon), gate.weight.data_ptr(), gate.weight.shape[0], int(gate.top_k),
-            int(spec.norm_topk), experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(), 0,
-            experts.down_proj.shape[2], self.scale, torch.get_num_threads())
+            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], int(spec.dtype == torch.bfloat16),
+            spec.norm.weight.data_ptr(), float(spec.norm.variance_epsilon), gate.weight.data_ptr(),
+            gate.weight.shape[0], int(gate.top_k), int(spec.norm_topk), experts.gate_up_proj.data_ptr(),
+            experts.down_proj.data_ptr(), experts.down_proj.shape[2], self.scale, torch.get_num_threads())
         if status != 0:
             raise MemoryError("moe stage: no scratch memory")
         return True

@@ -1,6 +1,7 @@
 """The native decode stages (worker/native_stages.py, worker/csrc/decode_layer.c) against the transformers
 modules they replace: which layers take them, that decode steps really run through them, and that tokens and
-log-probabilities match the module path (prompts over several non-contiguous blocks, parked steps)."""
+log-probabilities match the module path (prompts over several non-contiguous blocks, parked steps); in bfloat16,
+that each stage stays within bf16 rounding of the module's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 
 from worker import native_stages
 from worker.engine_core import EngineConfig, EngineCore
+from worker.model_loader import load_model
+from worker.model_runner import ModelRunner
 from worker.moe import native_supports
 from worker.native_stages import NativeStages
 from worker.request import Request, SamplingParams
@@ -129,3 +132,52 @@ def test_modules_the_kernel_does_not_reproduce_are_refused(native_runner):
     finally:
         block.experts.has_bias = False
         block.experts.__dict__.pop("_qllm_native", None)
+
+
+@pytest.fixture
+def bf16_runner():
+    runner = ModelRunner(load_model(None, dtype="bfloat16"), 256, 16)
+    if runner.native is None:
+        pytest.skip("no C compiler here: the native stages are off")
+    return runner
+
+
+def test_bfloat16_stages_track_the_modules(bf16_runner):
+    """In bfloat16 the stages compute in float32 and round where they store, so they are not the modules' bits:
+    each native stage call is checked against the module stage on the same input (teacher-forced), by the
+    relative error of what the stage adds to the residual stream. bf16 rounds at 2^-8 relative; a routing tie
+    the two break differently (router logits equal in bfloat16) moves one row to another expert, so a few calls
+    may be far off, not most."""
+    runner = bf16_runner
+    assert all(runner.native.attention) and all(runner.native.moe)
+    errors: dict[str, list[float]] = {"attention": [], "moe": []}
+    for kind in errors:
+        native_fn, module_fn = getattr(runner.native, f"run_{kind}"), getattr(runner, f"_{kind}_block")
+
+        def compare(index, state, *rest, _kind=kind, _native=native_fn, _module=module_fn):
+            before = state.hidden.clone()
+            _module(index, runner.layers[index], state, 1.0)
+            want = (state.hidden - before).float()
+            state.hidden = before.clone()
+            ran = _native(index, state, *rest)
+            assert ran and state.hidden.dtype == torch.bfloat16
+            got = (state.hidden - before).float()
+            errors[_kind].append(((got - want).norm() / want.norm()).item())
+            return ran
+        setattr(runner.native, f"run_{kind}", compare)
+    tokens, _ = _run(runner, _requests(seed=3))
+    assert all(len(t) == 12 for t in tokens)
+    for kind, values in errors.items():
+        values.sort()
+        assert len(values) >= 8 * 10, kind
+        assert values[len(values) // 2] < 0.02, (kind, values)
+        assert values[int(0.9 * len(values))] < 0.03, (kind, values)
+
+
+def test_bfloat16_lm_head_is_float32_logits_of_the_bf16_weight(bf16_runner):
+    head = bf16_runner.model.lm_head
+    hidden = torch.randn(3, head.weight.shape[1]).to(torch.bfloat16)
+    logits = bf16_runner.native.lm_head(hidden, head)
+    assert logits.dtype == torch.float32
+    want = hidden.float() @ head.weight.float().T
+    assert torch.allclose(logits, want, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,15 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* Round to nearest even, as torch's float -> bfloat16 conversion (NaN stays NaN). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
 /* Dot products over head_dim with 8 independent partial sums, so the compiler vectorises the loop. */
 static inline float dot_f32(const float *a, const float *b, int d) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
