@@ -156,7 +156,7 @@ class NativeStages:
         rows = hidden.shape[1]
         cos, sin = state.position_embeddings
         if (layout.prefills or layout.num_decode != rows or not 0 < rows <= NATIVE_MAX_ROWS
-                or not _fits(hidden.dtype, hidden)):
+                or hidden.dtype not in DTYPES or hidden.device.type != "cpu"):
             return None
         state.hidden = hidden.contiguous()
         return cos[0].float().contiguous(), sin[0].float().contiguous()
