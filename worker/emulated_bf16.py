@@ -1,7 +1,7 @@
 """bfloat16 Linear layers on a CPU without bfloat16 arithmetic (no AMX, no AVX512-BF16).
 
 There torch's bfloat16 GEMMs are emulated and several times slower than float32 ones (docs/benchmarks.md,
-"bfloat16 on an AVX2 CPU"). The weights stay bfloat16 in memory, which is what an operator who asks for bf16
+"Engine speed, fourth step"). The weights stay bfloat16 in memory, which is what an operator who asks for bf16
 wants; each call widens them instead: a few rows go through the native kernel, which widens each weight as it
 loads it (worker/native_stages.py `linear`), more rows through a float32 GEMM on a widened copy. The
 output is rounded to bfloat16, as the module's is.
