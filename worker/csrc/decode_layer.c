@@ -60,10 +60,15 @@ static void store(void *dst, int is_bf16, int64_t at, const float *src, int64_t 
         memcpy((float *)dst + at, src, sizeof(float) * (size_t)n);
 }
 
-/* hidden = h + scale * delta over n values, where h is hidden read as float32 (the residual add). */
-static void add_residual(void *hidden, int is_bf16, const float *h, float *delta, float scale, int64_t n) {
-    for (int64_t i = 0; i < n; i++) delta[i] = h[i] + (scale == 1.0f ? delta[i] : delta[i] * scale);
-    store(hidden, is_bf16, 0, delta, n);
+/* hidden = h + scale * delta over n values, where h is hidden read as float32 (the residual add, in place). */
+static void add_residual(void *hidden, int is_bf16, const float *h, const float *delta, float scale, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float sum = h[i] + (scale == 1.0f ? delta[i] : delta[i] * scale);
+        if (is_bf16)
+            ((uint16_t *)hidden)[i] = f32_to_bf16(sum);
+        else
+            ((float *)hidden)[i] = sum;
+    }
 }
 
 /* transformers' apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin. */
