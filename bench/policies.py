@@ -43,14 +43,17 @@ POLICIES: dict[str, Part] = {
     # Ablations: qllm with one mechanism switched off, so each figure says what that mechanism buys.
     "qllm-no-park": Part("worker: qllm without layer-boundary parking (LS waits for the running step to end)",
                          worker_policy="qllm", worker_args=("--no-layer-parking",)),
+    "qllm-no-inner-park": Part("worker: qllm parking only between a layer's blocks (not inside them: no decode "
+                               "row groups, expert ranges, or stop before a mixed step's prefill chunks)",
+                               worker_policy="qllm", worker_args=("--no-inner-parking",)),
     "qllm-no-ls-steps": Part("worker: qllm without LS-only steps for LS that arrives between steps",
                              worker_policy="qllm", worker_args=("--no-ls-only-steps",)),
     "qllm-no-reserve": Part("worker: qllm without the LS KV and slot reserve in BE admission", worker_policy="qllm",
                             worker_args=("--ls-reserved-kv-tokens", "0", "--ls-reserved-slots", "0")),
     "qllm-no-pacing": Part("worker: qllm without LS decode pacing (LS decodes ride full BE iterations)",
                            worker_policy="qllm", worker_args=("--ls-tpot-target-ms", "0")),
-    # The LS TPOT target traded against BE throughput: qllm with a looser pacing target (the default is 1.5x
-    # the measured LS-only step), so a run shows what each LS token time costs BE.
+    # The LS TPOT target traded against BE throughput: qllm with a looser pacing target (the default is 2x
+    # the measured one-row decode step), so a run shows what each LS token time costs BE.
     **{f"qllm-tpot-{ms}": Part(f"worker: qllm with LS decode pacing at a {ms} ms TPOT target", worker_policy="qllm",
                                worker_args=("--ls-tpot-target-ms", str(ms))) for ms in (25, 50, 100)},
     # ... and the token budget of BE iterations beside LS streams (the default is 128): a larger one makes BE

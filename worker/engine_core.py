@@ -24,6 +24,7 @@ from worker.model_runner import ModelRunner, StepState
 from worker.outputs import EngineOutput
 from worker.request import FinishReason, Request, SamplingParams
 from worker.scheduler import SchedulerConfig, SchedulerOutput, make_scheduler
+from worker.step_trace import StepTrace
 from qllm.logs import get_logger
 
 log = get_logger(__name__)
@@ -41,6 +42,7 @@ class EngineConfig(SchedulerConfig):
     kv_budget_tokens: int = 32768
     block_size: int = 16
     max_num_beams: int = 8
+    step_trace_path: str = ""    # where the step trace goes (worker/step_trace.py); "" = none
 
 
 class EngineCore:
@@ -82,6 +84,7 @@ class EngineCore:
         # the event loop; deque appends and pops are thread-safe): (prefill tokens, s, decode batch, s).
         self.latency_samples: collections.deque = collections.deque(maxlen=4096)
         self._tier_clock: float | None = None
+        self.trace = StepTrace(config.step_trace_path) if config.step_trace_path else None
         metrics.KV_CAPACITY.set(self.allocator.capacity_tokens)
 
     # --- called from other threads ----------------------------------------------------------------------
@@ -119,6 +122,8 @@ class EngineCore:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self.trace is not None:
+            self.trace.close()
         for kind, item in list(self._inbox):  # nobody will run these now: do not leave callers waiting
             if kind == "call" and not item[1].done():
                 item[1].set_exception(RuntimeError("the engine has stopped"))
@@ -186,6 +191,7 @@ class EngineCore:
 
     def _run_step(self) -> tuple[list[EngineOutput], bool]:
         self._ls_arrived_at = None
+        scheduled = time.monotonic()
         plan = self.scheduler.schedule()
         if not plan:
             return self._take_pending(), False
@@ -193,20 +199,25 @@ class EngineCore:
         if moves and self.kv_store is not None:  # swap-outs before the freed blocks are written
             self.kv_store.apply(moves)
         state = self._parked.pop(plan.step_id) if plan.resumed else self.runner.begin(plan)
+        begun = time.monotonic()
         should_park = None
         if self.scheduler.yields_at_layer_boundaries and not self._warming:
             should_park = self._park_check(plan)
         started = time.monotonic()
         stages_before = state.next_stage
-        done = self.runner.run_layers(state, should_park)
+        done = self.runner.run_layers(state, should_park, inner=self.config.inner_parking)
         elapsed = time.monotonic() - started
         layer_s = 2 * elapsed / max(1, state.next_stage - stages_before)
         if plan.has_best_effort and state.next_stage > stages_before and not self._warming:
             metrics.LAYER.observe(layer_s)
+        tracing = self.trace is not None and not self._warming
         if not done:
             self._parked[plan.step_id] = state
             self.scheduler.park(plan)
             self._observe_park(state, stages_before, layer_s)
+            if tracing:
+                self.trace.record(plan, [scheduled, begun, started, started + elapsed, time.monotonic()],
+                                  (stages_before, state.next_stage), parked=True)
             return self._take_pending(), True
         if plan.has_best_effort and should_park is not None and self._ls_arrived_at is not None:
             # LS work came after the step's last boundary check (or the scheduler let the step run on): it
@@ -229,6 +240,9 @@ class EngineCore:
             if out.finished:
                 self.runner.release(out.request_id)
         self.num_steps += 1
+        if tracing:
+            self.trace.record(plan, [scheduled, begun, started, started + elapsed, time.monotonic()],
+                              (stages_before, state.next_stage), parked=False)
         return self._take_pending() + outputs, True
 
     def _park_check(self, plan: SchedulerOutput):

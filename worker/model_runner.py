@@ -17,8 +17,8 @@ from worker import emulated_bf16
 from worker.logprobs import sampled_logprobs
 from worker.outputs import ModelRunnerOutput
 from worker.model_loader import LoadedModel, family_adapter, layer_windows
-from worker.moe import EXPERTS_IMPLEMENTATION
-from worker.native_stages import NativeStages
+from worker.moe import EXPERTS_IMPLEMENTATION, ExpertsInParts, runs_in_parts
+from worker.native_stages import MOE_BLOCKS, NativeStages
 from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
                                 prefill_mask)
 from worker.paged_decode import DecodeBatch
@@ -42,10 +42,46 @@ class StepState:
     has_beams: bool = False              # live beam-search beams are among the decode rows (worker/beam.py)
     # (cos, sin) for the native stages when this step runs them (worker/native_stages.py), else None
     native_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    # A step that mixes decode rows with prefill chunks: its decode rows' attention runs natively and the
+    # chunks' through the modules, each part a point the step may park at (MixedAttention); else None.
+    mixed: "MixedAttention | None" = None
+    # Within an attention stage run in parts: the first decode row not run yet; num_decode once all are and
+    # only a mixed step's prefill chunks are left (0 at a stage's start).
+    next_row: int = 0
+    # A MoE block whose experts run a range at a time (a yielding policy's steps through the modules), between
+    # its ranges; else None.
+    moe_parts: ExpertsInParts | None = None
 
     @property
     def next_layer(self) -> int:
         return self.next_stage // 2
+
+
+@dataclass
+class MixedAttention:
+    """What a mixed step's attention blocks need beyond the StepState: the decode rows' rotary for the native
+    stage, and the prefill chunks' rows as a batch of their own for the modules."""
+
+    decode_rope: tuple[torch.Tensor, torch.Tensor]
+    prefill_layout: BatchLayout
+    prefill_position_ids: torch.Tensor
+    prefill_position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+
+# Parts a MoE block's experts run in when a step through the modules may park inside it (a range of experts
+# each): the MoE block of a BE step that carries a prefill chunk is otherwise one long stretch.
+MOE_PARTS = 4
+
+# Decode rows per native attention call when a step may park inside its attention stages: at long contexts a
+# stage over a few dozen BE decode rows is most of a layer's time, longer than an LS token may wait.
+ATTENTION_ROW_GROUP = 8
+
+
+def _row_group_end(first: int, rows: int) -> int:
+    """The end of the row group starting at `first`: ATTENTION_ROW_GROUP rows, and never a last group of one row
+    (one row takes another kernel path, whose float sums may round differently from the whole call's)."""
+    end = first + ATTENTION_ROW_GROUP
+    return rows if rows - end <= 1 else end
 
 
 class ModelRunner:
@@ -152,35 +188,88 @@ class ModelRunner:
                           has_beams=has_beams or any(s.request.beam is not None and s.samples for s in prefills))
         if self.native is not None:
             state.native_rope = self.native.prepare(state)
+            decode_rope = self.native.prepare_decode_rows(state) if state.native_rope is None else None
+            if decode_rope is not None:
+                state.mixed = self._mixed_attention(state, decode_rope)
         return state
 
+    def _mixed_attention(self, state: StepState, decode_rope) -> MixedAttention:
+        layout, n = state.layout, state.layout.num_decode
+        prefills = [PrefillSegment(seg.q_start - n, seg.q_len, seg.span, seg.masks) for seg in layout.prefills]
+        cos, sin = state.position_embeddings
+        return MixedAttention(decode_rope, BatchLayout(slot_mapping=layout.slot_mapping[n:], num_decode=0,
+                                                       decode=None, prefills=prefills),
+                              state.position_ids[:, n:], (cos[:, n:], sin[:, n:]))
+
     @torch.inference_mode()
-    def run_layers(self, state: StepState, should_yield: Callable[[], bool] | None = None) -> bool:
+    def run_layers(self, state: StepState, should_yield: Callable[[], bool] | None = None,
+                   inner: bool = True) -> bool:
         """Runs from state.next_stage to the end; returns False if it parked at a boundary to let others run.
 
-        With `should_yield` the step may stop between a layer's attention block and its MoE block, and
-        between layers; the residual stream in state.hidden is all that is needed to resume.
+        With `should_yield` the step may stop between a layer's attention block and its MoE block, between
+        layers and, with `inner`, inside a block: between groups of decode rows in a native attention block,
+        before a mixed step's prefill chunks, between ranges of experts. state.hidden, state.next_row and
+        state.moe_parts are all it needs to resume.
         """
         self.cache.set_layout(state.layout)
+        inner_yield = should_yield if inner else None
         last = 2 * self.num_layers
         scale = self.adapter.residual_multiplier
-        if state.next_stage == 0 and should_yield is not None and should_yield():
+        if state.pauses == 0 and state.next_stage == 0 and should_yield is not None and should_yield():
             state.pauses += 1  # LS arrived while this step was being built: park it before any work
             return False
+        # (a resumed step always runs to its next boundary: it was handed its turn, and parking again at once
+        # would hand LS the core for good while LS tokens are always due)
         while state.next_stage < last:
             index = state.next_stage // 2
             layer = self.layers[index]
             rope = state.native_rope
             if state.next_stage % 2 == 0:
-                if rope is None or not self.native.run_attention(index, state, rope, self.windows[index]):
-                    self._attention_block(index, layer, state, scale)
+                if not self._attention_stage(index, layer, state, scale, inner_yield):
+                    state.pauses += 1
+                    return False
             elif rope is None or not self.native.run_moe(index, state):
-                self._moe_block(index, layer, state, scale)
+                if not self._moe_stage(index, layer, state, scale, inner_yield):
+                    state.pauses += 1
+                    return False
             state.next_stage += 1
             if state.next_stage < last and should_yield is not None and should_yield():
                 state.pauses += 1
                 return False
         return True
+
+    def _attention_stage(self, index: int, layer, state: StepState, scale: float,
+                         should_yield: Callable[[], bool] | None) -> bool:
+        """Layer `index`'s attention block from where it stopped; False if it parked inside it."""
+        rope = state.native_rope if state.mixed is None else state.mixed.decode_rope
+        if rope is None or not self.native.attention_fits(index, state, rope):
+            self._attention_block(index, layer, state, scale)
+            return True
+        rows = state.layout.num_decode
+        while state.next_row < rows:
+            end = _row_group_end(state.next_row, rows) if should_yield is not None else rows
+            self.native.run_attention(index, state, rope, self.windows[index], (state.next_row, end))
+            state.next_row = end
+            if should_yield is not None and (end < rows or state.mixed is not None) and should_yield():
+                return False
+        if state.mixed is not None:
+            self._prefill_attention(index, layer, state, scale)
+        state.next_row = 0
+        return True
+
+    def _prefill_attention(self, index: int, layer, state: StepState, scale: float) -> None:
+        """A mixed step's prefill rows through the attention modules, as a batch of their own."""
+        mixed, n = state.mixed, state.layout.num_decode
+        self.cache.set_layout(mixed.prefill_layout)
+        try:
+            normed = layer.input_layernorm(state.hidden[:, n:])
+            attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None,
+                                      position_ids=mixed.prefill_position_ids, cache=self.cache, use_cache=True,
+                                      position_embeddings=mixed.prefill_position_embeddings,
+                                      qllm_layout=mixed.prefill_layout, qllm_window=self.windows[index])
+        finally:
+            self.cache.set_layout(state.layout)
+        state.hidden[:, n:] += attn if scale == 1 else attn * scale
 
     def _attention_block(self, index: int, layer, state: StepState, scale: float) -> None:
         normed = layer.input_layernorm(state.hidden)
@@ -188,6 +277,34 @@ class ModelRunner:
                                   cache=self.cache, use_cache=True, position_embeddings=state.position_embeddings,
                                   qllm_layout=state.layout, qllm_window=self.windows[index])
         state.hidden = state.hidden + (attn if scale == 1 else attn * scale)
+
+    def _moe_stage(self, index: int, layer, state: StepState, scale: float,
+                   should_yield: Callable[[], bool] | None) -> bool:
+        """Layer `index`'s MoE block through the modules, from where it stopped: when the step may park, its
+        experts run a range at a time (the router first, as the block's own forward does). False if it parked
+        inside it."""
+        block = self.moe_blocks[index]
+        if state.moe_parts is None:
+            rows = state.hidden.shape[0] * state.hidden.shape[1]
+            if (should_yield is None or type(block).__name__ not in MOE_BLOCKS
+                    or not runs_in_parts(block.experts, rows)):
+                self._moe_block(index, layer, state, scale)
+                return True
+            x = layer.post_attention_layernorm(state.hidden).view(-1, state.hidden.shape[-1])
+            _, weights, ids = block.gate(x)
+            state.moe_parts = ExpertsInParts(block.experts, x, ids, weights)
+        parts = state.moe_parts
+        count = -(-parts.num_experts // MOE_PARTS)
+        while True:
+            parts.run(count)
+            if parts.done:
+                break
+            if should_yield():
+                return False
+        state.moe_parts = None
+        moe = parts.result().view(state.hidden.shape)
+        state.hidden = state.hidden + (moe if scale == 1 else moe * scale)
+        return True
 
     def _moe_block(self, index: int, layer, state: StepState, scale: float) -> None:
         moe = self.moe_blocks[index](layer.post_attention_layernorm(state.hidden))

@@ -29,10 +29,15 @@ NATIVE_MAX_ROWS = 256
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I]
+_RANGE_ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I]
 
 
 def native_kernel():
     return native.kernel("qllm_moe_experts", ctypes.c_int, _ARGTYPES, env_switch="QLLM_NATIVE_MOE")
+
+
+def native_range_kernel():
+    return native.kernel("qllm_moe_experts_range", ctypes.c_int, _RANGE_ARGTYPES, env_switch="QLLM_NATIVE_MOE")
 
 
 def native_max_rows(dtype: torch.dtype) -> int | None:
@@ -84,3 +89,47 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
 
 
 ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+
+
+def runs_in_parts(experts: torch.nn.Module, tokens: int) -> bool:
+    """Whether experts_forward would take the native kernel for `tokens` rows, so ExpertsInParts computes
+    exactly what it does."""
+    limit = native_max_rows(experts.gate_up_proj.dtype) if hasattr(experts, "gate_up_proj") else None
+    return ((limit is None or tokens <= limit) and native_supports(experts) and native_kernel() is not None
+            and native_range_kernel() is not None)
+
+
+class ExpertsInParts:
+    """experts_forward for one step's rows, a range of experts per call: the engine may park the step between
+    ranges (QLLM's expert-level preemption point). The ranges add into one output in expert order, so the
+    result is the one call's, bit for bit."""
+
+    def __init__(self, experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor):
+        self.experts = experts
+        self.dtype = hidden_states.dtype
+        self.x = hidden_states.to(torch.float32).contiguous()
+        self.ids = top_k_index.to(torch.int64).contiguous()
+        self.weights = top_k_weights.to(torch.float32).contiguous()
+        self.out = torch.zeros_like(self.x)
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.next_expert = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_expert >= self.num_experts
+
+    def run(self, count: int) -> None:
+        """The next `count` experts."""
+        end = min(self.num_experts, self.next_expert + count)
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        status = native_range_kernel()(
+            self.x.data_ptr(), self.ids.data_ptr(), self.weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
+            int(gate_up.dtype == torch.bfloat16), self.out.data_ptr(), self.x.shape[0], self.ids.shape[1],
+            self.x.shape[1], down.shape[2], self.next_expert, end, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("moe experts: no scratch memory")
+        self.next_expert = end
+
+    def result(self) -> torch.Tensor:
+        return self.out.to(self.dtype)

@@ -161,25 +161,47 @@ class NativeStages:
         state.hidden = hidden.contiguous()
         return cos[0].float().contiguous(), sin[0].float().contiguous()
 
-    def run_attention(self, index: int, state, rope: tuple[torch.Tensor, torch.Tensor], window: int) -> bool:
-        """Runs layer `index`'s attention block on state.hidden in place; False when it must take the modules
-        (this layer's modules do not fit, or its rotary is not over whole heads)."""
+    def prepare_decode_rows(self, state) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a step that mixes decode rows (first) with prefill chunks, on the CPU: the decode rows' rotary
+        (cos, sin) as float32 [decode rows, head_dim], so their attention blocks run natively while the
+        chunks take the modules (worker/model_runner.py); else None."""
+        layout, hidden = state.layout, state.hidden
+        rows = layout.num_decode
+        if (not layout.prefills or not 0 < rows <= NATIVE_MAX_ROWS or layout.decode is None
+                or hidden.dtype not in DTYPES or hidden.device.type != "cpu" or not hidden.is_contiguous()):
+            return None
+        cos, sin = state.position_embeddings
+        return cos[0, :rows].float().contiguous(), sin[0, :rows].float().contiguous()
+
+    def attention_fits(self, index: int, state, rope: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Whether layer `index`'s attention block runs natively on this step (else: the modules)."""
         spec = self.attention[index]
-        cos, sin = rope
-        if spec is None or cos.shape[-1] != spec.head_dim or state.hidden.dtype != spec.dtype:
+        return spec is not None and rope[0].shape[-1] == spec.head_dim and state.hidden.dtype == spec.dtype
+
+    def run_attention(self, index: int, state, rope: tuple[torch.Tensor, torch.Tensor], window: int,
+                      rows: tuple[int, int] | None = None) -> bool:
+        """Runs layer `index`'s attention block on state.hidden in place, on the decode rows [first, end) of
+        `rows` (default all); False when it must take the modules (this layer's modules do not fit, or its
+        rotary is not over whole heads). Every row's attention is its own (its query, its cache), so a block run
+        in row groups computes what it computes in one call."""
+        if not self.attention_fits(index, state, rope):
             return False
+        spec = self.attention[index]
         attn, layout = spec.module, state.layout
         pools = layout.cache.layers[index]
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         decode = layout.decode
+        first, end = rows if rows is not None else (0, state.hidden.shape[1])
+        hidden, cos, sin = state.hidden[0, first:end], rope[0][first:end], rope[1][first:end]
+        slots, tables, kv_lens = layout.slot_mapping[first:end], decode.block_tables[first:end], decode.kv_lens[first:end]
         status = self.attention_fn(
-            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], int(spec.dtype == torch.bfloat16),
+            hidden.data_ptr(), end - first, state.hidden.shape[2], int(spec.dtype == torch.bfloat16),
             spec.norm.weight.data_ptr(), float(spec.norm.variance_epsilon), attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(),
             attn.v_proj.weight.data_ptr(), _ptr(attn.q_proj.bias), _ptr(attn.k_proj.bias), _ptr(attn.v_proj.bias),
             _ptr(q_norm.weight if q_norm is not None else None), _ptr(k_norm.weight if k_norm is not None else None),
             float(q_norm.variance_epsilon if q_norm is not None else 0.0), cos.data_ptr(), sin.data_ptr(),
-            pools.keys.data_ptr(), pools.values.data_ptr(), layout.slot_mapping.data_ptr(),
-            decode.block_tables.data_ptr(), decode.kv_lens.data_ptr(), decode.block_tables.shape[1],
+            pools.keys.data_ptr(), pools.values.data_ptr(), slots.data_ptr(),
+            tables.data_ptr(), kv_lens.data_ptr(), decode.block_tables.shape[1],
             pools.keys.shape[1], spec.heads, spec.kv_heads, spec.head_dim, float(attn.scaling), int(window),
             attn.o_proj.weight.data_ptr(), _ptr(attn.o_proj.bias), self.scale, torch.get_num_threads())
         if status != 0:

@@ -232,11 +232,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="qllm: LS-only steps that may run while a preempted BE step waits")
     settings.add(parser, "--layer-parking", type=bool, default=True,
                  help="qllm: park a running step at a layer boundary when LS work arrives or an LS token is due")
+    settings.add(parser, "--inner-parking", type=bool, default=True,
+                 help="qllm: park inside a layer's blocks too (decode row groups, a mixed step's prefill chunks, "
+                      "expert ranges)")
     settings.add(parser, "--ls-only-steps", type=bool, default=True,
                  help="qllm: LS work that arrives between steps gets a step of its own")
     settings.add(parser, "--ls-tpot-target-ms", type=float, default=-1.0,
-                 help="qllm: how long an LS stream may wait for its next token before BE yields to it; -1 = 1.5 x "
-                      "the measured LS-only decode step (the idle floor), 0 = off (LS decodes ride BE iterations)")
+                 help="qllm: the LS TPOT objective BE yields to LS streams for; -1 = 2 x the measured one-row "
+                      "decode step (the idle floor), 0 = off (LS decodes ride BE iterations)")
     settings.add(parser, "--ls-active-max-batched-tokens", type=int, default=128,
                  help="qllm: token budget of a BE iteration while LS streams decode beside it")
     settings.add(parser, "--ls-reserved-kv-tokens", type=int, default=1024,
@@ -254,6 +257,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="alise: classes whose KV may be quantized to int8 (lossy)")
     settings.add(parser, "--kv-host-budget-tokens", type=int, default=65536,
                  help="alise: host pool for swapped-out KV, in tokens (0 = no swapping)")
+    settings.add(parser, "--step-trace", default="",
+                 help="append one JSON line per engine step (timings, rows) to this file, for "
+                      "scripts/analyze_step_trace.py ('' = none)")
     settings.add(parser, "--predictor", default="",
                  help="predictor HOST:PORT that gets this worker's measured prefill and decode-step times for its "
                       "latency model ('' = none)")
@@ -268,14 +274,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(policy=args.policy, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_budget_tokens=args.kv_budget_tokens,
                         block_size=args.block_size, max_be_deferral_steps=args.max_be_deferral_steps,
-                        layer_parking=args.layer_parking, ls_only_steps=args.ls_only_steps,
+                        layer_parking=args.layer_parking, inner_parking=args.inner_parking,
+                        ls_only_steps=args.ls_only_steps,
                         ls_tpot_target_s=args.ls_tpot_target_ms / 1000 if args.ls_tpot_target_ms > 0
                         else args.ls_tpot_target_ms,
                         ls_active_max_batched_tokens=args.ls_active_max_batched_tokens,
                         ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots,
                         admission_output_fraction=args.admission_output_fraction,
                         provisional_pin_s=args.provisional_pin_s, kv_policy=args.kv_policy,
-                        kv_int8=args.kv_int8, kv_host_budget_tokens=args.kv_host_budget_tokens)
+                        kv_int8=args.kv_int8, kv_host_budget_tokens=args.kv_host_budget_tokens,
+                        step_trace_path=args.step_trace)
 
 
 def build_service(loaded, config: EngineConfig, predictor: str = "", worker_address: str = "",

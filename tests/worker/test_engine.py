@@ -183,8 +183,8 @@ def test_ls_arriving_after_a_steps_last_boundary_counts_its_wait(loaded, make_ru
     be, ls = greedy("be", ids[0], 6, BE), greedy("ls", ids[1], 3, LS)
     run_layers, sent = runner.run_layers, []
 
-    def run_layers_then_ls_arrives(state, should_park):
-        done = run_layers(state, should_park)
+    def run_layers_then_ls_arrives(state, should_park, **kwargs):
+        done = run_layers(state, should_park, **kwargs)
         if done and state.plan.has_best_effort and not sent:
             sent.append(True)
             core.submit(ls)

@@ -62,3 +62,28 @@ def test_ids_outside_the_experts_are_skipped():
     kept_weights = torch.where((ids >= 0) & (ids < 3), weights, torch.zeros_like(weights))
     torch.testing.assert_close(got, reference(x, kept, kept_weights, gate_up, down), rtol=1e-4, atol=1e-4)
     assert torch.equal(got[3], torch.zeros(8))
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self, gate_up, down):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up, down
+
+
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_experts_in_parts_sum_to_the_one_call_bit_for_bit(count):
+    """The engine may park a step between ranges of experts; the ranges add up to what one call gives."""
+    g = torch.Generator().manual_seed(1)
+    experts, rows, hidden, inter, top_k = 8, 37, 32, 48, 2
+    x = torch.randn(rows, hidden, generator=g)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) / 8
+    down = torch.randn(experts, hidden, inter, generator=g) / 8
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(rows)])
+    weights = torch.rand(rows, top_k, generator=g)
+    parts = moe.ExpertsInParts(_Experts(gate_up, down), x, ids, weights)
+    calls = 0
+    while not parts.done:
+        parts.run(count)
+        calls += 1
+    assert calls == -(-experts // count)
+    assert torch.equal(parts.result(), native(x, ids, weights, gate_up, down))

@@ -12,10 +12,12 @@
  */
 #include "common.h"
 
-/* Returns 0, or -1 when scratch memory could not be had. */
-int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, const void *gate_up,
-                     const void *down, int is_bf16, float *out, int tokens, int top_k, int hidden, int inter,
-                     int experts, int num_threads) {
+/* Adds experts [first, end)'s weighted outputs to out, expert after expert: calls over consecutive ranges sum
+ * exactly what one call over all experts does (the engine parks a step between them). Returns 0, or -1 when
+ * scratch memory could not be had. */
+int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weights, const void *gate_up,
+                           const void *down, int is_bf16, float *out, int tokens, int top_k, int hidden, int inter,
+                           int first, int end, int num_threads) {
     const int pairs = tokens * top_k, slots = pairs > 0 ? pairs : 1, width = 2 * inter;
     int *rows = malloc(sizeof(int) * (size_t)slots);                             /* pair index per slot */
     const float **xs = malloc(sizeof(float *) * (size_t)slots);                  /* input vector per slot */
@@ -26,10 +28,9 @@ int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, c
         return -1;
     }
     float *down_out = act + (size_t)slots * (size_t)width;
-    memset(out, 0, sizeof(float) * (size_t)tokens * (size_t)hidden);
     const size_t gu_expert = (size_t)width * (size_t)hidden, d_expert = (size_t)hidden * (size_t)inter;
     const size_t elem = is_bf16 ? 2 : 4;
-    for (int e = 0; e < experts; e++) {
+    for (int e = first; e < end; e++) {
         int n = 0;
         for (int p = 0; p < pairs; p++)
             if (ids[p] == e) rows[n++] = p;
@@ -57,4 +58,13 @@ int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, c
     }
     free(rows), free(xs), free(act);
     return 0;
+}
+
+/* out = the weighted sum of every expert's output for each token's top_k picks. */
+int qllm_moe_experts(const float *x, const int64_t *ids, const float *weights, const void *gate_up,
+                     const void *down, int is_bf16, float *out, int tokens, int top_k, int hidden, int inter,
+                     int experts, int num_threads) {
+    memset(out, 0, sizeof(float) * (size_t)tokens * (size_t)hidden);
+    return qllm_moe_experts_range(x, ids, weights, gate_up, down, is_bf16, out, tokens, top_k, hidden, inter, 0,
+                                  experts, num_threads);
 }

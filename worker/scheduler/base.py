@@ -29,10 +29,14 @@ class SchedulerConfig:
     # qllm: park a running step at layer boundaries when LS work arrives (QLLM's preemption), and give LS
     # work that arrives between steps a step of its own; each can be switched off to measure what it buys.
     layer_parking: bool = True
+    # qllm: parking inside a layer's blocks too (between groups of decode rows, before a mixed step's prefill
+    # chunks, between ranges of experts), not only between blocks.
+    inner_parking: bool = True
     ls_only_steps: bool = True
-    # qllm: LS decode pacing. The time an LS stream may wait for its next token, in seconds: once one is due,
-    # a running BE step parks at the next layer boundary and an LS-only decode step runs. -1: 1.5 x the
-    # measured LS-only decode step (the idle floor's token time); 0: off (LS decodes ride full iterations).
+    # qllm: LS decode pacing. The LS TPOT objective, in seconds: a stream's next token is due when the
+    # objective less the LS step that makes it and the BE stretch it may wait out has passed; a running BE
+    # step then parks at its next boundary and an LS-only decode step runs. -1: 2 x the measured one-row
+    # decode step (the idle floor's token time); 0: off (LS decodes ride full iterations).
     ls_tpot_target_s: float = -1.0
     # qllm: the token budget of a full iteration while LS streams decode beside it (BE prefill chunks shrink,
     # as Sarathi-Serve's stall-free budget, so a layer of a BE step is short enough to park in time).

@@ -38,8 +38,15 @@ class QllmScheduler(PriorityEvictScheduler):
         super().__init__(*args, **kwargs)
         self.parked: list[SchedulerOutput] = []       # a stack: the latest parked resumes first
         self._ls_arrived = False                      # since the last schedule
-        self._ls_only_steps = 0                       # while a parked step waits
-        self.small_decode_step_s = 0.02               # a prior until the first measurement
+        self._ls_only_steps = 0                       # in a row, since a step with BE rows last ran
+        # Moving averages (priors until the first measurements): an LS-only decode step (what an LS token
+        # costs now, a few streams together), a one-row decode step (the idle floor's token time, from which
+        # the default TPOT target comes), and a stretch of a BE step between two boundaries (how long a due
+        # token waits for the step to park).
+        self.small_decode_step_s = 0.02
+        self.single_decode_step_s = 0.02
+        self.be_piece_s = 0.005
+        self._last_boundary: tuple[int, float] | None = None  # (step id, time) of the last should_park
 
     @property
     def pacing(self) -> bool:
@@ -48,7 +55,7 @@ class QllmScheduler(PriorityEvictScheduler):
     @property
     def ls_tpot_target_s(self) -> float:
         target = self.config.ls_tpot_target_s
-        return target if target > 0 else 1.5 * self.small_decode_step_s
+        return target if target > 0 else 2.0 * self.single_decode_step_s
 
     def add_request(self, req: Request) -> None:
         super().add_request(req)
@@ -57,8 +64,9 @@ class QllmScheduler(PriorityEvictScheduler):
 
     def ls_due(self, now: float) -> bool:
         """Whether a running LS request waits for a step now: its next token is due (it may wait the target
-        less the LS step that produces it), or it is still prefilling."""
-        wait = self.ls_tpot_target_s - self.small_decode_step_s
+        less the LS step that produces it and the stretch of BE work it may still have to wait out), or it is
+        still prefilling."""
+        wait = self.ls_tpot_target_s - self.small_decode_step_s - self.be_piece_s
         for r in self.running:
             if r.is_ls and r.request_id not in self.in_flight and (
                     r.last_token_time is None or now - r.last_token_time >= wait):
@@ -70,22 +78,27 @@ class QllmScheduler(PriorityEvictScheduler):
         now = self.clock()
         fresh_ls, self._ls_arrived = self._ls_arrived, False
         due = self.pacing and self.ls_due(now)
-        # LS work that arrived since the last look always gets an LS-only step first (nested preemption), as
-        # does an LS stream whose token is due; otherwise LS-only steps run while a parked step has been
-        # deferred fewer steps than allowed.
-        if self.parked and (fresh_ls or due or self._ls_only_steps < cfg.max_be_deferral_steps):
+        # LS work that arrived since the last look always gets an LS-only step first (nested preemption); an
+        # LS stream whose token is due gets one too, unless max_be_deferral_steps LS-only steps already ran
+        # in a row: then BE gets its turn, up to its next layer boundary, so streams that are always due
+        # cannot starve it.
+        due = due and self._ls_only_steps < max(1, cfg.max_be_deferral_steps)
+        if self.parked and (fresh_ls or due):
             plan = self.build_step(ls_only=True)
             if plan:
                 self._ls_only_steps += 1
                 return plan
         if self.parked:
+            self._ls_only_steps = 0
             return dataclasses.replace(self.parked.pop(), resumed=True)
         if (cfg.ls_only_steps and self.has_waiting_ls()) or due:
             # LS work that arrived between steps gets a step of its own too, rather than riding a full
             # iteration with BE prefill chunks.
             plan = self.build_step(ls_only=True)
             if plan:
+                self._ls_only_steps += 1
                 return plan
+        self._ls_only_steps = 0
         if self.pacing and any(r.is_ls for r in self.running):
             # Running LS streams decode in LS-only steps at their own pace; BE iterations beside them take a
             # smaller token budget, so that they park in time.
@@ -97,20 +110,27 @@ class QllmScheduler(PriorityEvictScheduler):
     def should_park(self, plan: SchedulerOutput) -> bool:
         if not self.config.layer_parking:
             return False
+        now = self.clock()
+        if plan.has_best_effort and self.pacing and any(r.is_ls for r in self.running):
+            last = self._last_boundary
+            if last is not None and last[0] == plan.step_id:
+                self.be_piece_s += 0.1 * (now - last[1] - self.be_piece_s)
+            self._last_boundary = (plan.step_id, now)
         if self._ls_arrived:
             return True
-        return self.pacing and plan.has_best_effort and self.ls_due(self.clock())
+        return self.pacing and plan.has_best_effort and self.ls_due(now)
 
     def park(self, plan: SchedulerOutput) -> None:
+        self._last_boundary = None  # the stretch after the resume starts anew
         self.parked.append(plan)
 
     def update_from_output(self, plan: SchedulerOutput, output: ModelRunnerOutput) -> list[EngineOutput]:
-        if not self.parked:
-            self._ls_only_steps = 0
         if (not plan.resumed and len(plan.scheduled) <= self.SMALL_DECODE_ROWS
                 and all(s.is_decode for s in plan.scheduled)):
             seconds = self.clock() - plan.scheduled_at
             self.small_decode_step_s += 0.2 * (seconds - self.small_decode_step_s)
+            if len(plan.scheduled) == 1:
+                self.single_decode_step_s += 0.2 * (seconds - self.single_decode_step_s)
         return super().update_from_output(plan, output)
 
     def can_admit(self, req: Request, num_tokens: int) -> bool:
