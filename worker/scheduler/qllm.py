@@ -8,10 +8,13 @@ parks that one too, so preemption nests), and the parked step resumes at layer k
 `SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run for fresh arrivals before a parked
 BE step resumes.
 
-LS decode pacing (`ls_tpot_target_s`): running LS streams decode in LS-only steps of their own, one whenever
-a stream's next token is due, and a running BE step parks for that step as it does for an arrival; full
-iterations beside LS streams skip them and take a smaller token budget, so a BE layer is short enough to park
-in time. Off (0), LS decodes ride full iterations with BE prefill chunks.
+LS decode pacing (`ls_tpot_target_s`, the LS TPOT objective): running LS streams decode in LS-only steps of
+their own, one whenever a stream's next token is due, and a running BE step parks for that step as it does for
+an arrival (at its next parking point; the runner has them inside a layer's blocks too). A token is due once
+the objective less the LS step that makes it and less the BE stretch between two parking points has passed,
+both measured. After `max_be_deferral_steps` LS-only steps in a row, BE gets its turn up to its next parking
+point, so streams that are always due cannot starve it. Full iterations beside LS streams skip them and take a
+smaller token budget. Off (0), LS decodes ride full iterations with BE prefill chunks.
 
 BE admission also leaves `ls_reserved_kv_tokens` of KV and `ls_reserved_slots` running slots free, so an
 LS request normally starts without preempting BE at all: iteration-level preemption drops a BE request's
