@@ -22,9 +22,8 @@ from worker.scheduler.request_queue import RequestQueue, create_request_queue
 class SchedulerConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
-    # qllm: how many consecutive LS-only steps may run while a preempted BE step waits to resume (the
-    # longest BE stays deferred while LS work is runnable). Beyond it the BE step resumes and the LS decodes
-    # join the next full iteration.
+    # qllm: how many LS-only steps for due LS tokens may run in a row before BE gets its turn, up to its next
+    # parking point (LS that just arrived always gets its step).
     max_be_deferral_steps: int = 1
     # qllm: park a running step at layer boundaries when LS work arrives (QLLM's preemption), and give LS
     # work that arrives between steps a step of its own; each can be switched off to measure what it buys.

@@ -5,8 +5,7 @@ boundary whether the running step should yield (should_park); it does when LS wo
 began. The engine then parks the step after layer k (hidden states, positions, layout and the KV written so
 far stay as they are) and schedules again: LS-only steps run (the new LS prefill first; a later LS arrival
 parks that one too, so preemption nests), and the parked step resumes at layer k+1 with no recomputation.
-`SchedulerConfig.max_be_deferral_steps` bounds how many LS-only steps run for fresh arrivals before a parked
-BE step resumes.
+Fresh LS arrivals always get their LS-only step first.
 
 LS decode pacing (`ls_tpot_target_s`, the LS TPOT objective): running LS streams decode in LS-only steps of
 their own, one whenever a stream's next token is due, and a running BE step parks for that step as it does for
