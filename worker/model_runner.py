@@ -17,7 +17,7 @@ from worker import emulated_bf16
 from worker.logprobs import sampled_logprobs
 from worker.outputs import ModelRunnerOutput
 from worker.model_loader import LoadedModel, family_adapter, layer_windows
-from worker.moe import EXPERTS_IMPLEMENTATION, ExpertsInParts, runs_in_parts
+from worker.moe import EXPERTS_IMPLEMENTATION, ExpertsInParts, takes_native
 from worker.native_stages import MOE_BLOCKS, NativeStages
 from worker.paged_cache import (ATTN_IMPLEMENTATION, BatchLayout, KVSpan, PagedKVCache, PrefillSegment,
                                 prefill_mask)
@@ -287,7 +287,7 @@ class ModelRunner:
         if state.moe_parts is None:
             rows = state.hidden.shape[0] * state.hidden.shape[1]
             if (should_yield is None or type(block).__name__ not in MOE_BLOCKS
-                    or not runs_in_parts(block.experts, rows)):
+                    or not takes_native(block.experts, rows)):
                 self._moe_block(index, layer, state, scale)
                 return True
             x = layer.post_attention_layernorm(state.hidden).view(-1, state.hidden.shape[-1])

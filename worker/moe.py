@@ -68,41 +68,18 @@ def _layout_fits(experts: torch.nn.Module) -> bool:
             and getattr(getattr(experts, "config", None), "hidden_act", None) == "silu")
 
 
-def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor) -> torch.Tensor:
-    """hidden_states [tokens, hidden]; top_k_index / top_k_weights [tokens, top_k]; returns [tokens, hidden]."""
-    tokens, limit = hidden_states.shape[0], native_max_rows(self.gate_up_proj.dtype)
-    if (limit is not None and tokens > limit) or not native_supports(self) or native_kernel() is None:
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    gate_up, down = self.gate_up_proj, self.down_proj
-    x = hidden_states.to(torch.float32).contiguous()
-    ids = top_k_index.to(torch.int64).contiguous()
-    weights = top_k_weights.to(torch.float32).contiguous()
-    out = torch.empty_like(x)
-    status = native_kernel()(
-        x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
-        int(gate_up.dtype == torch.bfloat16), out.data_ptr(), tokens, ids.shape[1], x.shape[1], down.shape[2],
-        gate_up.shape[0], torch.get_num_threads())
-    if status != 0:
-        raise MemoryError("moe experts: no scratch memory")
-    return out.to(hidden_states.dtype)
-
-
-ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
-
-
-def runs_in_parts(experts: torch.nn.Module, tokens: int) -> bool:
-    """Whether experts_forward would take the native kernel for `tokens` rows, so ExpertsInParts computes
-    exactly what it does."""
-    limit = native_max_rows(experts.gate_up_proj.dtype) if hasattr(experts, "gate_up_proj") else None
-    return ((limit is None or tokens <= limit) and native_supports(experts) and native_kernel() is not None
-            and native_range_kernel() is not None)
+def takes_native(experts: torch.nn.Module, tokens: int) -> bool:
+    """Whether the native kernel computes these experts for `tokens` rows (else transformers' grouped GEMMs)."""
+    if not native_supports(experts) or native_range_kernel() is None:
+        return False
+    limit = native_max_rows(experts.gate_up_proj.dtype)
+    return limit is None or tokens <= limit
 
 
 class ExpertsInParts:
-    """experts_forward for one step's rows, a range of experts per call: the engine may park the step between
-    ranges (QLLM's expert-level preemption point). The ranges add into one output in expert order, so the
-    result is the one call's, bit for bit."""
+    """The native kernel over one step's rows, a range of experts per call: experts_forward runs them all at
+    once, the engine may park a step between ranges (QLLM's expert-level preemption point). The ranges add into
+    one output in expert order, so the result does not depend on where the step parked, bit for bit."""
 
     def __init__(self, experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor):
@@ -133,3 +110,16 @@ class ExpertsInParts:
 
     def result(self) -> torch.Tensor:
         return self.out.to(self.dtype)
+
+
+def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """hidden_states [tokens, hidden]; top_k_index / top_k_weights [tokens, top_k]; returns [tokens, hidden]."""
+    if not takes_native(self, hidden_states.shape[0]):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    parts = ExpertsInParts(self, hidden_states, top_k_index, top_k_weights)
+    parts.run(parts.num_experts)
+    return parts.result()
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
