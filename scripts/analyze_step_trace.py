@@ -27,7 +27,7 @@ def load(path: str) -> list[dict]:
 
 
 def has_be(segment: dict) -> bool:
-    return any(priority == "BE" for _, priority, _ in segment["rows"])
+    return any(priority == "BE" for _, priority, *_ in segment["rows"])
 
 
 def kind(segment: dict) -> str:
@@ -54,7 +54,7 @@ def ls_token_gaps(segments: list[dict]) -> list[dict]:
     tokens: dict[str, list[int]] = collections.defaultdict(list)
     for i, s in enumerate(segments):
         if not s["parked"]:
-            for request_id, priority, _ in s["rows"]:
+            for request_id, priority, *_ in s["rows"]:
                 if priority == "LS":
                     tokens[request_id].append(i)
     gaps = []
@@ -70,6 +70,36 @@ def ls_token_gaps(segments: list[dict]) -> list[dict]:
                     ls += took
             gaps.append({"gap": span, "ls": ls, "be": be, "other": span - ls - be})
     return gaps
+
+
+def ls_first_tokens(segments: list[dict]) -> list[dict]:
+    """Each LS request's first token at the worker (rows that carry their arrival time): from its arrival to the
+    end of the step that made the token, split into the wait before that step was scheduled (and, of the wait,
+    the seconds of segments with BE rows and of LS-only ones that overlap it) and the step itself (with any
+    parks inside it). Requests that arrived before the first segment are left out: their prefill is not in it."""
+    start = segments[0]["t"][0] if segments else 0.0
+    first_seen: dict[str, tuple[float, float]] = {}  # request id -> (arrival, scheduled of its first segment)
+    out = []
+    for s in segments:
+        for request_id, priority, _, *arrived in s["rows"]:
+            if priority != "LS" or not arrived or arrived[0] < start:
+                continue
+            if request_id not in first_seen:
+                first_seen[request_id] = (arrived[0], s["t"][0])
+            if not s["parked"] and first_seen[request_id] is not None:
+                arrival, scheduled = first_seen[request_id]
+                first_seen[request_id] = None  # counted
+                be = ls = 0.0
+                for o in segments:
+                    overlap = min(o["t"][4], scheduled) - max(o["t"][0], arrival)
+                    if overlap > 0:
+                        if has_be(o):
+                            be += overlap
+                        else:
+                            ls += overlap
+                out.append({"ttft": s["t"][4] - arrival, "wait": scheduled - arrival, "wait_be": be,
+                            "wait_ls": ls, "step": s["t"][4] - scheduled})
+    return out
 
 
 def _ms(values: list[float]) -> str:
@@ -103,6 +133,11 @@ def main() -> None:
         print(f"\nLS token gaps after the first decode: {len(gaps)}")
         for part in ("gap", "ls", "be", "other"):
             print(f"  {part:15s} {_ms([g[part] for g in gaps])}")
+    firsts = ls_first_tokens(segments)
+    if firsts:
+        print(f"\nLS first tokens at the worker (arrival to the end of the step that made it): {len(firsts)}")
+        for part in ("ttft", "wait", "wait_be", "wait_ls", "step"):
+            print(f"  {part:15s} {_ms([f[part] for f in firsts])}")
 
 
 if __name__ == "__main__":

@@ -42,12 +42,14 @@ class StepState:
     has_beams: bool = False              # live beam-search beams are among the decode rows (worker/beam.py)
     # (cos, sin) for the native stages when this step runs them (worker/native_stages.py), else None
     native_rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    # A step that mixes decode rows with prefill chunks: its decode rows' attention runs natively and the
-    # chunks' through the modules, each part a point the step may park at (MixedAttention); else None.
+    # A step with prefill chunks on the CPU path: its decode rows' attention runs natively and the chunks'
+    # through the modules, a group of rows at a time, each part a point the step may park at
+    # (MixedAttention); else None.
     mixed: "MixedAttention | None" = None
-    # Within an attention stage run in parts: the first decode row not run yet; num_decode once all are and
-    # only a mixed step's prefill chunks are left (0 at a stage's start).
+    # Within an attention stage run in parts: the first decode row not run yet, num_decode once all are; then
+    # the first of the mixed step's prefill parts not run yet (both 0 at a stage's start).
     next_row: int = 0
+    next_part: int = 0
     # A MoE block whose experts run a range at a time (a yielding policy's steps through the modules), between
     # its ranges; else None.
     moe_parts: ExpertsInParts | None = None
@@ -58,19 +60,34 @@ class StepState:
 
 
 @dataclass
-class MixedAttention:
-    """What a mixed step's attention blocks need beyond the StepState: the decode rows' rotary for the native
-    stage, and the prefill chunks' rows as a batch of their own for the modules."""
+class PrefillPart:
+    """Consecutive prefill rows of a step [first_row, first_row + rows) as a batch of their own for the attention
+    modules: pieces of the step's chunks, each attending to its request's KV up to its own last token."""
 
-    decode_rope: tuple[torch.Tensor, torch.Tensor]
-    prefill_layout: BatchLayout
-    prefill_position_ids: torch.Tensor
-    prefill_position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    first_row: int
+    rows: int
+    layout: BatchLayout
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class MixedAttention:
+    """What the attention blocks of a step with prefill chunks need beyond the StepState: the decode rows'
+    rotary for the native stage (None without decode rows), and the chunks' rows in parts for the modules."""
+
+    decode_rope: tuple[torch.Tensor, torch.Tensor] | None
+    prefill_parts: list[PrefillPart]
 
 
 # Parts a MoE block's experts run in when a step through the modules may park inside it (a range of experts
 # each): the MoE block of a BE step that carries a prefill chunk is otherwise one long stretch.
 MOE_PARTS = 4
+
+# Prefill rows per attention call through the modules (on the CPU path): the attention of a 512-token chunk at
+# a long context is otherwise one stretch of tens of ms an LS request waits out. Computed in order, the parts
+# are chunked prefill inside the layer; every policy runs them, so the arithmetic does not depend on it.
+PREFILL_ROW_GROUP = 128
 
 # Decode rows per native attention call when a step may park inside its attention stages: at long contexts a
 # stage over a few dozen BE decode rows is most of a layer's time, longer than an LS token may wait.
@@ -188,18 +205,45 @@ class ModelRunner:
                           has_beams=has_beams or any(s.request.beam is not None and s.samples for s in prefills))
         if self.native is not None:
             state.native_rope = self.native.prepare(state)
-            decode_rope = self.native.prepare_decode_rows(state) if state.native_rope is None else None
-            if decode_rope is not None:
-                state.mixed = self._mixed_attention(state, decode_rope)
+            if state.native_rope is None and prefills:
+                decode_rope = self.native.prepare_decode_rows(state)
+                if decode_rope is not None or not rows:
+                    state.mixed = MixedAttention(decode_rope, self._prefill_parts(prefills, len(rows), state))
         return state
 
-    def _mixed_attention(self, state: StepState, decode_rope) -> MixedAttention:
-        layout, n = state.layout, state.layout.num_decode
-        prefills = [PrefillSegment(seg.q_start - n, seg.q_len, seg.span, seg.masks) for seg in layout.prefills]
+    def _prefill_parts(self, prefills, first_row: int, state: StepState) -> list[PrefillPart]:
+        """The step's prefill rows (from `first_row` on) cut into parts of at most PREFILL_ROW_GROUP rows; a chunk
+        may span parts, each piece attending to its request's KV up to the piece's last token."""
         cos, sin = state.position_embeddings
-        return MixedAttention(decode_rope, BatchLayout(slot_mapping=layout.slot_mapping[n:], num_decode=0,
-                                                       decode=None, prefills=prefills),
-                              state.position_ids[:, n:], (cos[:, n:], sin[:, n:]))
+        parts: list[PrefillPart] = []
+        pieces: list[PrefillSegment] = []
+        fill = 0
+
+        def close() -> None:
+            nonlocal pieces, fill
+            first = parts[-1].first_row + parts[-1].rows if parts else first_row
+            end = first + fill
+            layout = BatchLayout(slot_mapping=state.layout.slot_mapping[first:end], num_decode=0, decode=None,
+                                 prefills=pieces)
+            parts.append(PrefillPart(first, fill, layout, state.position_ids[:, first:end],
+                                     (cos[:, first:end], sin[:, first:end])))
+            pieces, fill = [], 0
+
+        for s in prefills:
+            done = 0
+            while done < s.num_tokens:
+                n = min(PREFILL_ROW_GROUP - fill, s.num_tokens - done)
+                start = s.start + done
+                masks = {w: prefill_mask(start, n, w, self.device) for w in set(self.windows)}
+                pieces.append(PrefillSegment(q_start=fill, q_len=n, span=self._span(s.block_table, start + n),
+                                             masks=masks))
+                fill += n
+                done += n
+                if fill == PREFILL_ROW_GROUP:
+                    close()
+        if fill:
+            close()
+        return parts
 
     @torch.inference_mode()
     def run_layers(self, state: StepState, should_yield: Callable[[], bool] | None = None,
@@ -208,8 +252,8 @@ class ModelRunner:
 
         With `should_yield` the step may stop between a layer's attention block and its MoE block, between
         layers and, with `inner`, inside a block: between groups of decode rows in a native attention block,
-        before a mixed step's prefill chunks, between ranges of experts. state.hidden, state.next_row and
-        state.moe_parts are all it needs to resume.
+        before a step's prefill chunks and between their parts, between ranges of experts and groups of rows. state.hidden, state.next_row,
+        state.next_part and state.moe_parts are all it needs to resume.
         """
         self.cache.set_layout(state.layout)
         inner_yield = should_yield if inner else None
@@ -241,35 +285,39 @@ class ModelRunner:
     def _attention_stage(self, index: int, layer, state: StepState, scale: float,
                          should_yield: Callable[[], bool] | None) -> bool:
         """Layer `index`'s attention block from where it stopped; False if it parked inside it."""
-        rope = state.native_rope if state.mixed is None else state.mixed.decode_rope
-        if rope is None or not self.native.attention_fits(index, state, rope):
+        mixed, rows = state.mixed, state.layout.num_decode
+        rope = state.native_rope if mixed is None else mixed.decode_rope
+        if (mixed is None or rows) and (rope is None or not self.native.attention_fits(index, state, rope)):
             self._attention_block(index, layer, state, scale)
             return True
-        rows = state.layout.num_decode
         while state.next_row < rows:
             end = _row_group_end(state.next_row, rows) if should_yield is not None else rows
             self.native.run_attention(index, state, rope, self.windows[index], (state.next_row, end))
             state.next_row = end
-            if should_yield is not None and (end < rows or state.mixed is not None) and should_yield():
+            if should_yield is not None and (end < rows or mixed is not None) and should_yield():
                 return False
-        if state.mixed is not None:
-            self._prefill_attention(index, layer, state, scale)
-        state.next_row = 0
+        if mixed is not None:
+            parts = mixed.prefill_parts
+            while state.next_part < len(parts):
+                self._prefill_attention(index, layer, state, scale, parts[state.next_part])
+                state.next_part += 1
+                if should_yield is not None and state.next_part < len(parts) and should_yield():
+                    return False
+        state.next_row = state.next_part = 0
         return True
 
-    def _prefill_attention(self, index: int, layer, state: StepState, scale: float) -> None:
-        """A mixed step's prefill rows through the attention modules, as a batch of their own."""
-        mixed, n = state.mixed, state.layout.num_decode
-        self.cache.set_layout(mixed.prefill_layout)
+    def _prefill_attention(self, index: int, layer, state: StepState, scale: float, part: PrefillPart) -> None:
+        """One part of the step's prefill rows through the attention modules, as a batch of its own."""
+        first, end = part.first_row, part.first_row + part.rows
+        self.cache.set_layout(part.layout)
         try:
-            normed = layer.input_layernorm(state.hidden[:, n:])
-            attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None,
-                                      position_ids=mixed.prefill_position_ids, cache=self.cache, use_cache=True,
-                                      position_embeddings=mixed.prefill_position_embeddings,
-                                      qllm_layout=mixed.prefill_layout, qllm_window=self.windows[index])
+            normed = layer.input_layernorm(state.hidden[:, first:end])
+            attn, _ = layer.self_attn(hidden_states=normed, attention_mask=None, position_ids=part.position_ids,
+                                      cache=self.cache, use_cache=True, position_embeddings=part.position_embeddings,
+                                      qllm_layout=part.layout, qllm_window=self.windows[index])
         finally:
             self.cache.set_layout(state.layout)
-        state.hidden[:, n:] += attn if scale == 1 else attn * scale
+        state.hidden[:, first:end] += attn if scale == 1 else attn * scale
 
     def _attention_block(self, index: int, layer, state: StepState, scale: float) -> None:
         normed = layer.input_layernorm(state.hidden)

@@ -5,8 +5,8 @@ transformers' grouped path (sort, histogram, two grouped GEMMs, an inverse permu
 layer) costs far more than that on a CPU. A short prefill (an LS prompt) routes a few dozen rows to each
 expert, where BLAS calls on such thin matrices stay well below the core's FMA rate. So on the CPU, for steps
 of up to NATIVE_MAX_ROWS rows, the experts run in one native call (worker/csrc/moe_experts.c: register tiles
-of weight rows by token rows, each hit expert's weights streamed once); larger steps (long prefill chunks)
-take the grouped GEMMs, except in bfloat16 on a CPU without native bfloat16 (AVX2), where those GEMMs are
+of weight rows by token rows, each hit expert's weights streamed once); larger steps (chunks above the default
+budget) take the grouped GEMMs, except in bfloat16 on a CPU without native bfloat16 (AVX2), where those GEMMs are
 emulated and the native kernel, which widens each weight to float32 as it loads it, is faster at any size. Other
 devices and layouts the kernel does not cover (biases, transposed or interleaved weights, other
 activations, expert parallelism) take transformers' grouped_mm path unchanged.
@@ -23,9 +23,11 @@ from worker import native
 from worker.model_loader import cpu_has_native_bf16
 
 EXPERTS_IMPLEMENTATION = "qllm"
-# Rows (tokens) up to which the native kernel is at least as fast as the grouped GEMMs on a CPU; above it the
-# GEMMs' cache blocking catches up. Chosen with scripts/bench_moe_experts.py (docs/benchmarks.md).
-NATIVE_MAX_ROWS = 256
+# Rows (tokens) up to which the native kernel takes a step on a CPU: it is faster than the grouped GEMMs below
+# ~500 rows and level with them up to here, where the GEMMs' cache blocking starts to win. It covers a step of
+# the default 512-token budget with its decode rows, whose MoE block a yielding policy can then park inside
+# (the grouped GEMMs are one call). Chosen with scripts/bench_moe_experts.py (docs/benchmarks.md).
+NATIVE_MAX_ROWS = 640
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I]

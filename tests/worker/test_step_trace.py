@@ -44,11 +44,11 @@ def test_every_step_segment_is_traced_with_its_parks(make_runner, tmp_path):
         first, end = s["stages"]
         assert 0 <= first <= end <= last
         assert (end < last) == s["parked"]
-        assert all(not rid.startswith("warmup-") for rid, _, _ in s["rows"])  # the warm-up is not traced
+        assert all(not rid.startswith("warmup-") for rid, *_ in s["rows"])  # the warm-up is not traced
     for r in reqs:  # every token came out of a segment that ran the step to its end
-        ends = [s for s in segments if not s["parked"] and any(rid == r.request_id for rid, _, _ in s["rows"])]
+        ends = [s for s in segments if not s["parked"] and any(rid == r.request_id for rid, *_ in s["rows"])]
         assert len(ends) >= len(r.output_token_ids) == 6
-        assert {p for s in ends for rid, p, _ in s["rows"] if rid == r.request_id} == {"LS" if r.is_ls else "BE"}
+        assert {p for s in ends for rid, p, *_ in s["rows"] if rid == r.request_id} == {"LS" if r.is_ls else "BE"}
 
 
 def test_an_ls_token_gap_splits_into_ls_steps_be_work_and_the_rest(tmp_path):
@@ -69,3 +69,22 @@ def test_an_ls_token_gap_splits_into_ls_steps_be_work_and_the_rest(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps(s) for s in reversed(segments)))
     assert analyze.load(str(path)) == segments  # in time order whatever the file's
+
+
+def test_an_ls_first_token_splits_into_the_wait_and_its_step():
+    def seg(start, end, rows, parked=False):
+        return {"t": [start, start, start, end, end], "stages": [0, 4 if not parked else 2], "parked": parked,
+                "resumed": False, "rows": rows}
+    segments = [seg(0.000, 0.010, [["b", "BE", 30, -1.0]]),
+                seg(0.010, 0.014, [["b", "BE", 30, -1.0]], parked=True),  # the LS request arrived at 0.012
+                seg(0.015, 0.020, [["c", "LS", 1, -0.5]]),                # a stream from before the trace
+                seg(0.021, 0.040, [["a", "LS", 64, 0.012]], parked=True),  # its prefill, parked for a later LS
+                seg(0.040, 0.045, [["d", "LS", 8, 0.039]]),
+                seg(0.045, 0.050, [["a", "LS", 64, 0.012]])]              # resumed: the first token
+    other, first = analyze.ls_first_tokens(segments)  # in the order the first tokens came
+    assert round(other["ttft"] * 1000) == 6 and round(other["wait"] * 1000) == 1
+    assert round(first["ttft"] * 1000) == 38
+    assert round(first["wait"] * 1000) == 9
+    assert round(first["wait_be"] * 1000) == 2 and round(first["wait_ls"] * 1000) == 5
+    assert round(first["step"] * 1000) == 29
+    assert analyze.ls_first_tokens([seg(0, 1, [["a", "LS", 64]])]) == []  # traces from before arrival times

@@ -1,7 +1,9 @@
 """Parking inside a decoder layer's blocks (worker/model_runner.py): between groups of decode rows in the native
-attention block, before a mixed step's prefill chunks, and between ranges of experts in the MoE block. A step
-parked at every such point and resumed computes exactly what it computes in one go."""
+attention block, before a step's prefill chunks and between their parts, and between ranges of experts in the
+MoE block. A step parked at every such point and resumed computes exactly what it
+computes in one go."""
 
+from worker import model_runner
 from worker.engine_core import EngineConfig, EngineCore
 from worker.model_runner import ATTENTION_ROW_GROUP
 from worker.request import Request, SamplingParams
@@ -20,7 +22,7 @@ def _core(make_runner, park_always: bool, inner: bool = True):
         done = run_layers(state, should_yield, **kwargs)
         if not done:
             parks.append((state.next_stage, state.next_row, state.moe_parts is not None,
-                          state.layout.num_decode, bool(state.layout.prefills)))
+                          state.layout.num_decode, bool(state.layout.prefills), state.next_part))
         return done
     runner.run_layers = recording
     return core, parks
@@ -51,13 +53,21 @@ def test_a_step_parked_at_every_inner_point_computes_what_it_computes_in_one_go(
     parked, parks = _core(make_runner, park_always=True)
     assert _run(parked) == _run(straight)
     mixed = [p for p in parks if p[3] and p[4]]
-    assert any(0 < row < n for _, row, _, n, _ in mixed)               # between decode row groups
-    assert any(row == n for _, row, _, n, _ in mixed)                   # before the prefill chunks' attention
-    assert any(stage % 2 == 1 and moe for stage, _, moe, _, _ in mixed)  # between ranges of experts
+    assert any(0 < row < n for _, row, _, n, *_ in mixed)               # between decode row groups
+    assert any(row == n for _, row, _, n, *_ in mixed)                   # before the prefill chunks' attention
+    assert any(stage % 2 == 1 and moe for stage, _, moe, *_ in mixed)    # between ranges of experts
+
+
+def test_a_step_parks_between_the_parts_of_its_prefill_chunks(make_runner, monkeypatch):
+    monkeypatch.setattr(model_runner, "PREFILL_ROW_GROUP", 16)  # the late prompt's chunks span several parts
+    straight, _ = _core(make_runner, park_always=False)
+    parked, parks = _core(make_runner, park_always=True)
+    assert _run(parked) == _run(straight)
+    assert any(stage % 2 == 0 and part > 0 for stage, _, _, _, _, part in parks)
 
 
 def test_without_inner_parking_a_step_parks_between_blocks_only(make_runner):
     straight, _ = _core(make_runner, park_always=False)
     parked, parks = _core(make_runner, park_always=True, inner=False)
     assert _run(parked) == _run(straight)
-    assert parks and all(row == 0 and not moe for _, row, moe, _, _ in parks)
+    assert parks and all(row == 0 and part == 0 and not moe for _, row, moe, _, _, part in parks)
