@@ -261,8 +261,7 @@ class EngineCore:
 
     def _observe_park(self, state: StepState, stages_before: int, layer_s: float) -> None:
         self.num_layer_preemptions += 1
-        # A BE step paused for LS is QLLM's preemption; an LS prefill paused for a newer LS is nesting.
-        metrics.PREEMPTIONS.labels("layer" if state.plan.has_best_effort else "nested").inc()
+        metrics.PREEMPTIONS.labels("layer").inc()
         if self._ls_arrived_at is not None and state.plan.has_best_effort:
             # A step parked before its first stage has no layer time of its own; its wait was shorter.
             self._observe_preemption_latency(time.monotonic() - self._ls_arrived_at,

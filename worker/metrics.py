@@ -19,7 +19,7 @@ STEP = Histogram("qllm_worker_step_seconds", "Model time of one engine step (all
                  buckets=LATENCY_BUCKETS)
 LAYER = Histogram("qllm_worker_layer_seconds", "Time of one decoder layer in a step that contains BE work",
                   buckets=FAST_BUCKETS)
-PREEMPTIONS = Counter("qllm_worker_preemptions_total", "Preemptions by kind (layer, nested, recompute; offload = "
+PREEMPTIONS = Counter("qllm_worker_preemptions_total", "Preemptions by kind (layer, recompute; offload = "
                       "the KV went to the host pool or int8, --kv-policy alise)", ["kind"])
 PREEMPTION_LATENCY = Histogram("qllm_worker_preemption_latency_seconds",
                                "LS arrival at the worker until the running BE step paused at a layer boundary "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import os
 import sys
@@ -309,6 +310,11 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
 
     async def on_start():
         engine.start()
+        # What exists now (the model, its modules, the warm-up's kernels and caches) lives as long as the worker:
+        # frozen, the cyclic GC no longer rescans it, whose full collections otherwise stall the engine thread
+        # mid-step for up to hundreds of ms (vLLM's engine core freezes its startup heap the same way).
+        gc.collect()
+        gc.freeze()
         if reporter is not None:
             reporter.start()
 

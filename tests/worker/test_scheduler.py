@@ -193,6 +193,21 @@ def test_ls_arrival_parks_the_step_and_ls_runs_alone_before_it_resumes():
     assert sched.schedule().request_ids == ["ls", "be", "be2"]
 
 
+def test_an_ls_step_is_not_parked_for_a_later_ls_which_gets_the_next_step():
+    sched = make("qllm", ls_tpot_target_s=0)
+    sched.add_request(req("be", 8, max_tokens=8))
+    be_step = sched.schedule()
+    sched.add_request(req("ls", 4, priority=LS, arrival=1.0))
+    assert sched.should_park(be_step)
+    sched.park(be_step)
+    ls_step = sched.schedule()
+    sched.add_request(req("ls2", 4, priority=LS, arrival=2.0))
+    assert not sched.should_park(ls_step)   # one class: the later LS waits for this step
+    sched.update_from_output(ls_step, ModelRunnerOutput({"ls": 7}))
+    nxt = sched.schedule()                  # before the parked BE step resumes
+    assert nxt.ls_only and "ls2" in nxt.request_ids and not nxt.resumed
+
+
 class FakeClock:
     def __init__(self):
         self.now = 100.0

@@ -3,9 +3,11 @@
 Between iterations it behaves as `priority-evict`. Inside an iteration the engine asks at every decoder-layer
 boundary whether the running step should yield (should_park); it does when LS work arrived since the step
 began. The engine then parks the step after layer k (hidden states, positions, layout and the KV written so
-far stay as they are) and schedules again: LS-only steps run (the new LS prefill first; a later LS arrival
-parks that one too, so preemption nests), and the parked step resumes at layer k+1 with no recomputation.
-Fresh LS arrivals always get their LS-only step first.
+far stay as they are) and schedules again: LS-only steps run, and the parked step resumes at layer k+1 with no
+recomputation. Fresh LS arrivals always get the next LS-only step. An LS-only step is not parked for a later LS
+arrival: LS requests are one class, and parking an LS prefill for another only moves the wait onto it and
+onto every LS stream whose token rides in its step, which is what made the worst LS TTFTs; the later arrival
+waits for the running LS step instead.
 
 LS decode pacing (`ls_tpot_target_s`, the LS TPOT objective): running LS streams decode in LS-only steps of
 their own, one whenever a stream's next token is due, and a running BE step parks for that step as it does for
@@ -80,7 +82,7 @@ class QllmScheduler(PriorityEvictScheduler):
         now = self.clock()
         fresh_ls, self._ls_arrived = self._ls_arrived, False
         due = self.pacing and self.ls_due(now)
-        # LS work that arrived since the last look always gets an LS-only step first (nested preemption); an
+        # LS work that arrived since the last look always gets an LS-only step first; an
         # LS stream whose token is due gets one too, unless max_be_deferral_steps LS-only steps already ran
         # in a row: then BE gets its turn, up to its next layer boundary, so streams that are always due
         # cannot starve it.
@@ -118,9 +120,9 @@ class QllmScheduler(PriorityEvictScheduler):
             if last is not None and last[0] == plan.step_id:
                 self.be_piece_s += 0.1 * (now - last[1] - self.be_piece_s)
             self._last_boundary = (plan.step_id, now)
-        if self._ls_arrived:
-            return True
-        return self.pacing and plan.has_best_effort and self.ls_due(now)
+        if not plan.has_best_effort:
+            return False
+        return self._ls_arrived or (self.pacing and self.ls_due(now))
 
     def park(self, plan: SchedulerOutput) -> None:
         self._last_boundary = None  # the stretch after the resume starts anew
