@@ -78,7 +78,8 @@ def ls_first_tokens(segments: list[dict]) -> list[dict]:
     the seconds of segments with BE rows and of LS-only ones that overlap it) and the step itself (with any
     parks inside it). Requests that arrived before the first segment are left out: their prefill is not in it."""
     start = segments[0]["t"][0] if segments else 0.0
-    first_seen: dict[str, tuple[float, float]] = {}  # request id -> (arrival, scheduled of its first segment)
+    # request id -> (arrival, scheduled of its first segment), None once its first token is counted
+    first_seen: dict[str, tuple[float, float] | None] = {}
     out = []
     for s in segments:
         for request_id, priority, _, *arrived in s["rows"]:
@@ -88,7 +89,7 @@ def ls_first_tokens(segments: list[dict]) -> list[dict]:
                 first_seen[request_id] = (arrived[0], s["t"][0])
             if not s["parked"] and first_seen[request_id] is not None:
                 arrival, scheduled = first_seen[request_id]
-                first_seen[request_id] = None  # counted
+                first_seen[request_id] = None
                 be = ls = 0.0
                 for o in segments:
                     overlap = min(o["t"][4], scheduled) - max(o["t"][0], arrival)

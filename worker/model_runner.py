@@ -43,11 +43,11 @@ class StepState:
     # (cos, sin) for the native stages when this step runs them (worker/native_stages.py), else None
     native_rope: tuple[torch.Tensor, torch.Tensor] | None = None
     # A step with prefill chunks on the CPU path: its decode rows' attention runs natively and the chunks'
-    # through the modules, a group of rows at a time, each part a point the step may park at
+    # through the modules in parts of PREFILL_ROW_GROUP rows, each part a point the step may park at
     # (MixedAttention); else None.
     mixed: "MixedAttention | None" = None
-    # Within an attention stage run in parts: the first decode row not run yet, num_decode once all are; then
-    # the first of the mixed step's prefill parts not run yet (both 0 at a stage's start).
+    # Within an attention stage run in parts: the first decode row not run yet (num_decode once all are), then
+    # the first prefill part not run yet (both 0 at a stage's start).
     next_row: int = 0
     next_part: int = 0
     # A MoE block whose experts run a range at a time (a yielding policy's steps through the modules), between
@@ -252,8 +252,8 @@ class ModelRunner:
 
         With `should_yield` the step may stop between a layer's attention block and its MoE block, between
         layers and, with `inner`, inside a block: between groups of decode rows in a native attention block,
-        before a step's prefill chunks and between their parts, between ranges of experts and groups of rows. state.hidden, state.next_row,
-        state.next_part and state.moe_parts are all it needs to resume.
+        before a step's prefill chunks and between their parts, between ranges of experts. state.hidden,
+        state.next_row, state.next_part and state.moe_parts are all it needs to resume.
         """
         self.cache.set_layout(state.layout)
         inner_yield = should_yield if inner else None

@@ -1,7 +1,6 @@
 """Parking inside a decoder layer's blocks (worker/model_runner.py): between groups of decode rows in the native
 attention block, before a step's prefill chunks and between their parts, and between ranges of experts in the
-MoE block. A step parked at every such point and resumed computes exactly what it
-computes in one go."""
+MoE block. A step parked at every such point and resumed computes exactly what it computes in one go."""
 
 from worker import model_runner
 from worker.engine_core import EngineConfig, EngineCore

@@ -5,9 +5,9 @@ boundary whether the running step should yield (should_park); it does when LS wo
 began. The engine then parks the step after layer k (hidden states, positions, layout and the KV written so
 far stay as they are) and schedules again: LS-only steps run, and the parked step resumes at layer k+1 with no
 recomputation. Fresh LS arrivals always get the next LS-only step. An LS-only step is not parked for a later LS
-arrival: LS requests are one class, and parking an LS prefill for another only moves the wait onto it and
-onto every LS stream whose token rides in its step, which is what made the worst LS TTFTs; the later arrival
-waits for the running LS step instead.
+arrival: LS requests are one class, and parking an LS prefill for another only moves the wait onto it and onto
+every LS stream whose token rides in its step (that made the worst LS TTFTs); the later arrival waits for the
+running LS step instead.
 
 LS decode pacing (`ls_tpot_target_s`, the LS TPOT objective): running LS streams decode in LS-only steps of
 their own, one whenever a stream's next token is due, and a running BE step parks for that step as it does for
@@ -82,10 +82,9 @@ class QllmScheduler(PriorityEvictScheduler):
         now = self.clock()
         fresh_ls, self._ls_arrived = self._ls_arrived, False
         due = self.pacing and self.ls_due(now)
-        # LS work that arrived since the last look always gets an LS-only step first; an
-        # LS stream whose token is due gets one too, unless max_be_deferral_steps LS-only steps already ran
-        # in a row: then BE gets its turn, up to its next layer boundary, so streams that are always due
-        # cannot starve it.
+        # LS work that arrived since the last look always gets an LS-only step first; an LS stream whose token
+        # is due gets one too, unless max_be_deferral_steps LS-only steps already ran in a row: then BE gets its
+        # turn, up to its next layer boundary, so streams that are always due cannot starve it.
         due = due and self._ls_only_steps < max(1, cfg.max_be_deferral_steps)
         if self.parked and (fresh_ls or due):
             plan = self.build_step(ls_only=True)
