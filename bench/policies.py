@@ -44,7 +44,7 @@ POLICIES: dict[str, Part] = {
     "qllm-no-park": Part("worker: qllm without layer-boundary parking (LS waits for the running step to end)",
                          worker_policy="qllm", worker_args=("--no-layer-parking",)),
     "qllm-no-inner-park": Part("worker: qllm parking only between a layer's blocks (not inside them: no decode "
-                               "row groups, expert ranges, or stop before a mixed step's prefill chunks)",
+                               "row groups, prefill parts or expert ranges)",
                                worker_policy="qllm", worker_args=("--no-inner-parking",)),
     "qllm-no-ls-steps": Part("worker: qllm without LS-only steps for LS that arrives between steps",
                              worker_policy="qllm", worker_args=("--no-ls-only-steps",)),

@@ -108,7 +108,8 @@ def _ms(values: list[float]) -> str:
         return "-"
     ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    return f"p50 {1000 * statistics.median(values):7.2f}  mean {1000 * statistics.mean(values):7.2f}  p99 {1000 * p99:7.2f}"
+    return (f"p50 {1000 * statistics.median(values):7.2f}  mean {1000 * statistics.mean(values):7.2f}  "
+            f"p99 {1000 * p99:7.2f}")
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ class StepState:
     native_rope: tuple[torch.Tensor, torch.Tensor] | None = None
     # A step with prefill chunks on the CPU path: its decode rows' attention runs natively and the chunks'
     # through the modules in parts of PREFILL_ROW_GROUP rows, each part a point the step may park at
-    # (MixedAttention); else None.
-    mixed: "MixedAttention | None" = None
+    # (SplitAttention); else None.
+    split: "SplitAttention | None" = None
     # Within an attention stage run in parts: the first decode row not run yet (num_decode once all are), then
     # the first prefill part not run yet (both 0 at a stage's start).
     next_row: int = 0
@@ -72,9 +72,9 @@ class PrefillPart:
 
 
 @dataclass
-class MixedAttention:
-    """What the attention blocks of a step with prefill chunks need beyond the StepState: the decode rows'
-    rotary for the native stage (None without decode rows), and the chunks' rows in parts for the modules."""
+class SplitAttention:
+    """A step with prefill chunks whose attention blocks are split: its decode rows run natively (their rotary;
+    None without decode rows), then its chunks' rows in parts through the modules."""
 
     decode_rope: tuple[torch.Tensor, torch.Tensor] | None
     prefill_parts: list[PrefillPart]
@@ -208,7 +208,7 @@ class ModelRunner:
             if state.native_rope is None and prefills:
                 decode_rope = self.native.prepare_decode_rows(state)
                 if decode_rope is not None or not rows:
-                    state.mixed = MixedAttention(decode_rope, self._prefill_parts(prefills, len(rows), state))
+                    state.split = SplitAttention(decode_rope, self._prefill_parts(prefills, len(rows), state))
         return state
 
     def _prefill_parts(self, prefills, first_row: int, state: StepState) -> list[PrefillPart]:
@@ -285,19 +285,19 @@ class ModelRunner:
     def _attention_stage(self, index: int, layer, state: StepState, scale: float,
                          should_yield: Callable[[], bool] | None) -> bool:
         """Layer `index`'s attention block from where it stopped; False if it parked inside it."""
-        mixed, rows = state.mixed, state.layout.num_decode
-        rope = state.native_rope if mixed is None else mixed.decode_rope
-        if (mixed is None or rows) and (rope is None or not self.native.attention_fits(index, state, rope)):
+        split, rows = state.split, state.layout.num_decode
+        rope = state.native_rope if split is None else split.decode_rope
+        if (split is None or rows) and (rope is None or not self.native.attention_fits(index, state, rope)):
             self._attention_block(index, layer, state, scale)
             return True
         while state.next_row < rows:
             end = _row_group_end(state.next_row, rows) if should_yield is not None else rows
             self.native.run_attention(index, state, rope, self.windows[index], (state.next_row, end))
             state.next_row = end
-            if should_yield is not None and (end < rows or mixed is not None) and should_yield():
+            if should_yield is not None and (end < rows or split is not None) and should_yield():
                 return False
-        if mixed is not None:
-            parts = mixed.prefill_parts
+        if split is not None:
+            parts = split.prefill_parts
             while state.next_part < len(parts):
                 self._prefill_attention(index, layer, state, scale, parts[state.next_part])
                 state.next_part += 1

@@ -193,7 +193,8 @@ class NativeStages:
         decode = layout.decode
         first, end = rows if rows is not None else (0, state.hidden.shape[1])
         hidden, cos, sin = state.hidden[0, first:end], rope[0][first:end], rope[1][first:end]
-        slots, tables, kv_lens = layout.slot_mapping[first:end], decode.block_tables[first:end], decode.kv_lens[first:end]
+        slots, tables = layout.slot_mapping[first:end], decode.block_tables[first:end]
+        kv_lens = decode.kv_lens[first:end]
         status = self.attention_fn(
             hidden.data_ptr(), end - first, state.hidden.shape[2], int(spec.dtype == torch.bfloat16),
             spec.norm.weight.data_ptr(), float(spec.norm.variance_epsilon), attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(),

@@ -234,8 +234,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--layer-parking", type=bool, default=True,
                  help="qllm: park a running step at a layer boundary when LS work arrives or an LS token is due")
     settings.add(parser, "--inner-parking", type=bool, default=True,
-                 help="qllm: park inside a layer's blocks too (decode row groups, a mixed step's prefill chunks, "
-                      "expert ranges)")
+                 help="qllm: park inside a layer's blocks too (decode row groups, before and between a step's "
+                      "prefill parts, expert ranges)")
     settings.add(parser, "--ls-only-steps", type=bool, default=True,
                  help="qllm: LS work that arrives between steps gets a step of its own")
     settings.add(parser, "--ls-tpot-target-ms", type=float, default=-1.0,

@@ -6,8 +6,8 @@ the BE work it waited out, the engine's bookkeeping between steps). scripts/anal
 
 Each line: {"t": [scheduled, begun, layers_started, layers_ended, ended] (time.monotonic seconds; `ended` is
 after the LM head, sampling and the scheduler's update, or the park), "stages": [from, to] (half-layers run),
-"parked": bool, "resumed": bool, "rows": [[request_id, "LS" | "BE", tokens, arrived], ...]} (arrived: the request's arrival at the worker, on the
-same clock).
+"parked": bool, "resumed": bool, "rows": [[request_id, "LS" | "BE", tokens, arrived], ...]} (arrived: the
+request's arrival at the worker, on the same clock).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ class StepTrace:
         self._lock = threading.Lock()
 
     def record(self, plan, times: list[float], stages: tuple[int, int], parked: bool) -> None:
-        rows = [[s.request.request_id, "LS" if s.request.is_ls else "BE", s.num_tokens, round(s.request.arrival_time, 6)]
-                for s in plan.scheduled]
+        rows = [[s.request.request_id, "LS" if s.request.is_ls else "BE", s.num_tokens,
+                 round(s.request.arrival_time, 6)] for s in plan.scheduled]
         line = json.dumps({"t": [round(t, 6) for t in times], "stages": list(stages), "parked": parked,
                            "resumed": plan.resumed, "rows": rows})
         with self._lock:

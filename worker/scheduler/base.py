@@ -28,8 +28,8 @@ class SchedulerConfig:
     # qllm: park a running step at layer boundaries when LS work arrives (QLLM's preemption), and give LS
     # work that arrives between steps a step of its own; each can be switched off to measure what it buys.
     layer_parking: bool = True
-    # qllm: parking inside a layer's blocks too (between groups of decode rows, before a mixed step's prefill
-    # chunks, between ranges of experts), not only between blocks.
+    # qllm: parking inside a layer's blocks too (between groups of decode rows, before a step's prefill chunks
+    # and between their parts, between ranges of experts), not only between blocks.
     inner_parking: bool = True
     ls_only_steps: bool = True
     # qllm: LS decode pacing. The LS TPOT objective, in seconds: a stream's next token is due when the
