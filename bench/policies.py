@@ -56,11 +56,11 @@ POLICIES: dict[str, Part] = {
     # the measured one-row decode step), so a run shows what each LS token time costs BE.
     **{f"qllm-tpot-{ms}": Part(f"worker: qllm with LS decode pacing at a {ms} ms TPOT target", worker_policy="qllm",
                                worker_args=("--ls-tpot-target-ms", str(ms))) for ms in (25, 50, 100)},
-    # ... and the token budget of BE iterations beside LS streams (the default is 128): a larger one makes BE
-    # prefill chunks larger (fewer passes over the weights) and BE layers longer to wait out.
+    # ... and the token budget of BE iterations beside LS streams (by default the full budget, 512): a smaller
+    # one makes BE prefill chunks smaller (more passes over the weights per prompt token).
     **{f"qllm-budget-{n}": Part(f"worker: qllm with a {n}-token budget for BE iterations beside LS streams",
                                 worker_policy="qllm", worker_args=("--ls-active-max-batched-tokens", str(n)))
-       for n in (256, 512)},
+       for n in (128, 256, 512)},
     # BE orders (the router's queue decides which BE request a worker starts next; the worker runs fcfs).
     "arrival": Part("router: BE in arrival order (the baseline of the BE orders); worker: fcfs",
                     default_worker_policy="fcfs", router_args=("--be-order", "arrival")),

@@ -241,8 +241,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--ls-tpot-target-ms", type=float, default=-1.0,
                  help="qllm: the LS TPOT objective BE yields to LS streams for; -1 = 2 x the measured one-row "
                       "decode step (the idle floor), 0 = off (LS decodes ride BE iterations)")
-    settings.add(parser, "--ls-active-max-batched-tokens", type=int, default=128,
-                 help="qllm: token budget of a BE iteration while LS streams decode beside it")
+    settings.add(parser, "--ls-active-max-batched-tokens", type=int, default=0,
+                 help="qllm: token budget of a BE iteration while LS streams decode beside it (0 = "
+                      "--max-num-batched-tokens)")
     settings.add(parser, "--ls-reserved-kv-tokens", type=int, default=1024,
                  help="qllm: KV tokens BE admission leaves free for LS (capped at 1/8 of the cache)")
     settings.add(parser, "--ls-reserved-slots", type=int, default=2,

@@ -253,6 +253,15 @@ def test_be_chunks_shrink_while_ls_streams_decode():
     assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("be", 128)]
 
 
+def test_be_chunks_beside_ls_streams_take_the_full_budget_by_default():
+    sched = paced(blocks=256, max_num_batched_tokens=512)
+    sched.add_request(req("ls", 4, max_tokens=20, priority=LS))
+    fake_step(sched)
+    sched.add_request(req("be", 600, max_tokens=4, arrival=1.0))
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("be", 512)]
+
+
 def test_ls_alone_is_never_held_back_by_pacing():
     sched = paced()
     sched.add_request(req("ls", 4, max_tokens=3, priority=LS))

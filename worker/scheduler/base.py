@@ -38,8 +38,9 @@ class SchedulerConfig:
     # decode step (the idle floor's token time); 0: off (LS decodes ride full iterations).
     ls_tpot_target_s: float = -1.0
     # qllm: the token budget of a full iteration while LS streams decode beside it (BE prefill chunks shrink,
-    # as Sarathi-Serve's stall-free budget, so a layer of a BE step is short enough to park in time).
-    ls_active_max_batched_tokens: int = 128
+    # as Sarathi-Serve's stall-free budget); 0 = max_num_batched_tokens. The parking points inside a layer's
+    # blocks already keep every stretch of a BE step short, so by default the chunks do not shrink.
+    ls_active_max_batched_tokens: int = 0
     # qllm: KV tokens and running slots that BE admission leaves free for LS work, so an arriving LS request
     # finds room without preempting (and recomputing) a BE request.
     ls_reserved_kv_tokens: int = 1024

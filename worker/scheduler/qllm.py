@@ -14,8 +14,9 @@ their own, one whenever a stream's next token is due, and a running BE step park
 an arrival (at its next parking point; the runner has them inside a layer's blocks too). A token is due once
 the objective less the LS step that makes it and less the BE stretch between two parking points has passed,
 both measured. After `max_be_deferral_steps` LS-only steps in a row, BE gets its turn up to its next parking
-point, so streams that are always due cannot starve it. Full iterations beside LS streams skip them and take a
-smaller token budget. Off (0), LS decodes ride full iterations with BE prefill chunks.
+point, so streams that are always due cannot starve it. Full iterations beside LS streams skip them (and may
+take a smaller token budget, `ls_active_max_batched_tokens`). Off (0), LS decodes ride full iterations with BE
+prefill chunks.
 
 BE admission also leaves `ls_reserved_kv_tokens` of KV and `ls_reserved_slots` running slots free, so an
 LS request normally starts without preempting BE at all: iteration-level preemption drops a BE request's
@@ -103,10 +104,9 @@ class QllmScheduler(PriorityEvictScheduler):
                 return plan
         self._ls_only_steps = 0
         if self.pacing and any(r.is_ls for r in self.running):
-            # Running LS streams decode in LS-only steps at their own pace; BE iterations beside them take a
-            # smaller token budget, so that they park in time.
-            plan = self.build_step(skip_running_ls=True,
-                                   budget=min(cfg.max_num_batched_tokens, cfg.ls_active_max_batched_tokens))
+            # Running LS streams decode in LS-only steps at their own pace; BE iterations beside them skip them.
+            budget = min(cfg.max_num_batched_tokens, cfg.ls_active_max_batched_tokens or cfg.max_num_batched_tokens)
+            plan = self.build_step(skip_running_ls=True, budget=budget)
             return plan or self.build_step(ls_only=True)
         return self.build_step()
 
