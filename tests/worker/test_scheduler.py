@@ -253,8 +253,10 @@ def test_be_chunks_shrink_while_ls_streams_decode():
     assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("be", 128)]
 
 
-def test_be_chunks_beside_ls_streams_take_the_full_budget_by_default():
-    sched = paced(blocks=256, max_num_batched_tokens=512)
+@pytest.mark.parametrize("ls_active_budget", [None, 0, -5])
+def test_be_chunks_beside_ls_streams_take_the_full_budget_by_default(ls_active_budget):
+    cfg = {} if ls_active_budget is None else {"ls_active_max_batched_tokens": ls_active_budget}
+    sched = paced(blocks=256, max_num_batched_tokens=512, **cfg)
     sched.add_request(req("ls", 4, max_tokens=20, priority=LS))
     fake_step(sched)
     sched.add_request(req("be", 600, max_tokens=4, arrival=1.0))

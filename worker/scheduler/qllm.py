@@ -105,7 +105,9 @@ class QllmScheduler(PriorityEvictScheduler):
         self._ls_only_steps = 0
         if self.pacing and any(r.is_ls for r in self.running):
             # Running LS streams decode in LS-only steps at their own pace; BE iterations beside them skip them.
-            budget = min(cfg.max_num_batched_tokens, cfg.ls_active_max_batched_tokens or cfg.max_num_batched_tokens)
+            budget = cfg.max_num_batched_tokens
+            if cfg.ls_active_max_batched_tokens > 0:  # 0 (or below): no smaller budget, so BE never starves
+                budget = min(budget, cfg.ls_active_max_batched_tokens)
             plan = self.build_step(skip_running_ls=True, budget=budget)
             return plan or self.build_step(ls_only=True)
         return self.build_step()
