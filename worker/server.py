@@ -312,8 +312,8 @@ def build_service(loaded, config: EngineConfig, predictor: str = "", worker_addr
     async def on_start():
         engine.start()
         # What exists now (the model, its modules, the warm-up's kernels and caches) lives as long as the worker:
-        # frozen, the cyclic GC no longer rescans it, whose full collections otherwise stall the engine thread
-        # mid-step for up to hundreds of ms (vLLM's engine core freezes its startup heap the same way).
+        # frozen, a full collection of the cyclic GC no longer rescans it, so one that runs while serving stays
+        # short (vLLM's engine core freezes its startup heap the same way).
         gc.collect()
         gc.freeze()
         if reporter is not None:
