@@ -50,8 +50,6 @@ POLICIES: dict[str, Part] = {
                              worker_policy="qllm", worker_args=("--no-ls-only-steps",)),
     "qllm-no-reserve": Part("worker: qllm without the LS KV and slot reserve in BE admission", worker_policy="qllm",
                             worker_args=("--ls-reserved-kv-tokens", "0", "--ls-reserved-slots", "0")),
-    "qllm-no-be-rows": Part("worker: qllm without BE decode rows riding LS decode steps", worker_policy="qllm",
-                            worker_args=("--ls-step-be-rows", "0")),
     "qllm-no-pacing": Part("worker: qllm without LS decode pacing (LS decodes ride full BE iterations)",
                            worker_policy="qllm", worker_args=("--ls-tpot-target-ms", "0")),
     # The LS TPOT target traded against BE throughput: qllm with a looser pacing target (the default is 2x
@@ -63,11 +61,6 @@ POLICIES: dict[str, Part] = {
     **{f"qllm-budget-{n}": Part(f"worker: qllm with a {n}-token budget for BE iterations beside LS streams",
                                 worker_policy="qllm", worker_args=("--ls-active-max-batched-tokens", str(n)))
        for n in (128, 256, 512)},
-    # ... and how many BE decode rows ride each LS decode step (by default 1): each makes BE tokens at the LS
-    # pace and makes the LS step, so the LS token, longer.
-    **{f"qllm-be-rows-{n}": Part(f"worker: qllm with {n} BE decode rows riding each LS decode step",
-                                 worker_policy="qllm", worker_args=("--ls-step-be-rows", str(n)))
-       for n in (2, 4)},
     # BE orders (the router's queue decides which BE request a worker starts next; the worker runs fcfs).
     "arrival": Part("router: BE in arrival order (the baseline of the BE orders); worker: fcfs",
                     default_worker_policy="fcfs", router_args=("--be-order", "arrival")),

@@ -208,7 +208,7 @@ class EngineCore:
         done = self.runner.run_layers(state, should_park, inner=self.config.inner_parking)
         elapsed = time.monotonic() - started
         layer_s = 2 * elapsed / max(1, state.next_stage - stages_before)
-        if plan.yields_to_ls and state.next_stage > stages_before and not self._warming:
+        if plan.has_best_effort and state.next_stage > stages_before and not self._warming:
             metrics.LAYER.observe(layer_s)
         tracing = self.trace is not None and not self._warming
         if not done:
@@ -219,7 +219,7 @@ class EngineCore:
                 self.trace.record(plan, [scheduled, begun, started, started + elapsed, time.monotonic()],
                                   (stages_before, state.next_stage), parked=True)
             return self._take_pending(), True
-        if plan.yields_to_ls and should_park is not None and self._ls_arrived_at is not None:
+        if plan.has_best_effort and should_park is not None and self._ls_arrived_at is not None:
             # LS work came after the step's last boundary check (or the scheduler let the step run on): it
             # waited for the step's end, which is its preemption latency too.
             self._observe_preemption_latency(time.monotonic() - self._ls_arrived_at,
@@ -230,7 +230,7 @@ class EngineCore:
             output.sampled.update(tokens)
             self.runner.copy_blocks(copies)
         if not self._warming:
-            metrics.STEP.labels("mixed" if plan.yields_to_ls else "ls").observe(time.monotonic() - started)
+            metrics.STEP.labels("mixed" if plan.has_best_effort else "ls").observe(time.monotonic() - started)
         if state.pauses == 0:
             self._observe_step(plan, time.monotonic() - started)
         self._count_preemptions(plan)
@@ -262,7 +262,7 @@ class EngineCore:
     def _observe_park(self, state: StepState, stages_before: int, layer_s: float) -> None:
         self.num_layer_preemptions += 1
         metrics.PREEMPTIONS.labels("layer").inc()
-        if self._ls_arrived_at is not None and state.plan.yields_to_ls:
+        if self._ls_arrived_at is not None and state.plan.has_best_effort:
             # A step parked before its first stage has no layer time of its own; its wait was shorter.
             self._observe_preemption_latency(time.monotonic() - self._ls_arrived_at,
                                              layer_s if state.next_stage > stages_before else None)

@@ -17,7 +17,7 @@ E2E = Histogram("qllm_worker_e2e_seconds", "Arrival at the worker to last token"
                 buckets=LATENCY_BUCKETS)
 STEP = Histogram("qllm_worker_step_seconds", "Model time of one engine step (all layers)", ["kind"],
                  buckets=LATENCY_BUCKETS)
-LAYER = Histogram("qllm_worker_layer_seconds", "Time of one decoder layer in a BE step (one that LS work may park)",
+LAYER = Histogram("qllm_worker_layer_seconds", "Time of one decoder layer in a step that contains BE work",
                   buckets=FAST_BUCKETS)
 PREEMPTIONS = Counter("qllm_worker_preemptions_total", "Preemptions by kind (layer, recompute; offload = "
                       "the KV went to the host pool or int8, --kv-policy alise)", ["kind"])

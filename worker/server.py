@@ -244,9 +244,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--ls-active-max-batched-tokens", type=int, default=0,
                  help="qllm: token budget of a BE iteration while LS streams decode beside it (0 = "
                       "--max-num-batched-tokens)")
-    settings.add(parser, "--ls-step-be-rows", type=int, default=1,
-                 help="qllm: BE decode rows an LS decode step carries (BE iterations beside LS streams leave them "
-                      "out; 0 = none)")
     settings.add(parser, "--ls-reserved-kv-tokens", type=int, default=1024,
                  help="qllm: KV tokens BE admission leaves free for LS (capped at 1/8 of the cache)")
     settings.add(parser, "--ls-reserved-slots", type=int, default=2,
@@ -284,7 +281,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         ls_tpot_target_s=args.ls_tpot_target_ms / 1000 if args.ls_tpot_target_ms > 0
                         else args.ls_tpot_target_ms,
                         ls_active_max_batched_tokens=args.ls_active_max_batched_tokens,
-                        ls_step_be_rows=args.ls_step_be_rows,
                         ls_reserved_kv_tokens=args.ls_reserved_kv_tokens, ls_reserved_slots=args.ls_reserved_slots,
                         admission_output_fraction=args.admission_output_fraction,
                         provisional_pin_s=args.provisional_pin_s, kv_policy=args.kv_policy,

@@ -72,33 +72,6 @@ def test_random_layer_preemption_gives_identical_tokens(loaded, make_runner, ref
         assert r.output_token_ids == reference_tokens(ids, 10), r.request_id
 
 
-def test_be_decodes_riding_ls_steps_give_identical_tokens(loaded, make_runner, reference_tokens):
-    """qllm with LS decode pacing: BE decode rows that ride LS decode steps (and the BE iterations that leave
-    them out) compute what they compute alone."""
-    runner = make_runner()
-    ps = prompts(loaded.tokenizer, 6, seed=5)
-    reqs = [greedy(f"r{i}", ids, 16, LS if i in (2, 4) else BE, float(i)) for i, ids in enumerate(ps)]
-    core = EngineCore(runner, EngineConfig(policy="qllm", max_num_batched_tokens=48, block_size=runner.block_size,
-                                           kv_budget_tokens=runner.cache.num_blocks * runner.block_size))
-    core.scheduler.ls_due = lambda now: True      # every LS token is due at once: LS steps whenever possible
-    build_ls_step, ridden = core.scheduler.build_ls_step, []
-
-    def recording():
-        plan = build_ls_step()
-        ridden.extend(s.request.request_id for s in plan.scheduled if not s.request.is_ls)
-        return plan
-    core.scheduler.build_ls_step = recording
-    be, ls = [r for r in reqs if not r.is_ls], [r for r in reqs if r.is_ls]
-    for r in be:
-        core.add_request(r)
-    while not all(r.output_token_ids for r in be):     # the BE requests decode when the LS ones arrive
-        core.step()
-    core.run_to_completion(ls)
-    assert ridden
-    for r, ids in zip(reqs, ps):
-        assert r.output_token_ids == reference_tokens(ids, 16), r.request_id
-
-
 def test_sampling_is_seeded(loaded, make_runner):
     runner = make_runner()
     ids = prompts(loaded.tokenizer, 1, seed=4)[0]

@@ -205,7 +205,7 @@ def test_an_ls_step_is_not_parked_for_a_later_ls_which_gets_the_next_step():
     assert not sched.should_park(ls_step)   # one class: the later LS waits for this step
     sched.update_from_output(ls_step, ModelRunnerOutput({"ls": 7}))
     nxt = sched.schedule()                  # before the parked BE step resumes
-    assert nxt.ls_step and "ls2" in nxt.request_ids and not nxt.resumed
+    assert nxt.ls_only and "ls2" in nxt.request_ids and not nxt.resumed
 
 
 class FakeClock:
@@ -235,7 +235,7 @@ def test_ls_decodes_run_in_steps_of_their_own_at_their_pace():
     assert sched.should_park(be_step)
     sched.park(be_step)
     ls_step = sched.schedule()
-    assert ls_step.ls_step and ls_step.request_ids == ["ls"]
+    assert ls_step.ls_only and ls_step.request_ids == ["ls"]
     sched.update_from_output(ls_step, ModelRunnerOutput({"ls": 7}))
     resumed = sched.schedule()
     assert resumed.resumed and resumed.request_ids == ["be"]
@@ -262,44 +262,6 @@ def test_be_chunks_beside_ls_streams_take_the_full_budget_by_default(ls_active_b
     sched.add_request(req("be", 600, max_tokens=4, arrival=1.0))
     out = sched.schedule()
     assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("be", 512)]
-
-
-def _two_be_decodes_beside_an_ls_stream(**cfg):
-    sched = paced(blocks=256, **cfg)
-    sched.add_request(req("be1", 8, max_tokens=20))
-    sched.add_request(req("be2", 8, max_tokens=20, arrival=0.5))
-    fake_step(sched)                                       # both prefill: from now on they decode
-    sched.add_request(req("ls", 4, max_tokens=20, priority=LS, arrival=1.0))
-    assert fake_step(sched).request_ids == ["ls"]          # its prefill: an LS step, no BE rows in it
-    return sched
-
-
-def test_be_decodes_ride_ls_decode_steps():
-    sched = _two_be_decodes_beside_an_ls_stream()
-    be_step = sched.schedule()                             # the BE iteration leaves one BE decode to LS steps
-    assert be_step.request_ids == ["be2"] and be_step.yields_to_ls
-    sched.clock.now += 0.045
-    assert sched.should_park(be_step)
-    sched.park(be_step)
-    ls_step = sched.schedule()
-    assert ls_step.ls_step and ls_step.request_ids == ["ls", "be1"] and not ls_step.yields_to_ls
-    sched.add_request(req("ls2", 4, priority=LS, arrival=2.0))
-    assert not sched.should_park(ls_step)                  # its BE row does not make it a BE step
-    sched.update_from_output(ls_step, ModelRunnerOutput({"ls": 7, "be1": 7}))
-    assert sched.requests["be1"].num_computed_tokens == 9          # a token while be2's step is parked
-    nxt = sched.schedule()                                 # ls2's prefill: an LS step without BE rows
-    assert nxt.ls_step and sorted(nxt.request_ids) == ["ls", "ls2"]
-
-
-def test_no_be_decode_rides_when_it_is_switched_off_or_alone():
-    sched = _two_be_decodes_beside_an_ls_stream(ls_step_be_rows=0)
-    assert sched.schedule().request_ids == ["be1", "be2"]
-    sched = paced()
-    sched.add_request(req("be", 8, max_tokens=20))
-    fake_step(sched)
-    sched.add_request(req("ls", 4, max_tokens=20, priority=LS, arrival=1.0))
-    fake_step(sched)
-    assert sched.schedule().request_ids == ["be"]          # the only BE work: it is not held back
 
 
 def test_ls_alone_is_never_held_back_by_pacing():

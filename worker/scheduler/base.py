@@ -41,10 +41,6 @@ class SchedulerConfig:
     # as Sarathi-Serve's stall-free budget); 0 = max_num_batched_tokens. The parking points inside a layer's
     # blocks already keep every stretch of a BE step short, so by default the chunks do not shrink.
     ls_active_max_batched_tokens: int = 0
-    # qllm: BE decode rows an LS decode step carries. BE iterations beside LS streams leave that many BE
-    # decodes out, and they decode in the LS steps instead: a token for each LS step rather than one per BE
-    # iteration (which carries prefill chunks), for a row's share of weights the LS step reads anyway.
-    ls_step_be_rows: int = 1
     # qllm: KV tokens and running slots that BE admission leaves free for LS work, so an arriving LS request
     # finds room without preempting (and recomputing) a BE request.
     ls_reserved_kv_tokens: int = 1024
@@ -100,8 +96,7 @@ class SchedulerOutput:
     step_id: int = 0
     # A parked step the engine resumes at its next layer (its requests were scheduled when it began).
     resumed: bool = False
-    # Built for LS work (build_step(ls_only=True)): never parked for LS; BE rows in it are decodes riding along.
-    ls_step: bool = False
+    ls_only: bool = False
     scheduled_at: float = 0.0     # the scheduler's clock when the step was built
 
     @property
@@ -115,11 +110,6 @@ class SchedulerOutput:
     @property
     def has_best_effort(self) -> bool:
         return any(not s.request.is_ls for s in self.scheduled)
-
-    @property
-    def yields_to_ls(self) -> bool:
-        """A BE step LS work may park (an LS step's BE decode rows do not make it one)."""
-        return not self.ls_step and self.has_best_effort
 
     def __bool__(self) -> bool:
         return bool(self.scheduled)
@@ -270,12 +260,11 @@ class Scheduler:
         raise RuntimeError(f"policy {self.name!r} does not park steps")
 
     def build_step(self, ls_only: bool = False, skip_running_ls: bool = False,
-                   budget: int | None = None, leave_out: frozenset[str] = frozenset()) -> SchedulerOutput:
+                   budget: int | None = None) -> SchedulerOutput:
         """A new step: running requests first (decodes, prefill chunks under the token budget), then waiting
         ones admitted in queue order. ls_only: LS requests only (nothing in flight is touched);
-        skip_running_ls: leave running LS requests to steps of their own; leave_out: running requests (by id)
-        left to other steps."""
-        out = SchedulerOutput(ls_step=ls_only, scheduled_at=self.clock())
+        skip_running_ls: leave running LS requests to steps of their own."""
+        out = SchedulerOutput(ls_only=ls_only, scheduled_at=self.clock())
         if self.pins:
             self.pins.expire()
         self.make_room(out)
@@ -287,7 +276,7 @@ class Scheduler:
                 break
             if req.request_id in self.in_flight or req.status is not Status.RUNNING:
                 continue
-            if (ls_only and not req.is_ls) or (skip_running_ls and req.is_ls) or req.request_id in leave_out:
+            if (ls_only and not req.is_ls) or (skip_running_ls and req.is_ls):
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:

@@ -13,15 +13,10 @@ LS decode pacing (`ls_tpot_target_s`, the LS TPOT objective): running LS streams
 their own, one whenever a stream's next token is due, and a running BE step parks for that step as it does for
 an arrival (at its next parking point; the runner has them inside a layer's blocks too). A token is due once
 the objective less the LS step that makes it and less the BE stretch between two parking points has passed,
-both measured. After `max_be_deferral_steps` LS steps in a row, BE gets its turn up to its next parking point,
-so streams that are always due cannot starve it. Full iterations beside LS streams skip them (and may take a
-smaller token budget, `ls_active_max_batched_tokens`). Off (0), LS decodes ride full iterations with BE prefill
-chunks.
-
-BE decode rows ride LS decode steps (`ls_step_be_rows`): a BE iteration beside LS streams leaves that many BE
-decodes out, and they decode in the LS steps instead. An LS step reads the weights for a row or two; a BE row
-in it costs a share of that and makes a BE token at the LS pace, where the BE iteration, with its prefill
-chunks, makes one per iteration. LS steps that prefill (an arrival's TTFT) carry no BE rows.
+both measured. After `max_be_deferral_steps` LS-only steps in a row, BE gets its turn up to its next parking
+point, so streams that are always due cannot starve it. Full iterations beside LS streams skip them (and may
+take a smaller token budget, `ls_active_max_batched_tokens`). Off (0), LS decodes ride full iterations with BE
+prefill chunks.
 
 BE admission also leaves `ls_reserved_kv_tokens` of KV and `ls_reserved_slots` running slots free, so an
 LS request normally starts without preempting BE at all: iteration-level preemption drops a BE request's
@@ -57,7 +52,6 @@ class QllmScheduler(PriorityEvictScheduler):
         self.single_decode_step_s = 0.02
         self.be_piece_s = 0.005
         self._last_boundary: tuple[int, float] | None = None  # (step id, time) of the last should_park
-        self._riders: frozenset[str] = frozenset()    # BE decodes the last BE iteration left to LS steps
 
     @property
     def pacing(self) -> bool:
@@ -89,12 +83,12 @@ class QllmScheduler(PriorityEvictScheduler):
         now = self.clock()
         fresh_ls, self._ls_arrived = self._ls_arrived, False
         due = self.pacing and self.ls_due(now)
-        # LS work that arrived since the last look always gets an LS step first; an LS stream whose token is
-        # due gets one too, unless max_be_deferral_steps LS steps already ran in a row: then BE gets its turn,
-        # up to its next layer boundary, so streams that are always due cannot starve it.
+        # LS work that arrived since the last look always gets an LS-only step first; an LS stream whose token
+        # is due gets one too, unless max_be_deferral_steps LS-only steps already ran in a row: then BE gets its
+        # turn, up to its next layer boundary, so streams that are always due cannot starve it.
         due = due and self._ls_only_steps < max(1, cfg.max_be_deferral_steps)
         if self.parked and (fresh_ls or due):
-            plan = self.build_ls_step()
+            plan = self.build_step(ls_only=True)
             if plan:
                 self._ls_only_steps += 1
                 return plan
@@ -104,55 +98,30 @@ class QllmScheduler(PriorityEvictScheduler):
         if (cfg.ls_only_steps and self.has_waiting_ls()) or due:
             # LS work that arrived between steps gets a step of its own too, rather than riding a full
             # iteration with BE prefill chunks.
-            plan = self.build_ls_step()
+            plan = self.build_step(ls_only=True)
             if plan:
                 self._ls_only_steps += 1
                 return plan
         self._ls_only_steps = 0
-        self._riders = frozenset()
         if self.pacing and any(r.is_ls for r in self.running):
-            # Running LS streams decode in LS steps at their own pace; BE iterations beside them skip them, and
-            # leave a few BE decodes to ride those steps.
+            # Running LS streams decode in LS-only steps at their own pace; BE iterations beside them skip them.
             budget = cfg.max_num_batched_tokens
             if cfg.ls_active_max_batched_tokens > 0:  # 0 (or below): no smaller budget, so BE never starves
                 budget = min(budget, cfg.ls_active_max_batched_tokens)
-            riders = frozenset(r.request_id for r in self._ride_candidates()[:max(0, cfg.ls_step_be_rows)])
-            plan = self.build_step(skip_running_ls=True, budget=budget, leave_out=riders) if riders else None
-            if plan:
-                self._riders = riders
-            else:  # nothing else for BE to do: the riders would only wait for LS steps
-                plan = self.build_step(skip_running_ls=True, budget=budget)
-            return plan or self.build_ls_step()
+            plan = self.build_step(skip_running_ls=True, budget=budget)
+            return plan or self.build_step(ls_only=True)
         return self.build_step()
-
-    def _ride_candidates(self) -> list[Request]:
-        """BE requests whose next step is a plain decode row, free to run now, in running order."""
-        return [r for r in self.running_order()
-                if not r.is_ls and r.beam is None and r.request_id not in self.in_flight
-                and r.num_computed_tokens > 0 and r.num_tokens - r.num_computed_tokens == 1]
-
-    def build_ls_step(self) -> SchedulerOutput:
-        """A step of LS work; a decode-only one also carries the BE decodes the last BE iteration left out."""
-        plan = self.build_step(ls_only=True)
-        if not plan or not self._riders or not all(s.is_decode for s in plan.scheduled):
-            return plan
-        for req in self._ride_candidates():
-            if req.request_id in self._riders and self.allocator.can_allocate(req.request_id,
-                                                                              req.num_computed_tokens + 1):
-                plan.scheduled.append(self._schedule_one(req, 1))
-                self.in_flight.add(req.request_id)
-        return plan
 
     def should_park(self, plan: SchedulerOutput) -> bool:
         if not self.config.layer_parking:
             return False
         now = self.clock()
-        if plan.yields_to_ls and self.pacing and any(r.is_ls for r in self.running):
+        if plan.has_best_effort and self.pacing and any(r.is_ls for r in self.running):
             last = self._last_boundary
             if last is not None and last[0] == plan.step_id:
                 self.be_piece_s += 0.1 * (now - last[1] - self.be_piece_s)
             self._last_boundary = (plan.step_id, now)
-        if not plan.yields_to_ls:
+        if not plan.has_best_effort:
             return False
         return self._ls_arrived or (self.pacing and self.ls_due(now))
 
