@@ -264,6 +264,29 @@ def test_be_chunks_beside_ls_streams_take_the_full_budget_by_default(ls_active_b
     assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("be", 512)]
 
 
+def test_the_default_tpot_target_comes_from_one_row_steps_on_an_idle_worker():
+    sched = make("qllm", blocks=256)
+    sched.clock = FakeClock()
+
+    def timed_step(seconds, tokens):
+        out = sched.schedule()
+        sched.clock.now += seconds
+        sched.update_from_output(out, ModelRunnerOutput(tokens))
+        return out
+
+    sched.add_request(req("ls", 4, max_tokens=20, priority=LS))
+    timed_step(0.03, {"ls": 7})                               # its prefill
+    for _ in range(3):
+        assert timed_step(0.005, {"ls": 7}).request_ids == ["ls"]
+    assert sched.ls_tpot_target_s == pytest.approx(0.010)     # 2 x the idle one-row step
+    sched.add_request(req("be", 8, max_tokens=20, arrival=1.0))
+    for _ in range(6):                                        # BE beside the stream: one-row LS steps run slower
+        out = timed_step(0.009, {"ls": 7, "be": 7})
+        assert out.request_ids in (["ls"], ["be"])
+    assert sched.single_decode_step_s > 0.007
+    assert sched.ls_tpot_target_s == pytest.approx(0.010)     # still the idle floor's
+
+
 def test_ls_alone_is_never_held_back_by_pacing():
     sched = paced()
     sched.add_request(req("ls", 4, max_tokens=3, priority=LS))

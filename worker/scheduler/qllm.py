@@ -45,11 +45,12 @@ class QllmScheduler(PriorityEvictScheduler):
         self._ls_arrived = False                      # since the last schedule
         self._ls_only_steps = 0                       # in a row, since a step with BE rows last ran
         # Moving averages (priors until the first measurements): an LS-only decode step (what an LS token
-        # costs now, a few streams together), a one-row decode step (the idle floor's token time, from which
-        # the default TPOT target comes), and a stretch of a BE step between two boundaries (how long a due
-        # token waits for the step to park).
+        # costs now, a few streams together), a one-row decode step, the same with no BE work in the engine
+        # (the idle floor's token time, from which the default TPOT target comes; None until such a step
+        # ran), and a stretch of a BE step between two boundaries (how long a due token waits for it to park).
         self.small_decode_step_s = 0.02
         self.single_decode_step_s = 0.02
+        self.idle_decode_step_s: float | None = None
         self.be_piece_s = 0.005
         self._last_boundary: tuple[int, float] | None = None  # (step id, time) of the last should_park
 
@@ -60,7 +61,11 @@ class QllmScheduler(PriorityEvictScheduler):
     @property
     def ls_tpot_target_s(self) -> float:
         target = self.config.ls_tpot_target_s
-        return target if target > 0 else 2.0 * self.single_decode_step_s
+        if target > 0:
+            return target
+        # A one-row step beside BE work runs slower than on an idle worker (the caches hold BE's weights and
+        # activations): the objective is relative to the idle floor, so it comes from idle steps where any ran.
+        return 2.0 * (self.idle_decode_step_s or self.single_decode_step_s)
 
     def add_request(self, req: Request) -> None:
         super().add_request(req)
@@ -136,6 +141,9 @@ class QllmScheduler(PriorityEvictScheduler):
             self.small_decode_step_s += 0.2 * (seconds - self.small_decode_step_s)
             if len(plan.scheduled) == 1:
                 self.single_decode_step_s += 0.2 * (seconds - self.single_decode_step_s)
+                if not self.parked and all(r.is_ls for r in (*self.running, *self.waiting)):
+                    idle = self.idle_decode_step_s
+                    self.idle_decode_step_s = seconds if idle is None else idle + 0.2 * (seconds - idle)
         return super().update_from_output(plan, output)
 
     def can_admit(self, req: Request, num_tokens: int) -> bool:
