@@ -239,8 +239,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--ls-only-steps", type=bool, default=True,
                  help="qllm: LS work that arrives between steps gets a step of its own")
     settings.add(parser, "--ls-tpot-target-ms", type=float, default=-1.0,
-                 help="qllm: the LS TPOT objective BE yields to LS streams for; -1 = 1.5 x the measured one-row "
-                      "decode step (the idle floor), 0 = off (LS decodes ride BE iterations)")
+                 help="qllm: the LS TPOT objective BE yields to LS streams for; -1 = 1.5 x the one-row decode "
+                      "step measured on an idle worker (the idle floor), 0 = off (LS decodes ride BE iterations)")
     settings.add(parser, "--ls-active-max-batched-tokens", type=int, default=0,
                  help="qllm: token budget of a BE iteration while LS streams decode beside it (0 = "
                       "--max-num-batched-tokens)")

@@ -34,8 +34,8 @@ class SchedulerConfig:
     ls_only_steps: bool = True
     # qllm: LS decode pacing. The LS TPOT objective, in seconds: a stream's next token is due when the
     # objective less the LS step that makes it and the BE stretch it may wait out has passed; a running BE
-    # step then parks at its next boundary and an LS-only decode step runs. -1: 1.5 x the measured one-row
-    # decode step (the idle floor's token time); 0: off (LS decodes ride full iterations).
+    # step then parks at its next boundary and an LS-only decode step runs. -1: 1.5 x the one-row decode
+    # step measured on an idle worker (the idle floor's token time); 0: off (LS decodes ride full iterations).
     ls_tpot_target_s: float = -1.0
     # qllm: the token budget of a full iteration while LS streams decode beside it (BE prefill chunks shrink,
     # as Sarathi-Serve's stall-free budget); 0 = max_num_batched_tokens. The parking points inside a layer's
