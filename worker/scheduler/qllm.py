@@ -144,7 +144,7 @@ class QllmScheduler(PriorityEvictScheduler):
             self.small_decode_step_s += 0.2 * (seconds - self.small_decode_step_s)
             if len(plan.scheduled) == 1:
                 self.single_decode_step_s += 0.2 * (seconds - self.single_decode_step_s)
-                if not self.parked and all(r.is_ls for r in (*self.running, *self.waiting)):
+                if not self.parked and all(r.is_ls for r in self.running) and all(r.is_ls for r in self.waiting):
                     idle = self.idle_decode_step_s
                     self.idle_decode_step_s = seconds if idle is None else idle + 0.2 * (seconds - idle)
         return super().update_from_output(plan, output)
