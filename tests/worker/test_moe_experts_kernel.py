@@ -34,8 +34,8 @@ def native(x, ids, weights, gate_up, down):
     return out
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 13, 40])
-@pytest.mark.parametrize("hidden,inter", [(32, 48), (36, 20), (13, 9)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 13, 40, 100])
+@pytest.mark.parametrize("hidden,inter", [(32, 48), (36, 20), (13, 9), (40, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_kernel_matches_torch(rows, hidden, inter, dtype):
     g = torch.Generator().manual_seed(rows * 1000 + hidden)
