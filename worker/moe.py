@@ -23,10 +23,10 @@ from worker import native
 from worker.model_loader import cpu_has_native_bf16
 
 EXPERTS_IMPLEMENTATION = "qllm"
-# Rows (tokens) up to which the native kernel takes a step on a CPU: it is faster than the grouped GEMMs below
-# ~500 rows and level with them up to here, where the GEMMs' cache blocking starts to win. It covers a step of
-# the default 512-token budget with its decode rows, whose MoE block a yielding policy can then park inside
-# (the grouped GEMMs are one call). Chosen with scripts/bench_moe_experts.py (docs/benchmarks.md).
+# Rows (tokens) up to which the native kernel takes a step on a CPU. Above a few hundred rows (where depends on
+# the CPU) the grouped GEMMs' cache blocking is faster, but this covers a step of the default 512-token budget
+# with its decode rows, whose MoE block a yielding policy can then park inside (the grouped GEMMs are one
+# call). Chosen with scripts/bench_moe_experts.py (docs/benchmarks.md).
 NATIVE_MAX_ROWS = 640
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
