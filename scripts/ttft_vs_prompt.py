@@ -9,8 +9,9 @@ against prompt tokens (least squares), then prints: the loaded LS TTFT p99 again
 fit alone gives for the loaded run's prompts (the part of the ratio no scheduler removes); each loaded request's
 excess over the fit; and, for the slowest three, the other LS requests that arrived in the 150 ms before them.
 
-REQUESTS.jsonl is `NAME.requests.jsonl` from `qllm bench` without `--summary-only`. `--extract` writes the LS rows'
-run, arrival, prompt length and first-token time only (what this script reads), small enough for docs/results/.
+REQUESTS.jsonl is `NAME.requests.jsonl` from `qllm bench` without `--summary-only`. TTFT and percentiles are the
+bench's own (bench/stats.py: from the send, interpolated between ranks). `--extract` writes only the LS rows'
+fields this script reads, small enough for docs/results/.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ import argparse
 import json
 import statistics
 
-FIELDS = ("run", "cls", "arrival_s", "prompt_tokens", "first_token_s")
+from bench.stats import percentile
+
+FIELDS = ("run", "cls", "arrival_s", "sent_s", "prompt_tokens", "first_token_s")
 
 
 def ttft_ms(row: dict) -> float | None:
-    first = row.get("first_token_s")
-    return None if first is None else 1e3 * (first - row["arrival_s"])
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    """As bench/stats.py's RequestRecord.ttft_s, in ms."""
+    if row.get("sent_s") is None or row.get("first_token_s") is None:
+        return None
+    return 1e3 * (row["first_token_s"] - row["sent_s"])
 
 
 def round_of(run: str) -> str:
@@ -48,22 +48,22 @@ def report(rows: list[dict], policy: str) -> None:
         if len(floor) < 2 or not loaded:
             continue
         xs, ys = [r["prompt_tokens"] for r in floor], [ttft_ms(r) for r in floor]
-        mx, my = statistics.mean(xs), statistics.mean(ys)
-        spread = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread if spread else 0.0
-        intercept = my - slope * mx
+        try:
+            slope, intercept = statistics.linear_regression(xs, ys)
+        except statistics.StatisticsError:  # every floor prompt of one length: no slope to fit
+            slope, intercept = 0.0, statistics.mean(ys)
         p50 = statistics.median(ys)
         got = [ttft_ms(r) for r in loaded]
         fit = [intercept + slope * r["prompt_tokens"] for r in loaded]
         excess = [g - f for g, f in zip(got, fit)]
         print(f"{rnd or 'the run'}: floor {len(floor)} requests, TTFT p50 {p50:.1f} ms, slowest {max(ys) / p50:.2f}x "
               f"its p50; fit {intercept:.1f} ms + {slope:.3f} ms per prompt token")
-        print(f"  {policy} LS, {len(loaded)} requests: TTFT p50 {statistics.median(got):.1f} ms, p99 {quantile(got, .99):.1f} ms "
-              f"= {quantile(got, .99) / p50:.2f}x the floor's p50")
-        print(f"  the fit for the same prompts: p99 {quantile(fit, .99):.1f} ms = {quantile(fit, .99) / p50:.2f}x the "
+        print(f"  {policy} LS, {len(loaded)} requests: TTFT p50 {statistics.median(got):.1f} ms, p99 {percentile(got, 99):.1f} ms "
+              f"= {percentile(got, 99) / p50:.2f}x the floor's p50")
+        print(f"  the fit for the same prompts: p99 {percentile(fit, 99):.1f} ms = {percentile(fit, 99) / p50:.2f}x the "
               f"floor's p50 (longest prompt {max(r['prompt_tokens'] for r in loaded)} tokens)")
-        print(f"  excess over the fit: p50 {statistics.median(excess):+.1f}, p90 {quantile(excess, .9):+.1f}, "
-              f"p99 {quantile(excess, .99):+.1f} ms")
+        print(f"  excess over the fit: p50 {statistics.median(excess):+.1f}, p90 {percentile(excess, 90):+.1f}, "
+              f"p99 {percentile(excess, 99):+.1f} ms")
         for r in sorted(loaded, key=lambda r: -ttft_ms(r))[:3]:
             before = [(round(1e3 * (r["arrival_s"] - o["arrival_s"])), o["prompt_tokens"]) for o in loaded
                       if o is not r and 0 <= r["arrival_s"] - o["arrival_s"] <= 0.15]
