@@ -244,10 +244,21 @@ TILE512_DISPATCH(tile_dots512_bf16, 1)
 #undef TILE512_DISPATCH
 #endif
 
+/* The widest tile the compiler targets: matmul_rows takes MATMUL_TILE_VECS vectors at a time through it. */
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define MATMUL_TILE_VECS TILE512_VECS
+#define matmul_tile_f32 tile_dots512_f32
+#define matmul_tile_bf16 tile_dots512_bf16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MATMUL_TILE_VECS TILE_VECS
+#define matmul_tile_f32 tile_dots_f32
+#define matmul_tile_bf16 tile_dots_bf16
+#endif
+
 /* out[j * ld + r] = w[r, :] . xs[j][:d] for r < rows, j < n: a small-batch matmul against a weight stored as
  * [rows, d] (as torch's Linear and the experts keep it), so nothing is re-packed. Weight rows are taken
- * TILE_ROWS at a time, read from memory once and then from cache against the vectors TILE_VECS (TILE512_VECS
- * with AVX-512) at a time. */
+ * TILE_ROWS at a time, read from memory once and then from cache against the vectors MATMUL_TILE_VECS at a
+ * time. */
 static inline void matmul_rows(const void *w, int is_bf16, int rows, int d, const float *const *xs, int n,
                                float *out, int64_t ld, int num_threads) {
     int first = 0; /* weight rows from here on take row_dots */
@@ -257,19 +268,11 @@ static inline void matmul_rows(const void *w, int is_bf16, int rows, int d, cons
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int t = 0; t < tiles; t++) {
         const int64_t r0 = (int64_t)t * TILE_ROWS;
-#if defined(__AVX512F__)
-        for (int j0 = 0; j0 < n; j0 += TILE512_VECS) {
-            const int m = n - j0 < TILE512_VECS ? n - j0 : TILE512_VECS;
-            if (is_bf16) tile_dots512_bf16(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
-            else tile_dots512_f32(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
+        for (int j0 = 0; j0 < n; j0 += MATMUL_TILE_VECS) {
+            const int m = n - j0 < MATMUL_TILE_VECS ? n - j0 : MATMUL_TILE_VECS;
+            if (is_bf16) matmul_tile_bf16(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
+            else matmul_tile_f32(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
         }
-#else
-        for (int j0 = 0; j0 < n; j0 += TILE_VECS) {
-            const int m = n - j0 < TILE_VECS ? n - j0 : TILE_VECS;
-            if (is_bf16) tile_dots_bf16(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
-            else tile_dots_f32(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
-        }
-#endif
     }
     first = tiles * TILE_ROWS;
 #endif
