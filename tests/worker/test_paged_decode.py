@@ -63,7 +63,7 @@ def test_decode_attention_matches_reference(monkeypatch, path, dtype, window, wi
 
 
 @pytest.mark.parametrize("path", ["native", "gathered"])
-@pytest.mark.parametrize("head_dim,v_head_dim", [(24, 12), (40, 64)])
+@pytest.mark.parametrize("head_dim,v_head_dim", [(24, 12), (40, 64), (48, 80)])
 def test_keys_and_values_of_different_head_sizes(monkeypatch, path, head_dim, v_head_dim):
     if path == "native" and paged_decode.native_kernel() is None:
         pytest.skip("no C compiler here")

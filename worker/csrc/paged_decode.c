@@ -11,25 +11,119 @@
  */
 #include "common.h"
 
-void qllm_attend_row(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
-                     const int64_t *blocks, int64_t kv_len, float *out, int heads, int kv_heads, int head_dim,
-                     int v_head_dim, int block_size, float scale, int64_t window, const float *sinks, float *scores) {
-    /* Tokens outermost, so each token's keys (then values) of all heads are read once, in memory order;
-     * scores[head * n + t]. */
+/* The widest vectors the compiler targets. A run (a block's tokens) is read once from memory; every head of
+ * the run's group then takes it from cache, four keys per reduction and the values' sums in registers. */
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define ATT_W 16
+typedef __m512 att_vec;
+#define att_zero() _mm512_setzero_ps()
+#define att_set1(x) _mm512_set1_ps(x)
+#define att_loadu(p) _mm512_loadu_ps(p)
+#define att_storeu(p, v) _mm512_storeu_ps(p, v)
+#define att_load_kv(pool, is_bf16, i) load16(pool, is_bf16, i)
+#define att_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define att_sum4(a, b, c, d) hsum4(fold512(a), fold512(b), fold512(c), fold512(d))
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ATT_W 8
+typedef __m256 att_vec;
+#define att_zero() _mm256_setzero_ps()
+#define att_set1(x) _mm256_set1_ps(x)
+#define att_loadu(p) _mm256_loadu_ps(p)
+#define att_storeu(p, v) _mm256_storeu_ps(p, v)
+#define att_load_kv(pool, is_bf16, i) load8(pool, is_bf16, i)
+#define att_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define att_sum4(a, b, c, d) hsum4(a, b, c, d)
+#endif
+
+/* s[t] = scale * q . k_t for the `count` keys at pool elements base, base + stride, ... */
+static inline __attribute__((always_inline)) void key_dots(const float *q, const void *pool, int is_bf16,
+                                                           int64_t base, int64_t stride, int count, int d,
+                                                           float scale, float *s) {
+    int t = 0;
+#ifdef ATT_W
+    if (d % ATT_W == 0)
+        for (; t + 4 <= count; t += 4) {
+            att_vec a0 = att_zero(), a1 = a0, a2 = a0, a3 = a0;
+            const int64_t b = base + (int64_t)t * stride;
+            for (int i = 0; i < d; i += ATT_W) {
+                const att_vec qv = att_loadu(q + i);
+                a0 = att_fma(att_load_kv(pool, is_bf16, b + i), qv, a0);
+                a1 = att_fma(att_load_kv(pool, is_bf16, b + stride + i), qv, a1);
+                a2 = att_fma(att_load_kv(pool, is_bf16, b + 2 * stride + i), qv, a2);
+                a3 = att_fma(att_load_kv(pool, is_bf16, b + 3 * stride + i), qv, a3);
+            }
+            _mm_storeu_ps(s + t, _mm_mul_ps(att_sum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+        }
+#endif
+    for (; t < count; t++) {
+        const int64_t off = base + (int64_t)t * stride;
+        s[t] = scale * (is_bf16 ? dot_bf16(q, (const uint16_t *)pool + off, d) : dot_f32(q, (const float *)pool + off, d));
+    }
+}
+
+/* o[:vd] += sum_t p[t] * v_t for the `count` values at pool elements base, base + stride, ... */
+static inline __attribute__((always_inline)) void value_sums(const float *p, const void *pool, int is_bf16,
+                                                             int64_t base, int64_t stride, int count, int vd,
+                                                             float *o) {
+    int i = 0;
+#ifdef ATT_W
+    for (; i + 4 * ATT_W <= vd; i += 4 * ATT_W) {
+        att_vec a0 = att_loadu(o + i), a1 = att_loadu(o + i + ATT_W), a2 = att_loadu(o + i + 2 * ATT_W),
+                a3 = att_loadu(o + i + 3 * ATT_W);
+        for (int t = 0; t < count; t++) {
+            const att_vec pv = att_set1(p[t]);
+            const int64_t b = base + (int64_t)t * stride + i;
+            a0 = att_fma(pv, att_load_kv(pool, is_bf16, b), a0);
+            a1 = att_fma(pv, att_load_kv(pool, is_bf16, b + ATT_W), a1);
+            a2 = att_fma(pv, att_load_kv(pool, is_bf16, b + 2 * ATT_W), a2);
+            a3 = att_fma(pv, att_load_kv(pool, is_bf16, b + 3 * ATT_W), a3);
+        }
+        att_storeu(o + i, a0), att_storeu(o + i + ATT_W, a1), att_storeu(o + i + 2 * ATT_W, a2);
+        att_storeu(o + i + 3 * ATT_W, a3);
+    }
+    for (; i + ATT_W <= vd; i += ATT_W) {
+        att_vec a = att_loadu(o + i);
+        for (int t = 0; t < count; t++)
+            a = att_fma(att_set1(p[t]), att_load_kv(pool, is_bf16, base + (int64_t)t * stride + i), a);
+        att_storeu(o + i, a);
+    }
+#endif
+    for (; i < vd; i++) {
+        float a = o[i];
+        for (int t = 0; t < count; t++) a += p[t] * weight_at(pool, is_bf16, base + (int64_t)t * stride + i);
+        o[i] = a;
+    }
+}
+
+/* Prefetches a run's `count` tokens of `bytes` each from `at`: the next block is elsewhere in the pool, past
+ * where the hardware's stream prefetcher looks. */
+static inline void prefetch_run(const char *at, int count, int64_t bytes) {
+    for (int64_t b = 0; b < (int64_t)count * bytes; b += 64) __builtin_prefetch(at + b, 0, 3);
+}
+
+static inline __attribute__((always_inline)) void attend(const float *q, const void *k_pool, const void *v_pool,
+                                                         int is_bf16, const int64_t *blocks, int64_t kv_len,
+                                                         float *out, int heads, int kv_heads, int head_dim,
+                                                         int v_head_dim, int block_size, float scale,
+                                                         int64_t window, const float *sinks, float *scores) {
     const int group = heads / kv_heads;
     const int64_t first = (window > 0 && kv_len > window) ? kv_len - window : 0;
     const int64_t n = kv_len - first;
     const int64_t token_stride = (int64_t)kv_heads * head_dim;
     const int64_t v_token_stride = (int64_t)kv_heads * v_head_dim;
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t pos = first + t;
-        const int64_t base = (blocks[pos / block_size] * block_size + pos % block_size) * token_stride;
-        for (int head = 0; head < heads; head++) {
-            const int64_t off = base + (int64_t)(head / group) * head_dim;
-            const float *qh = q + (int64_t)head * head_dim;
-            scores[head * n + t] = scale * (is_bf16 ? dot_bf16(qh, (const uint16_t *)k_pool + off, head_dim)
-                                                    : dot_f32(qh, (const float *)k_pool + off, head_dim));
-        }
+    const int elem = is_bf16 ? 2 : 4;
+    /* Runs: the positions of one block, so a run's keys (values) are token_stride apart. scores[head * n + t]. */
+    for (int64_t pos = first; pos < kv_len;) {
+        const int64_t in_block = pos % block_size;
+        const int count = (int)((kv_len - pos < block_size - in_block) ? kv_len - pos : block_size - in_block);
+        if (pos + count < kv_len)
+            prefetch_run((const char *)k_pool + blocks[(pos + count) / block_size] * block_size * token_stride * elem,
+                         block_size, token_stride * elem);
+        const int64_t base = (blocks[pos / block_size] * block_size + in_block) * token_stride;
+        for (int head = 0; head < heads; head++)
+            key_dots(q + (int64_t)head * head_dim, k_pool, is_bf16, base + (int64_t)(head / group) * head_dim,
+                     token_stride, count, head_dim, scale, scores + head * n + (pos - first));
+        pos += count;
     }
     for (int head = 0; head < heads; head++) {
         float *s = scores + head * n;
@@ -46,24 +140,30 @@ void qllm_attend_row(const float *q, const void *k_pool, const void *v_pool, int
         for (int64_t t = 0; t < n; t++) s[t] *= inv;
     }
     for (int i = 0; i < heads * v_head_dim; i++) out[i] = 0.0f;
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t pos = first + t;
-        const int64_t base = (blocks[pos / block_size] * block_size + pos % block_size) * v_token_stride;
-        for (int head = 0; head < heads; head++) {
-            const int64_t off = base + (int64_t)(head / group) * v_head_dim;
-            const float p = scores[head * n + t];
-            float *o = out + (int64_t)head * v_head_dim;
-            if (is_bf16) {
-                const uint16_t *v = (const uint16_t *)v_pool + off;
-                for (int i = 0; i < v_head_dim; i++) o[i] += p * bf16_to_f32(v[i]);
-            } else {
-                const float *v = (const float *)v_pool + off;
-                for (int i = 0; i < v_head_dim; i++) o[i] += p * v[i];
-            }
-        }
+    for (int64_t pos = first; pos < kv_len;) {
+        const int64_t in_block = pos % block_size;
+        const int count = (int)((kv_len - pos < block_size - in_block) ? kv_len - pos : block_size - in_block);
+        if (pos + count < kv_len)
+            prefetch_run((const char *)v_pool + blocks[(pos + count) / block_size] * block_size * v_token_stride * elem,
+                         block_size, v_token_stride * elem);
+        const int64_t base = (blocks[pos / block_size] * block_size + in_block) * v_token_stride;
+        for (int head = 0; head < heads; head++)
+            value_sums(scores + head * n + (pos - first), v_pool, is_bf16, base + (int64_t)(head / group) * v_head_dim,
+                       v_token_stride, count, v_head_dim, out + (int64_t)head * v_head_dim);
+        pos += count;
     }
 }
 
+void qllm_attend_row(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
+                     const int64_t *blocks, int64_t kv_len, float *out, int heads, int kv_heads, int head_dim,
+                     int v_head_dim, int block_size, float scale, int64_t window, const float *sinks, float *scores) {
+    if (is_bf16)
+        attend(q, k_pool, v_pool, 1, blocks, kv_len, out, heads, kv_heads, head_dim, v_head_dim, block_size, scale,
+               window, sinks, scores);
+    else
+        attend(q, k_pool, v_pool, 0, blocks, kv_len, out, heads, kv_heads, head_dim, v_head_dim, block_size, scale,
+               window, sinks, scores);
+}
 /* Returns 0, or -1 when scratch memory could not be had. */
 int qllm_paged_decode(const float *q, const void *k_pool, const void *v_pool, int is_bf16,
                       const int64_t *block_tables, const int64_t *kv_lens, float *out, int rows, int heads,
