@@ -87,3 +87,21 @@ def test_experts_in_parts_sum_to_the_one_call_bit_for_bit(count):
         calls += 1
     assert calls == -(-experts // count)
     assert torch.equal(parts.result(), native(x, ids, weights, gate_up, down))
+
+
+@pytest.mark.parametrize("rows", [16, 48, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_busy_experts_and_saturated_gates(rows, dtype):
+    """Every row picks experts 0 and 1, so each sees `rows` rows (the transposed path, with a last register of
+    rows where `rows` is not a multiple of two registers); gates far into SiLU's flat tails (|g| up to ~100)
+    check its vector exp's range."""
+    g = torch.Generator().manual_seed(rows)
+    experts, hidden, inter, top_k = 3, 40, 36, 2
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.2).to(dtype)
+    down = (torch.randn(experts, hidden, inter, generator=g) * 0.2).to(dtype)
+    x = torch.randn(rows, hidden, generator=g) * torch.logspace(-2, 1.5, rows)[:, None]
+    ids = torch.tensor([[0, 1]] * rows, dtype=torch.int64)
+    weights = torch.rand(rows, top_k, generator=g)
+    got = native(x, ids, weights, gate_up, down)
+    want = reference(x, ids, weights, gate_up, down)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

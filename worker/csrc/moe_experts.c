@@ -9,8 +9,159 @@
  * weights [tokens, top_k] float32; gate_up [experts, 2 * inter, hidden] (gate rows then up rows, as
  * transformers' concatenated layout) and down [experts, hidden, inter], float32 or bfloat16 (is_bf16);
  * out [tokens, hidden] float32, overwritten. Activation: SiLU(gate) * up.
+ *
+ * An expert that a vector's width of rows or more chose (a prefill chunk's) takes the products the other way
+ * round: its rows are gathered transposed, [hidden, rows], so a register holds one feature of a vector's width
+ * of rows, and each weight element is broadcast against it (the outer-product form of a GEMM, as BLAS kernels
+ * run). Nothing is then summed across a register, and the weights stay in the layout torch keeps them.
  */
 #include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define ROWS_T_W 16 /* rows per register */
+#define ROWS_T_MR 12 /* weight rows per tile: 12 x 2 accumulators, two row vectors and a broadcast = 27 zmm */
+typedef __m512 rows_vec;
+#define rv_zero() _mm512_setzero_ps()
+#define rv_set1(x) _mm512_set1_ps(x)
+#define rv_loadu(p) _mm512_loadu_ps(p)
+#define rv_storeu(p, v) _mm512_storeu_ps(p, v)
+#define rv_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define rv_add(a, b) _mm512_add_ps(a, b)
+#define rv_sub(a, b) _mm512_sub_ps(a, b)
+#define rv_mul(a, b) _mm512_mul_ps(a, b)
+#define rv_div(a, b) _mm512_div_ps(a, b)
+#define rv_min(a, b) _mm512_min_ps(a, b)
+#define rv_max(a, b) _mm512_max_ps(a, b)
+#define rv_round(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define rv_pow2(y, k) _mm512_scalef_ps(y, k) /* y * 2^k */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ROWS_T_W 8
+#define ROWS_T_MR 6 /* 6 x 2 accumulators, two row vectors and a broadcast = 15 ymm */
+typedef __m256 rows_vec;
+#define rv_zero() _mm256_setzero_ps()
+#define rv_set1(x) _mm256_set1_ps(x)
+#define rv_loadu(p) _mm256_loadu_ps(p)
+#define rv_storeu(p, v) _mm256_storeu_ps(p, v)
+#define rv_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define rv_add(a, b) _mm256_add_ps(a, b)
+#define rv_sub(a, b) _mm256_sub_ps(a, b)
+#define rv_mul(a, b) _mm256_mul_ps(a, b)
+#define rv_div(a, b) _mm256_div_ps(a, b)
+#define rv_min(a, b) _mm256_min_ps(a, b)
+#define rv_max(a, b) _mm256_max_ps(a, b)
+#define rv_round(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* y * 2^k for integral k in [-127, 127] (the clamp above keeps it there): k in the exponent's bits */
+#define rv_pow2(y, k) \
+    _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23)))
+#endif
+
+/* g[i] = SiLU(g[i]) * u[i]. exp as Cephes' expf (a degree-5 polynomial on the reduced argument, within 2 ulp),
+ * a vector at a time: one libm call per element cost as much as the products at a prefill's rows per expert. */
+static void silu_mul(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+#ifdef ROWS_T_W
+    const rows_vec one = rv_set1(1.0f), lo = rv_set1(-88.3762626647949f), hi = rv_set1(88.3762626647949f);
+    for (; i + ROWS_T_W <= n; i += ROWS_T_W) {
+        const rows_vec gv = rv_loadu(g + i);
+        rows_vec x = rv_min(rv_max(rv_sub(rv_zero(), gv), lo), hi); /* exp(-g) */
+        const rows_vec k = rv_round(rv_mul(x, rv_set1(1.44269504088896341f)));
+        x = rv_fma(k, rv_set1(-0.693359375f), x);
+        x = rv_fma(k, rv_set1(2.12194440e-4f), x);
+        rows_vec y = rv_set1(1.9875691500e-4f);
+        y = rv_fma(y, x, rv_set1(1.3981999507e-3f));
+        y = rv_fma(y, x, rv_set1(8.3334519073e-3f));
+        y = rv_fma(y, x, rv_set1(4.1665795894e-2f));
+        y = rv_fma(y, x, rv_set1(1.6666665459e-1f));
+        y = rv_fma(y, x, rv_set1(5.0000001201e-1f));
+        y = rv_fma(y, rv_mul(x, x), rv_add(x, one));
+        const rows_vec e = rv_pow2(y, k);
+        rv_storeu(g + i, rv_mul(rv_div(gv, rv_add(one, e)), rv_loadu(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+
+#ifdef ROWS_T_W
+/* outT[(r0 + q) * ldo + j0 + :nv * W] = w[r0 + q, :d] . xT[:d, j0 + :nv * W] for q < mr (both constants after
+ * inlining). */
+static inline __attribute__((always_inline)) void tile_t(const void *w, int is_bf16, int64_t r0, int d,
+                                                         const float *xT, int64_t ldx, int j0, int nv, int mr,
+                                                         float *outT, int64_t ldo) {
+    rows_vec acc[ROWS_T_MR][2];
+    for (int q = 0; q < mr; q++) acc[q][0] = acc[q][1] = rv_zero();
+    for (int k = 0; k < d; k++) {
+        const float *xk = xT + (int64_t)k * ldx + j0;
+        const rows_vec x0 = rv_loadu(xk), x1 = nv > 1 ? rv_loadu(xk + ROWS_T_W) : x0;
+        for (int q = 0; q < mr; q++) {
+            const rows_vec b = rv_set1(weight_at(w, is_bf16, (r0 + q) * d + k));
+            acc[q][0] = rv_fma(b, x0, acc[q][0]);
+            if (nv > 1) acc[q][1] = rv_fma(b, x1, acc[q][1]);
+        }
+    }
+    for (int q = 0; q < mr; q++) {
+        float *o = outT + (r0 + q) * ldo + j0;
+        rv_storeu(o, acc[q][0]);
+        if (nv > 1) rv_storeu(o + ROWS_T_W, acc[q][1]);
+    }
+}
+
+static void tile_t_rows(const void *w, int is_bf16, int64_t r0, int d, const float *xT, int64_t ldx, int j0,
+                        int nv, float *outT, int64_t ldo) {
+#define TILE_T(bf, v) tile_t(w, bf, r0, d, xT, ldx, j0, v, ROWS_T_MR, outT, ldo)
+    if (is_bf16) { if (nv > 1) TILE_T(1, 2); else TILE_T(1, 1); }
+    else { if (nv > 1) TILE_T(0, 2); else TILE_T(0, 1); }
+#undef TILE_T
+}
+
+static void tile_t_row(const void *w, int is_bf16, int64_t r, int d, const float *xT, int64_t ldx, int j0,
+                       int nv, float *outT, int64_t ldo) {
+#define TILE_T(bf, v) tile_t(w, bf, r, d, xT, ldx, j0, v, 1, outT, ldo)
+    if (is_bf16) { if (nv > 1) TILE_T(1, 2); else TILE_T(1, 1); }
+    else { if (nv > 1) TILE_T(0, 2); else TILE_T(0, 1); }
+#undef TILE_T
+}
+
+/* outT[r * ldo + j] = w[r, :d] . xT[:d, j] for r < rows, j < n (n a multiple of ROWS_T_W, ldx and ldo >= n):
+ * the weight's rows ROWS_T_MR at a time, each tile's rows kept in cache while every row vector passes. */
+static void matmul_rows_t(const void *w, int is_bf16, int rows, int d, const float *xT, int64_t ldx, int n,
+                          float *outT, int64_t ldo, int num_threads) {
+    const int tiles = (rows + ROWS_T_MR - 1) / ROWS_T_MR;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
+    for (int t = 0; t < tiles; t++) {
+        const int64_t r0 = (int64_t)t * ROWS_T_MR;
+        for (int j0 = 0; j0 < n; j0 += 2 * ROWS_T_W) {
+            const int nv = n - j0 >= 2 * ROWS_T_W ? 2 : 1;
+            if (r0 + ROWS_T_MR <= rows) tile_t_rows(w, is_bf16, r0, d, xT, ldx, j0, nv, outT, ldo);
+            else
+                for (int64_t r = r0; r < rows; r++) tile_t_row(w, is_bf16, r, d, xT, ldx, j0, nv, outT, ldo);
+        }
+    }
+}
+
+/* One expert's n rows (slots rows[0..n)) the transposed way; scratch holds (hidden + 2 * inter + hidden) * npad
+ * floats. */
+static void expert_rows_t(const float *x, const int *rows, int n, const float *weights, const void *gate_up,
+                          const void *down, int is_bf16, float *out, int top_k, int hidden, int inter, float *scratch,
+                          int num_threads) {
+    const int npad = (n + ROWS_T_W - 1) / ROWS_T_W * ROWS_T_W, width = 2 * inter;
+    float *xT = scratch, *actT = xT + (int64_t)hidden * npad, *downT = actT + (int64_t)width * npad;
+    for (int k = 0; k < hidden; k++) {
+        float *xk = xT + (int64_t)k * npad;
+        for (int j = 0; j < n; j++) xk[j] = x[(int64_t)(rows[j] / top_k) * hidden + k];
+        for (int j = n; j < npad; j++) xk[j] = 0.0f;
+    }
+    matmul_rows_t(gate_up, is_bf16, width, hidden, xT, npad, npad, actT, npad, num_threads);
+    silu_mul(actT, actT + (int64_t)inter * npad, (int64_t)inter * npad); /* the gate rows, in place */
+    matmul_rows_t(down, is_bf16, hidden, inter, actT, npad, npad, downT, npad, num_threads);
+    for (int j = 0; j < n; j++) {
+        const int p = rows[j];
+        const float wt = weights[p];
+        float *o = out + (int64_t)(p / top_k) * hidden;
+        for (int h = 0; h < hidden; h++) o[h] += wt * downT[(int64_t)h * npad + j];
+    }
+}
+#endif
 
 /* Adds experts [first, end)'s weighted outputs to out, expert after expert: calls over consecutive ranges sum
  * exactly what one call over all experts does (the engine parks a step between them). Returns 0, or -1 when
@@ -28,6 +179,15 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
         return -1;
     }
     float *down_out = act + (size_t)slots * (size_t)width;
+#ifdef ROWS_T_W
+    /* the transposed path's scratch, for as many rows as the busiest expert's */
+    const size_t padded = (size_t)(slots + ROWS_T_W - 1) / ROWS_T_W * ROWS_T_W;
+    float *scratch = pairs >= ROWS_T_W ? malloc(sizeof(float) * padded * (size_t)(2 * hidden + width)) : NULL;
+    if (pairs >= ROWS_T_W && scratch == NULL) {
+        free(rows), free(xs), free(act);
+        return -1;
+    }
+#endif
     const size_t gu_expert = (size_t)width * (size_t)hidden, d_expert = (size_t)hidden * (size_t)inter;
     const size_t elem = is_bf16 ? 2 : 4;
     for (int e = first; e < end; e++) {
@@ -35,16 +195,21 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
         for (int p = 0; p < pairs; p++)
             if (ids[p] == e) rows[n++] = p;
         if (n == 0) continue;
+#ifdef ROWS_T_W
+        if (n >= ROWS_T_W) {
+            expert_rows_t(x, rows, n, weights, (const char *)gate_up + (size_t)e * gu_expert * elem,
+                          (const char *)down + (size_t)e * d_expert * elem, is_bf16, out, top_k, hidden, inter,
+                          scratch, num_threads);
+            continue;
+        }
+#endif
         /* gate and up: each weight row comes from memory once for all n rows that chose this expert */
         for (int j = 0; j < n; j++) xs[j] = x + (int64_t)(rows[j] / top_k) * hidden;
         matmul_rows((const char *)gate_up + (size_t)e * gu_expert * elem, is_bf16, width, hidden, xs, n, act,
                     width, num_threads);
         for (int j = 0; j < n; j++) {
             float *a = act + (int64_t)j * width;
-            for (int i = 0; i < inter; i++) {
-                const float g = a[i];
-                a[i] = g / (1.0f + expf(-g)) * a[inter + i];
-            }
+            silu_mul(a, a + inter, inter);
             xs[j] = a;
         }
         matmul_rows((const char *)down + (size_t)e * d_expert * elem, is_bf16, hidden, inter, xs, n, down_out,
@@ -56,6 +221,9 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
             for (int h = 0; h < hidden; h++) o[h] += wt * d[h];
         }
     }
+#ifdef ROWS_T_W
+    free(scratch);
+#endif
     free(rows), free(xs), free(act);
     return 0;
 }
