@@ -50,9 +50,11 @@ typedef __m256 rows_vec;
 #define rv_min(a, b) _mm256_min_ps(a, b)
 #define rv_max(a, b) _mm256_max_ps(a, b)
 #define rv_round(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-/* y * 2^k for integral k in [-127, 127] (the clamp above keeps it there): k in the exponent's bits */
-#define rv_pow2(y, k) \
-    _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23)))
+/* y * 2^k for integral k in [-127, 128] (the clamp keeps it there; 128 makes inf, the limit exp takes): k into
+ * the exponent's bits */
+#define rv_pow2(y, k)                                                                                            \
+    _mm256_mul_ps(y, _mm256_castsi256_ps(                                                                       \
+                         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23)))
 #endif
 
 /* g[i] = SiLU(g[i]) * u[i]. exp as Cephes' expf (a degree-5 polynomial on the reduced argument, within 2 ulp),

@@ -57,7 +57,8 @@ static inline __attribute__((always_inline)) void key_dots(const float *q, const
 #endif
     for (; t < count; t++) {
         const int64_t off = base + (int64_t)t * stride;
-        s[t] = scale * (is_bf16 ? dot_bf16(q, (const uint16_t *)pool + off, d) : dot_f32(q, (const float *)pool + off, d));
+        s[t] = scale * (is_bf16 ? dot_bf16(q, (const uint16_t *)pool + off, d)
+                                : dot_f32(q, (const float *)pool + off, d));
     }
 }
 
@@ -101,6 +102,19 @@ static inline void prefetch_run(const char *at, int count, int64_t bytes) {
     for (int64_t b = 0; b < (int64_t)count * bytes; b += 64) __builtin_prefetch(at + b, 0, 3);
 }
 
+/* The run that starts at position pos: the positions left in its block, up to kv_len (*count), and the pool
+ * element of its first token (tokens `stride` elements apart); the next run's block is prefetched. */
+static inline __attribute__((always_inline)) int64_t run_at(const void *pool, int elem, const int64_t *blocks,
+                                                            int64_t pos, int64_t kv_len, int block_size,
+                                                            int64_t stride, int *count) {
+    const int64_t in_block = pos % block_size;
+    *count = (int)((kv_len - pos < block_size - in_block) ? kv_len - pos : block_size - in_block);
+    if (pos + *count < kv_len)
+        prefetch_run((const char *)pool + blocks[(pos + *count) / block_size] * block_size * stride * elem,
+                     block_size, stride * elem);
+    return (blocks[pos / block_size] * block_size + in_block) * stride;
+}
+
 static inline __attribute__((always_inline)) void attend(const float *q, const void *k_pool, const void *v_pool,
                                                          int is_bf16, const int64_t *blocks, int64_t kv_len,
                                                          float *out, int heads, int kv_heads, int head_dim,
@@ -114,12 +128,8 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
     const int elem = is_bf16 ? 2 : 4;
     /* Runs: the positions of one block, so a run's keys (values) are token_stride apart. scores[head * n + t]. */
     for (int64_t pos = first; pos < kv_len;) {
-        const int64_t in_block = pos % block_size;
-        const int count = (int)((kv_len - pos < block_size - in_block) ? kv_len - pos : block_size - in_block);
-        if (pos + count < kv_len)
-            prefetch_run((const char *)k_pool + blocks[(pos + count) / block_size] * block_size * token_stride * elem,
-                         block_size, token_stride * elem);
-        const int64_t base = (blocks[pos / block_size] * block_size + in_block) * token_stride;
+        int count;
+        const int64_t base = run_at(k_pool, elem, blocks, pos, kv_len, block_size, token_stride, &count);
         for (int head = 0; head < heads; head++)
             key_dots(q + (int64_t)head * head_dim, k_pool, is_bf16, base + (int64_t)(head / group) * head_dim,
                      token_stride, count, head_dim, scale, scores + head * n + (pos - first));
@@ -141,12 +151,8 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
     }
     for (int i = 0; i < heads * v_head_dim; i++) out[i] = 0.0f;
     for (int64_t pos = first; pos < kv_len;) {
-        const int64_t in_block = pos % block_size;
-        const int count = (int)((kv_len - pos < block_size - in_block) ? kv_len - pos : block_size - in_block);
-        if (pos + count < kv_len)
-            prefetch_run((const char *)v_pool + blocks[(pos + count) / block_size] * block_size * v_token_stride * elem,
-                         block_size, v_token_stride * elem);
-        const int64_t base = (blocks[pos / block_size] * block_size + in_block) * v_token_stride;
+        int count;
+        const int64_t base = run_at(v_pool, elem, blocks, pos, kv_len, block_size, v_token_stride, &count);
         for (int head = 0; head < heads; head++)
             value_sums(scores + head * n + (pos - first), v_pool, is_bf16, base + (int64_t)(head / group) * v_head_dim,
                        v_token_stride, count, v_head_dim, out + (int64_t)head * v_head_dim);
