@@ -124,67 +124,19 @@ static inline void row_dots(const void *w, int is_bf16, int64_t row, int d, cons
     }
 }
 
-#define TILE_ROWS 4 /* weight rows per register tile */
-#define TILE_VECS 3 /* vectors per register tile: TILE_ROWS * TILE_VECS accumulators + the vectors = 15 ymm */
-
 #if defined(__AVX2__) && defined(__FMA__)
 /* [a.sum, b.sum, c.sum, d.sum] */
 static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
     const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
-
-/* out[j * ld + q] = w[row0 + q, :] . xs[j][:] for q < TILE_ROWS, j < m (m <= TILE_VECS, a constant after
- * inlining): every weight load feeds m FMAs and every vector load TILE_ROWS, all sums in registers. The next
- * tile's weight rows are prefetched meanwhile: at a few token rows the tile is bound by memory latency. */
-static inline __attribute__((always_inline)) void tile_dots(const void *w, int is_bf16, int64_t row0, int d,
-                                                            const float *const *xs, int m, float *out,
-                                                            int64_t ld) {
-    __m256 acc[TILE_VECS][TILE_ROWS];
-    for (int j = 0; j < m; j++)
-        for (int q = 0; q < TILE_ROWS; q++) acc[j][q] = _mm256_setzero_ps();
-    const int64_t base = row0 * d;
-    int i = 0;
-    const int elem = is_bf16 ? 2 : 4;
-    /* the next tile's rows; past the last tile this names memory after the weight, which a prefetch never reads */
-    const char *next = (const char *)w + (base + (int64_t)TILE_ROWS * d) * elem;
-    for (; i + 8 <= d; i += 8) {
-        __m256 xv[TILE_VECS];
-        for (int q = 0; q < TILE_ROWS; q++) _mm_prefetch(next + ((int64_t)q * d + i) * elem, _MM_HINT_T0);
-        for (int j = 0; j < m; j++) xv[j] = _mm256_loadu_ps(xs[j] + i);
-        for (int q = 0; q < TILE_ROWS; q++) {
-            const __m256 wv = load8(w, is_bf16, base + (int64_t)q * d + i);
-            for (int j = 0; j < m; j++) acc[j][q] = _mm256_fmadd_ps(wv, xv[j], acc[j][q]);
-        }
-    }
-    for (int j = 0; j < m; j++) {
-        float s[4];
-        _mm_storeu_ps(s, hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
-        for (int q = 0; q < TILE_ROWS; q++) {
-            for (int k = i; k < d; k++) s[q] += weight_at(w, is_bf16, base + (int64_t)q * d + k) * xs[j][k];
-            out[(int64_t)j * ld + q] = s[q];
-        }
-    }
-}
-
-static void tile_dots_f32(const void *w, int64_t row0, int d, const float *const *xs, int m, float *out, int64_t ld) {
-    if (m == 3) tile_dots(w, 0, row0, d, xs, 3, out, ld);
-    else if (m == 2) tile_dots(w, 0, row0, d, xs, 2, out, ld);
-    else tile_dots(w, 0, row0, d, xs, 1, out, ld);
-}
-
-static void tile_dots_bf16(const void *w, int64_t row0, int d, const float *const *xs, int m, float *out,
-                           int64_t ld) {
-    if (m == 3) tile_dots(w, 1, row0, d, xs, 3, out, ld);
-    else if (m == 2) tile_dots(w, 1, row0, d, xs, 2, out, ld);
-    else tile_dots(w, 1, row0, d, xs, 1, out, ld);
-}
 #endif
 
+/* The widest vectors the compiler targets, one name for each operation the kernels use: VEC_W floats in
+ * 512-bit registers where it targets AVX-512, 256-bit ones with AVX2 (no VEC_W otherwise). */
 #if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-/* The same tile in 512-bit registers, twice the vectors per tile: at a prefill's few dozen rows per expert the
- * tile is bound by FMA throughput, not by memory, and the 256-bit tile leaves half of each FMA unit idle. */
-#define TILE512_VECS 6 /* TILE_ROWS * TILE512_VECS accumulators + the vectors + a weight = 31 zmm */
+#define VEC_W 16
+typedef __m512 vec;
 
 static inline __m512 load16(const void *w, int is_bf16, int64_t i) {
     if (is_bf16) {
@@ -199,28 +151,78 @@ static inline __m256 fold512(__m512 v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-static inline __attribute__((always_inline)) void tile_dots512(const void *w, int is_bf16, int64_t row0, int d,
-                                                               const float *const *xs, int m, float *out,
-                                                               int64_t ld) {
-    __m512 acc[TILE512_VECS][TILE_ROWS];
+#define vec_zero() _mm512_setzero_ps()
+#define vec_set1(x) _mm512_set1_ps(x)
+#define vec_loadu(p) _mm512_loadu_ps(p)
+#define vec_storeu(p, v) _mm512_storeu_ps(p, v)
+#define vec_load_w(w, is_bf16, i) load16(w, is_bf16, i) /* float32 or bfloat16 weights, KV */
+#define vec_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vec_add(a, b) _mm512_add_ps(a, b)
+#define vec_sub(a, b) _mm512_sub_ps(a, b)
+#define vec_mul(a, b) _mm512_mul_ps(a, b)
+#define vec_div(a, b) _mm512_div_ps(a, b)
+#define vec_min(a, b) _mm512_min_ps(a, b)
+#define vec_max(a, b) _mm512_max_ps(a, b)
+#define vec_round(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vec_pow2(y, k) _mm512_scalef_ps(y, k) /* y * 2^k */
+#define vec_sum4(a, b, c, d) hsum4(fold512(a), fold512(b), fold512(c), fold512(d)) /* [a.sum, ..., d.sum] */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VEC_W 8
+typedef __m256 vec;
+#define vec_zero() _mm256_setzero_ps()
+#define vec_set1(x) _mm256_set1_ps(x)
+#define vec_loadu(p) _mm256_loadu_ps(p)
+#define vec_storeu(p, v) _mm256_storeu_ps(p, v)
+#define vec_load_w(w, is_bf16, i) load8(w, is_bf16, i)
+#define vec_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vec_add(a, b) _mm256_add_ps(a, b)
+#define vec_sub(a, b) _mm256_sub_ps(a, b)
+#define vec_mul(a, b) _mm256_mul_ps(a, b)
+#define vec_div(a, b) _mm256_div_ps(a, b)
+#define vec_min(a, b) _mm256_min_ps(a, b)
+#define vec_max(a, b) _mm256_max_ps(a, b)
+#define vec_round(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* y * 2^k for integral k in [-127, 128] (exp's clamp keeps it there; 128 makes inf, the limit exp takes): k
+ * into the exponent's bits */
+#define vec_pow2(y, k)                                                                                           \
+    _mm256_mul_ps(y, _mm256_castsi256_ps(                                                                       \
+                         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23)))
+#define vec_sum4(a, b, c, d) hsum4(a, b, c, d)
+#endif
+
+#define TILE_ROWS 4 /* weight rows per register tile */
+#ifdef VEC_W
+/* vectors per register tile: TILE_ROWS * TILE_VECS accumulators + the vectors + a weight, within the 32 zmm
+ * (31) or the 16 ymm (15-16). In 512-bit registers twice the vectors: at a prefill's few dozen rows per expert
+ * the tile is bound by FMA throughput, not by memory. */
+#define TILE_VECS (VEC_W == 16 ? 6 : 3)
+
+/* out[j * ld + q] = w[row0 + q, :] . xs[j][:] for q < TILE_ROWS, j < m (m <= TILE_VECS, a constant after
+ * inlining): every weight load feeds m FMAs and every vector load TILE_ROWS, all sums in registers. The next
+ * tile's weight rows are prefetched meanwhile: at a few token rows the tile is bound by memory latency. */
+static inline __attribute__((always_inline)) void tile_dots(const void *w, int is_bf16, int64_t row0, int d,
+                                                            const float *const *xs, int m, float *out,
+                                                            int64_t ld) {
+    vec acc[TILE_VECS][TILE_ROWS];
     for (int j = 0; j < m; j++)
-        for (int q = 0; q < TILE_ROWS; q++) acc[j][q] = _mm512_setzero_ps();
+        for (int q = 0; q < TILE_ROWS; q++) acc[j][q] = vec_zero();
     const int64_t base = row0 * d;
     int i = 0;
     const int elem = is_bf16 ? 2 : 4;
+    /* the next tile's rows; past the last tile this names memory after the weight, which a prefetch never reads */
     const char *next = (const char *)w + (base + (int64_t)TILE_ROWS * d) * elem;
-    for (; i + 16 <= d; i += 16) {
-        __m512 xv[TILE512_VECS];
+    for (; i + VEC_W <= d; i += VEC_W) {
+        vec xv[TILE_VECS];
         for (int q = 0; q < TILE_ROWS; q++) _mm_prefetch(next + ((int64_t)q * d + i) * elem, _MM_HINT_T0);
-        for (int j = 0; j < m; j++) xv[j] = _mm512_loadu_ps(xs[j] + i);
+        for (int j = 0; j < m; j++) xv[j] = vec_loadu(xs[j] + i);
         for (int q = 0; q < TILE_ROWS; q++) {
-            const __m512 wv = load16(w, is_bf16, base + (int64_t)q * d + i);
-            for (int j = 0; j < m; j++) acc[j][q] = _mm512_fmadd_ps(wv, xv[j], acc[j][q]);
+            const vec wv = vec_load_w(w, is_bf16, base + (int64_t)q * d + i);
+            for (int j = 0; j < m; j++) acc[j][q] = vec_fma(wv, xv[j], acc[j][q]);
         }
     }
     for (int j = 0; j < m; j++) {
         float s[4];
-        _mm_storeu_ps(s, hsum4(fold512(acc[j][0]), fold512(acc[j][1]), fold512(acc[j][2]), fold512(acc[j][3])));
+        _mm_storeu_ps(s, vec_sum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
         for (int q = 0; q < TILE_ROWS; q++) {
             for (int k = i; k < d; k++) s[q] += weight_at(w, is_bf16, base + (int64_t)q * d + k) * xs[j][k];
             out[(int64_t)j * ld + q] = s[q];
@@ -228,50 +230,46 @@ static inline __attribute__((always_inline)) void tile_dots512(const void *w, in
     }
 }
 
-#define TILE512_DISPATCH(name, is_bf16)                                                                          \
+/* tile_dots with m (1..TILE_VECS) a constant in each branch, so its accumulators stay in registers */
+#if TILE_VECS > 3
+#define TILE_DOTS_WIDE(is_bf16)                                                                                  \
+    case 6: tile_dots(w, is_bf16, row0, d, xs, 6, out, ld); break;                                               \
+    case 5: tile_dots(w, is_bf16, row0, d, xs, 5, out, ld); break;                                               \
+    case 4: tile_dots(w, is_bf16, row0, d, xs, 4, out, ld); break;
+#else
+#define TILE_DOTS_WIDE(is_bf16)
+#endif
+#define TILE_DOTS_DISPATCH(name, is_bf16)                                                                        \
     static void name(const void *w, int64_t row0, int d, const float *const *xs, int m, float *out, int64_t ld) { \
         switch (m) {                                                                                             \
-        case 6: tile_dots512(w, is_bf16, row0, d, xs, 6, out, ld); break;                                        \
-        case 5: tile_dots512(w, is_bf16, row0, d, xs, 5, out, ld); break;                                        \
-        case 4: tile_dots512(w, is_bf16, row0, d, xs, 4, out, ld); break;                                        \
-        case 3: tile_dots512(w, is_bf16, row0, d, xs, 3, out, ld); break;                                        \
-        case 2: tile_dots512(w, is_bf16, row0, d, xs, 2, out, ld); break;                                        \
-        default: tile_dots512(w, is_bf16, row0, d, xs, 1, out, ld);                                              \
+            TILE_DOTS_WIDE(is_bf16)                                                                              \
+        case 3: tile_dots(w, is_bf16, row0, d, xs, 3, out, ld); break;                                           \
+        case 2: tile_dots(w, is_bf16, row0, d, xs, 2, out, ld); break;                                           \
+        default: tile_dots(w, is_bf16, row0, d, xs, 1, out, ld);                                                 \
         }                                                                                                        \
     }
-TILE512_DISPATCH(tile_dots512_f32, 0)
-TILE512_DISPATCH(tile_dots512_bf16, 1)
-#undef TILE512_DISPATCH
-#endif
-
-/* The widest tile the compiler targets: matmul_rows takes MATMUL_TILE_VECS vectors at a time through it. */
-#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-#define MATMUL_TILE_VECS TILE512_VECS
-#define matmul_tile_f32 tile_dots512_f32
-#define matmul_tile_bf16 tile_dots512_bf16
-#elif defined(__AVX2__) && defined(__FMA__)
-#define MATMUL_TILE_VECS TILE_VECS
-#define matmul_tile_f32 tile_dots_f32
-#define matmul_tile_bf16 tile_dots_bf16
+TILE_DOTS_DISPATCH(tile_dots_f32, 0)
+TILE_DOTS_DISPATCH(tile_dots_bf16, 1)
+#undef TILE_DOTS_DISPATCH
+#undef TILE_DOTS_WIDE
 #endif
 
 /* out[j * ld + r] = w[r, :] . xs[j][:d] for r < rows, j < n: a small-batch matmul against a weight stored as
  * [rows, d] (as torch's Linear and the experts keep it), so nothing is re-packed. Weight rows are taken
- * TILE_ROWS at a time, read from memory once and then from cache against the vectors MATMUL_TILE_VECS at a
- * time. */
+ * TILE_ROWS at a time, read from memory once and then from cache against the vectors TILE_VECS at a time. */
 static inline void matmul_rows(const void *w, int is_bf16, int rows, int d, const float *const *xs, int n,
                                float *out, int64_t ld, int num_threads) {
     int first = 0; /* weight rows from here on take row_dots */
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef VEC_W
     /* one vector too: a tile's rows share its loads and their sums are reduced together */
     const int tiles = rows / TILE_ROWS;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int t = 0; t < tiles; t++) {
         const int64_t r0 = (int64_t)t * TILE_ROWS;
-        for (int j0 = 0; j0 < n; j0 += MATMUL_TILE_VECS) {
-            const int m = n - j0 < MATMUL_TILE_VECS ? n - j0 : MATMUL_TILE_VECS;
-            if (is_bf16) matmul_tile_bf16(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
-            else matmul_tile_f32(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
+        for (int j0 = 0; j0 < n; j0 += TILE_VECS) {
+            const int m = n - j0 < TILE_VECS ? n - j0 : TILE_VECS;
+            if (is_bf16) tile_dots_bf16(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
+            else tile_dots_f32(w, r0, d, xs + j0, m, out + (int64_t)j0 * ld + r0, ld);
         }
     }
     first = tiles * TILE_ROWS;

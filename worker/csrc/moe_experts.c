@@ -17,94 +17,60 @@
  */
 #include "common.h"
 
-#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-#define ROWS_T_W 16 /* rows per register */
-#define ROWS_T_MR 12 /* weight rows per tile: 12 x 2 accumulators, two row vectors and a broadcast = 27 zmm */
-typedef __m512 rows_vec;
-#define rv_zero() _mm512_setzero_ps()
-#define rv_set1(x) _mm512_set1_ps(x)
-#define rv_loadu(p) _mm512_loadu_ps(p)
-#define rv_storeu(p, v) _mm512_storeu_ps(p, v)
-#define rv_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define rv_add(a, b) _mm512_add_ps(a, b)
-#define rv_sub(a, b) _mm512_sub_ps(a, b)
-#define rv_mul(a, b) _mm512_mul_ps(a, b)
-#define rv_div(a, b) _mm512_div_ps(a, b)
-#define rv_min(a, b) _mm512_min_ps(a, b)
-#define rv_max(a, b) _mm512_max_ps(a, b)
-#define rv_round(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define rv_pow2(y, k) _mm512_scalef_ps(y, k) /* y * 2^k */
-#elif defined(__AVX2__) && defined(__FMA__)
-#define ROWS_T_W 8
-#define ROWS_T_MR 6 /* 6 x 2 accumulators, two row vectors and a broadcast = 15 ymm */
-typedef __m256 rows_vec;
-#define rv_zero() _mm256_setzero_ps()
-#define rv_set1(x) _mm256_set1_ps(x)
-#define rv_loadu(p) _mm256_loadu_ps(p)
-#define rv_storeu(p, v) _mm256_storeu_ps(p, v)
-#define rv_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define rv_add(a, b) _mm256_add_ps(a, b)
-#define rv_sub(a, b) _mm256_sub_ps(a, b)
-#define rv_mul(a, b) _mm256_mul_ps(a, b)
-#define rv_div(a, b) _mm256_div_ps(a, b)
-#define rv_min(a, b) _mm256_min_ps(a, b)
-#define rv_max(a, b) _mm256_max_ps(a, b)
-#define rv_round(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-/* y * 2^k for integral k in [-127, 128] (the clamp keeps it there; 128 makes inf, the limit exp takes): k into
- * the exponent's bits */
-#define rv_pow2(y, k)                                                                                            \
-    _mm256_mul_ps(y, _mm256_castsi256_ps(                                                                       \
-                         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23)))
+#ifdef VEC_W
+/* weight rows per tile of the transposed path: ROWS_T_MR x 2 accumulators, two row vectors and a broadcast =
+ * 27 zmm, or 15 ymm */
+#define ROWS_T_MR (VEC_W == 16 ? 12 : 6)
 #endif
 
 /* g[i] = SiLU(g[i]) * u[i]. exp as Cephes' expf (a degree-5 polynomial on the reduced argument, within 2 ulp),
  * a vector at a time: one libm call per element cost as much as the products at a prefill's rows per expert. */
 static void silu_mul(float *g, const float *u, int64_t n) {
     int64_t i = 0;
-#ifdef ROWS_T_W
-    const rows_vec one = rv_set1(1.0f), lo = rv_set1(-88.3762626647949f), hi = rv_set1(88.3762626647949f);
-    for (; i + ROWS_T_W <= n; i += ROWS_T_W) {
-        const rows_vec gv = rv_loadu(g + i);
-        rows_vec x = rv_min(rv_max(rv_sub(rv_zero(), gv), lo), hi); /* exp(-g) */
-        const rows_vec k = rv_round(rv_mul(x, rv_set1(1.44269504088896341f)));
-        x = rv_fma(k, rv_set1(-0.693359375f), x);
-        x = rv_fma(k, rv_set1(2.12194440e-4f), x);
-        rows_vec y = rv_set1(1.9875691500e-4f);
-        y = rv_fma(y, x, rv_set1(1.3981999507e-3f));
-        y = rv_fma(y, x, rv_set1(8.3334519073e-3f));
-        y = rv_fma(y, x, rv_set1(4.1665795894e-2f));
-        y = rv_fma(y, x, rv_set1(1.6666665459e-1f));
-        y = rv_fma(y, x, rv_set1(5.0000001201e-1f));
-        y = rv_fma(y, rv_mul(x, x), rv_add(x, one));
-        const rows_vec e = rv_pow2(y, k);
-        rv_storeu(g + i, rv_mul(rv_div(gv, rv_add(one, e)), rv_loadu(u + i)));
+#ifdef VEC_W
+    const vec one = vec_set1(1.0f), lo = vec_set1(-88.3762626647949f), hi = vec_set1(88.3762626647949f);
+    for (; i + VEC_W <= n; i += VEC_W) {
+        const vec gv = vec_loadu(g + i);
+        vec x = vec_min(vec_max(vec_sub(vec_zero(), gv), lo), hi); /* exp(-g) */
+        const vec k = vec_round(vec_mul(x, vec_set1(1.44269504088896341f)));
+        x = vec_fma(k, vec_set1(-0.693359375f), x);
+        x = vec_fma(k, vec_set1(2.12194440e-4f), x);
+        vec y = vec_set1(1.9875691500e-4f);
+        y = vec_fma(y, x, vec_set1(1.3981999507e-3f));
+        y = vec_fma(y, x, vec_set1(8.3334519073e-3f));
+        y = vec_fma(y, x, vec_set1(4.1665795894e-2f));
+        y = vec_fma(y, x, vec_set1(1.6666665459e-1f));
+        y = vec_fma(y, x, vec_set1(5.0000001201e-1f));
+        y = vec_fma(y, vec_mul(x, x), vec_add(x, one));
+        const vec e = vec_pow2(y, k);
+        vec_storeu(g + i, vec_mul(vec_div(gv, vec_add(one, e)), vec_loadu(u + i)));
     }
 #endif
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 
-#ifdef ROWS_T_W
+#ifdef VEC_W
 /* outT[(r0 + q) * ldo + j0 + :nv * W] = w[r0 + q, :d] . xT[:d, j0 + :nv * W] for q < mr (both constants after
  * inlining). */
 static inline __attribute__((always_inline)) void tile_t(const void *w, int is_bf16, int64_t r0, int d,
                                                          const float *xT, int64_t ldx, int j0, int nv, int mr,
                                                          float *outT, int64_t ldo) {
-    rows_vec acc[ROWS_T_MR][2];
-    for (int q = 0; q < mr; q++) acc[q][0] = acc[q][1] = rv_zero();
+    vec acc[ROWS_T_MR][2];
+    for (int q = 0; q < mr; q++) acc[q][0] = acc[q][1] = vec_zero();
     for (int k = 0; k < d; k++) {
         const float *xk = xT + (int64_t)k * ldx + j0;
-        const rows_vec x0 = rv_loadu(xk), x1 = nv > 1 ? rv_loadu(xk + ROWS_T_W) : x0;
+        const vec x0 = vec_loadu(xk), x1 = nv > 1 ? vec_loadu(xk + VEC_W) : x0;
         for (int q = 0; q < mr; q++) {
-            const rows_vec b = rv_set1(weight_at(w, is_bf16, (r0 + q) * d + k));
-            acc[q][0] = rv_fma(b, x0, acc[q][0]);
-            if (nv > 1) acc[q][1] = rv_fma(b, x1, acc[q][1]);
+            const vec b = vec_set1(weight_at(w, is_bf16, (r0 + q) * d + k));
+            acc[q][0] = vec_fma(b, x0, acc[q][0]);
+            if (nv > 1) acc[q][1] = vec_fma(b, x1, acc[q][1]);
         }
     }
     for (int q = 0; q < mr; q++) {
         float *o = outT + (r0 + q) * ldo + j0;
-        rv_storeu(o, acc[q][0]);
-        if (nv > 1) rv_storeu(o + ROWS_T_W, acc[q][1]);
+        vec_storeu(o, acc[q][0]);
+        if (nv > 1) vec_storeu(o + VEC_W, acc[q][1]);
     }
 }
 
@@ -124,7 +90,7 @@ static void tile_t_row(const void *w, int is_bf16, int64_t r, int d, const float
 #undef TILE_T
 }
 
-/* outT[r * ldo + j] = w[r, :d] . xT[:d, j] for r < rows, j < n (n a multiple of ROWS_T_W, ldx and ldo >= n):
+/* outT[r * ldo + j] = w[r, :d] . xT[:d, j] for r < rows, j < n (n a multiple of VEC_W, ldx and ldo >= n):
  * the weight's rows ROWS_T_MR at a time, each tile's rows kept in cache while every row vector passes. */
 static void matmul_rows_t(const void *w, int is_bf16, int rows, int d, const float *xT, int64_t ldx, int n,
                           float *outT, int64_t ldo, int num_threads) {
@@ -132,8 +98,8 @@ static void matmul_rows_t(const void *w, int is_bf16, int rows, int d, const flo
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int t = 0; t < tiles; t++) {
         const int64_t r0 = (int64_t)t * ROWS_T_MR;
-        for (int j0 = 0; j0 < n; j0 += 2 * ROWS_T_W) {
-            const int nv = n - j0 >= 2 * ROWS_T_W ? 2 : 1;
+        for (int j0 = 0; j0 < n; j0 += 2 * VEC_W) {
+            const int nv = n - j0 >= 2 * VEC_W ? 2 : 1;
             if (r0 + ROWS_T_MR <= rows) tile_t_rows(w, is_bf16, r0, d, xT, ldx, j0, nv, outT, ldo);
             else
                 for (int64_t r = r0; r < rows; r++) tile_t_row(w, is_bf16, r, d, xT, ldx, j0, nv, outT, ldo);
@@ -146,7 +112,7 @@ static void matmul_rows_t(const void *w, int is_bf16, int rows, int d, const flo
 static void expert_rows_t(const float *x, const int *rows, int n, const float *weights, const void *gate_up,
                           const void *down, int is_bf16, float *out, int top_k, int hidden, int inter, float *scratch,
                           int num_threads) {
-    const int npad = (n + ROWS_T_W - 1) / ROWS_T_W * ROWS_T_W, width = 2 * inter;
+    const int npad = (n + VEC_W - 1) / VEC_W * VEC_W, width = 2 * inter;
     float *xT = scratch, *actT = xT + (int64_t)hidden * npad, *downT = actT + (int64_t)width * npad;
     for (int k = 0; k < hidden; k++) {
         float *xk = xT + (int64_t)k * npad;
@@ -181,11 +147,11 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
         return -1;
     }
     float *down_out = act + (size_t)slots * (size_t)width;
-#ifdef ROWS_T_W
+#ifdef VEC_W
     /* the transposed path's scratch, for as many rows as the busiest expert's */
-    const size_t padded = (size_t)(slots + ROWS_T_W - 1) / ROWS_T_W * ROWS_T_W;
-    float *scratch = pairs >= ROWS_T_W ? malloc(sizeof(float) * padded * (size_t)(2 * hidden + width)) : NULL;
-    if (pairs >= ROWS_T_W && scratch == NULL) {
+    const size_t padded = (size_t)(slots + VEC_W - 1) / VEC_W * VEC_W;
+    float *scratch = pairs >= VEC_W ? malloc(sizeof(float) * padded * (size_t)(2 * hidden + width)) : NULL;
+    if (pairs >= VEC_W && scratch == NULL) {
         free(rows), free(xs), free(act);
         return -1;
     }
@@ -197,8 +163,8 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
         for (int p = 0; p < pairs; p++)
             if (ids[p] == e) rows[n++] = p;
         if (n == 0) continue;
-#ifdef ROWS_T_W
-        if (n >= ROWS_T_W) {
+#ifdef VEC_W
+        if (n >= VEC_W) {
             expert_rows_t(x, rows, n, weights, (const char *)gate_up + (size_t)e * gu_expert * elem,
                           (const char *)down + (size_t)e * d_expert * elem, is_bf16, out, top_k, hidden, inter,
                           scratch, num_threads);
@@ -223,7 +189,7 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
             for (int h = 0; h < hidden; h++) o[h] += wt * d[h];
         }
     }
-#ifdef ROWS_T_W
+#ifdef VEC_W
     free(scratch);
 #endif
     free(rows), free(xs), free(act);

@@ -11,48 +11,27 @@
  */
 #include "common.h"
 
-/* The widest vectors the compiler targets. A run (a block's tokens) is read once from memory; every head of
- * the run's group then takes it from cache, four keys per reduction and the values' sums in registers. */
-#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-#define ATT_W 16
-typedef __m512 att_vec;
-#define att_zero() _mm512_setzero_ps()
-#define att_set1(x) _mm512_set1_ps(x)
-#define att_loadu(p) _mm512_loadu_ps(p)
-#define att_storeu(p, v) _mm512_storeu_ps(p, v)
-#define att_load_kv(pool, is_bf16, i) load16(pool, is_bf16, i)
-#define att_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define att_sum4(a, b, c, d) hsum4(fold512(a), fold512(b), fold512(c), fold512(d))
-#elif defined(__AVX2__) && defined(__FMA__)
-#define ATT_W 8
-typedef __m256 att_vec;
-#define att_zero() _mm256_setzero_ps()
-#define att_set1(x) _mm256_set1_ps(x)
-#define att_loadu(p) _mm256_loadu_ps(p)
-#define att_storeu(p, v) _mm256_storeu_ps(p, v)
-#define att_load_kv(pool, is_bf16, i) load8(pool, is_bf16, i)
-#define att_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define att_sum4(a, b, c, d) hsum4(a, b, c, d)
-#endif
+/* A run (a block's tokens) is read once from memory; every head of the run's group then takes it from cache,
+ * four keys per reduction and the values' sums in registers (vectors as common.h's vec_*). */
 
 /* s[t] = scale * q . k_t for the `count` keys at pool elements base, base + stride, ... */
 static inline __attribute__((always_inline)) void key_dots(const float *q, const void *pool, int is_bf16,
                                                            int64_t base, int64_t stride, int count, int d,
                                                            float scale, float *s) {
     int t = 0;
-#ifdef ATT_W
-    if (d % ATT_W == 0)
+#ifdef VEC_W
+    if (d % VEC_W == 0)
         for (; t + 4 <= count; t += 4) {
-            att_vec a0 = att_zero(), a1 = a0, a2 = a0, a3 = a0;
+            vec a0 = vec_zero(), a1 = a0, a2 = a0, a3 = a0;
             const int64_t b = base + (int64_t)t * stride;
-            for (int i = 0; i < d; i += ATT_W) {
-                const att_vec qv = att_loadu(q + i);
-                a0 = att_fma(att_load_kv(pool, is_bf16, b + i), qv, a0);
-                a1 = att_fma(att_load_kv(pool, is_bf16, b + stride + i), qv, a1);
-                a2 = att_fma(att_load_kv(pool, is_bf16, b + 2 * stride + i), qv, a2);
-                a3 = att_fma(att_load_kv(pool, is_bf16, b + 3 * stride + i), qv, a3);
+            for (int i = 0; i < d; i += VEC_W) {
+                const vec qv = vec_loadu(q + i);
+                a0 = vec_fma(vec_load_w(pool, is_bf16, b + i), qv, a0);
+                a1 = vec_fma(vec_load_w(pool, is_bf16, b + stride + i), qv, a1);
+                a2 = vec_fma(vec_load_w(pool, is_bf16, b + 2 * stride + i), qv, a2);
+                a3 = vec_fma(vec_load_w(pool, is_bf16, b + 3 * stride + i), qv, a3);
             }
-            _mm_storeu_ps(s + t, _mm_mul_ps(att_sum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+            _mm_storeu_ps(s + t, _mm_mul_ps(vec_sum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
         }
 #endif
     for (; t < count; t++) {
@@ -67,26 +46,26 @@ static inline __attribute__((always_inline)) void value_sums(const float *p, con
                                                              int64_t base, int64_t stride, int count, int vd,
                                                              float *o) {
     int i = 0;
-#ifdef ATT_W
-    for (; i + 4 * ATT_W <= vd; i += 4 * ATT_W) {
-        att_vec a0 = att_loadu(o + i), a1 = att_loadu(o + i + ATT_W), a2 = att_loadu(o + i + 2 * ATT_W),
-                a3 = att_loadu(o + i + 3 * ATT_W);
+#ifdef VEC_W
+    for (; i + 4 * VEC_W <= vd; i += 4 * VEC_W) {
+        vec a0 = vec_loadu(o + i), a1 = vec_loadu(o + i + VEC_W), a2 = vec_loadu(o + i + 2 * VEC_W),
+                a3 = vec_loadu(o + i + 3 * VEC_W);
         for (int t = 0; t < count; t++) {
-            const att_vec pv = att_set1(p[t]);
+            const vec pv = vec_set1(p[t]);
             const int64_t b = base + (int64_t)t * stride + i;
-            a0 = att_fma(pv, att_load_kv(pool, is_bf16, b), a0);
-            a1 = att_fma(pv, att_load_kv(pool, is_bf16, b + ATT_W), a1);
-            a2 = att_fma(pv, att_load_kv(pool, is_bf16, b + 2 * ATT_W), a2);
-            a3 = att_fma(pv, att_load_kv(pool, is_bf16, b + 3 * ATT_W), a3);
+            a0 = vec_fma(pv, vec_load_w(pool, is_bf16, b), a0);
+            a1 = vec_fma(pv, vec_load_w(pool, is_bf16, b + VEC_W), a1);
+            a2 = vec_fma(pv, vec_load_w(pool, is_bf16, b + 2 * VEC_W), a2);
+            a3 = vec_fma(pv, vec_load_w(pool, is_bf16, b + 3 * VEC_W), a3);
         }
-        att_storeu(o + i, a0), att_storeu(o + i + ATT_W, a1), att_storeu(o + i + 2 * ATT_W, a2);
-        att_storeu(o + i + 3 * ATT_W, a3);
+        vec_storeu(o + i, a0), vec_storeu(o + i + VEC_W, a1), vec_storeu(o + i + 2 * VEC_W, a2);
+        vec_storeu(o + i + 3 * VEC_W, a3);
     }
-    for (; i + ATT_W <= vd; i += ATT_W) {
-        att_vec a = att_loadu(o + i);
+    for (; i + VEC_W <= vd; i += VEC_W) {
+        vec a = vec_loadu(o + i);
         for (int t = 0; t < count; t++)
-            a = att_fma(att_set1(p[t]), att_load_kv(pool, is_bf16, base + (int64_t)t * stride + i), a);
-        att_storeu(o + i, a);
+            a = vec_fma(vec_set1(p[t]), vec_load_w(pool, is_bf16, base + (int64_t)t * stride + i), a);
+        vec_storeu(o + i, a);
     }
 #endif
     for (; i < vd; i++) {
