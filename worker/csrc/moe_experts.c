@@ -148,13 +148,7 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
     }
     float *down_out = act + (size_t)slots * (size_t)width;
 #ifdef VEC_W
-    /* the transposed path's scratch, for as many rows as the busiest expert's */
-    const size_t padded = (size_t)(slots + VEC_W - 1) / VEC_W * VEC_W;
-    float *scratch = pairs >= VEC_W ? malloc(sizeof(float) * padded * (size_t)(2 * hidden + width)) : NULL;
-    if (pairs >= VEC_W && scratch == NULL) {
-        free(rows), free(xs), free(act);
-        return -1;
-    }
+    float *scratch = NULL; /* the transposed path's, taken at its first expert (a decode step has none) */
 #endif
     const size_t gu_expert = (size_t)width * (size_t)hidden, d_expert = (size_t)hidden * (size_t)inter;
     const size_t elem = is_bf16 ? 2 : 4;
@@ -165,6 +159,14 @@ int qllm_moe_experts_range(const float *x, const int64_t *ids, const float *weig
         if (n == 0) continue;
 #ifdef VEC_W
         if (n >= VEC_W) {
+            if (scratch == NULL) { /* for as many rows as any expert can have */
+                const size_t padded = (size_t)(slots + VEC_W - 1) / VEC_W * VEC_W;
+                scratch = malloc(sizeof(float) * padded * (size_t)(2 * hidden + width));
+                if (scratch == NULL) {
+                    free(rows), free(xs), free(act);
+                    return -1;
+                }
+            }
             expert_rows_t(x, rows, n, weights, (const char *)gate_up + (size_t)e * gu_expert * elem,
                           (const char *)down + (size_t)e * d_expert * elem, is_bf16, out, top_k, hidden, inter,
                           scratch, num_threads);
