@@ -201,7 +201,7 @@ class EngineCore:
         state = self._parked.pop(plan.step_id) if plan.resumed else self.runner.begin(plan)
         begun = time.monotonic()
         should_park = None
-        if self.scheduler.yields_at_layer_boundaries and not self._warming:
+        if not self._warming and self.scheduler.may_park(plan):
             should_park = self._park_check(plan)
         started = time.monotonic()
         stages_before = state.next_stage

@@ -86,6 +86,13 @@ class _Attention:
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    # The call's arguments that never change (weights, norms, the layer's KV pools, shapes), taken once: a
+    # decode step makes this call per layer, and reading them through the modules each time cost more than the
+    # call's arithmetic for a few rows.
+    weights: tuple = ()
+    pools: tuple = ()
+    shapes: tuple = ()
+    output: tuple = ()
 
 
 @dataclass
@@ -94,6 +101,7 @@ class _Moe:
     block: torch.nn.Module
     norm_topk: bool
     dtype: torch.dtype
+    args: tuple = ()   # every argument after (hidden, rows), taken once (see _Attention)
 
 
 class NativeStages:
@@ -107,15 +115,15 @@ class NativeStages:
         self.attention: list[_Attention | None] = []
         self.moe: list[_Moe | None] = []
         for i, layer in enumerate(layers):
-            self.attention.append(self._attention_of(layer, cache.layers[i]) if self.attention_fn else None)
-            self.moe.append(self._moe_of(layer, moe_blocks[i]) if self.moe_fn else None)
+            self.attention.append(self._attention_of(layer, cache.layers[i], self.scale) if self.attention_fn else None)
+            self.moe.append(self._moe_of(layer, moe_blocks[i], self.scale) if self.moe_fn else None)
 
     @property
     def any(self) -> bool:
         return any(self.attention) or any(self.moe)
 
     @staticmethod
-    def _attention_of(layer, pools) -> _Attention | None:
+    def _attention_of(layer, pools, scale: float) -> _Attention | None:
         attn = getattr(layer, "self_attn", None)
         if type(attn).__name__ not in ATTENTIONS or type(pools) is not PagedLayer:
             return None
@@ -134,10 +142,20 @@ class NativeStages:
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         if not all(_fits(dtype, m.weight, m.bias) for m in linears):
             return None
-        return _Attention(layer.input_layernorm, attn, heads, kv_heads, head_dim, dtype)
+        q_norm, k_norm = norms
+        weights = (hidden, int(dtype == torch.bfloat16), layer.input_layernorm.weight.data_ptr(),
+                   float(layer.input_layernorm.variance_epsilon), attn.q_proj.weight.data_ptr(),
+                   attn.k_proj.weight.data_ptr(), attn.v_proj.weight.data_ptr(), _ptr(attn.q_proj.bias),
+                   _ptr(attn.k_proj.bias), _ptr(attn.v_proj.bias), _ptr(q_norm.weight if q_norm is not None else None),
+                   _ptr(k_norm.weight if k_norm is not None else None),
+                   float(q_norm.variance_epsilon if q_norm is not None else 0.0))
+        return _Attention(layer.input_layernorm, attn, heads, kv_heads, head_dim, dtype, weights=weights,
+                          pools=(pools.keys.data_ptr(), pools.values.data_ptr()),
+                          shapes=(pools.keys.shape[1], heads, kv_heads, head_dim, float(attn.scaling)),
+                          output=(attn.o_proj.weight.data_ptr(), _ptr(attn.o_proj.bias), scale))
 
     @staticmethod
-    def _moe_of(layer, block) -> _Moe | None:
+    def _moe_of(layer, block, scale: float) -> _Moe | None:
         router = MOE_BLOCKS.get(type(block).__name__)
         gate = getattr(block, "gate", None)
         if router is None or type(gate).__name__ != router or not experts_fit(block.experts):
@@ -146,7 +164,11 @@ class NativeStages:
         if (not _rms_norm_fits(norm, gate.weight.shape[1])
                 or not _fits(dtype, norm.weight, gate.weight, block.experts.gate_up_proj)):
             return None
-        return _Moe(norm, block, bool(getattr(gate, "norm_topk_prob", True)), dtype)
+        experts, norm_topk = block.experts, bool(getattr(gate, "norm_topk_prob", True))
+        args = (gate.weight.shape[1], int(dtype == torch.bfloat16), norm.weight.data_ptr(), float(norm.variance_epsilon),
+                gate.weight.data_ptr(), gate.weight.shape[0], int(gate.top_k), int(norm_topk),
+                experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(), experts.down_proj.shape[2], scale)
+        return _Moe(norm, block, norm_topk, dtype, args=args)
 
     def prepare(self, state) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a step all of decode rows, few enough, on the CPU: its rotary (cos, sin) as float32
@@ -187,24 +209,17 @@ class NativeStages:
         if not self.attention_fits(index, state, rope):
             return False
         spec = self.attention[index]
-        attn, layout = spec.module, state.layout
-        pools = layout.cache.layers[index]
-        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        decode = layout.decode
-        first, end = rows if rows is not None else (0, state.hidden.shape[1])
-        hidden, cos, sin = state.hidden[0, first:end], rope[0][first:end], rope[1][first:end]
-        slots, tables = layout.slot_mapping[first:end], decode.block_tables[first:end]
-        kv_lens = decode.kv_lens[first:end]
+        decode, hidden = state.layout.decode, state.hidden
+        first, end = rows if rows is not None else (0, hidden.shape[1])
+        # Row `first` on of each per-row array, by address: slicing tensors per layer cost more than the call.
+        cos, sin = rope
+        width = decode.block_tables.shape[1]
         status = self.attention_fn(
-            hidden.data_ptr(), end - first, state.hidden.shape[2], int(spec.dtype == torch.bfloat16),
-            spec.norm.weight.data_ptr(), float(spec.norm.variance_epsilon), attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(),
-            attn.v_proj.weight.data_ptr(), _ptr(attn.q_proj.bias), _ptr(attn.k_proj.bias), _ptr(attn.v_proj.bias),
-            _ptr(q_norm.weight if q_norm is not None else None), _ptr(k_norm.weight if k_norm is not None else None),
-            float(q_norm.variance_epsilon if q_norm is not None else 0.0), cos.data_ptr(), sin.data_ptr(),
-            pools.keys.data_ptr(), pools.values.data_ptr(), slots.data_ptr(),
-            tables.data_ptr(), kv_lens.data_ptr(), decode.block_tables.shape[1],
-            pools.keys.shape[1], spec.heads, spec.kv_heads, spec.head_dim, float(attn.scaling), int(window),
-            attn.o_proj.weight.data_ptr(), _ptr(attn.o_proj.bias), self.scale, torch.get_num_threads())
+            hidden.data_ptr() + first * hidden.shape[2] * hidden.element_size(), end - first, *spec.weights,
+            cos.data_ptr() + 4 * first * cos.shape[1], sin.data_ptr() + 4 * first * sin.shape[1], *spec.pools,
+            state.layout.slot_mapping.data_ptr() + 8 * first, decode.block_tables.data_ptr() + 8 * first * width,
+            decode.kv_lens.data_ptr() + 8 * first, width, *spec.shapes, int(window), *spec.output,
+            torch.get_num_threads())
         if status != 0:
             raise MemoryError("attention stage: no scratch memory")
         return True
@@ -222,12 +237,8 @@ class NativeStages:
         spec = self.moe[index]
         if spec is None or state.hidden.dtype != spec.dtype:
             return False
-        experts, gate = spec.block.experts, spec.block.gate
-        status = self.moe_fn(
-            state.hidden.data_ptr(), state.hidden.shape[1], state.hidden.shape[2], int(spec.dtype == torch.bfloat16),
-            spec.norm.weight.data_ptr(), float(spec.norm.variance_epsilon), gate.weight.data_ptr(),
-            gate.weight.shape[0], int(gate.top_k), int(spec.norm_topk), experts.gate_up_proj.data_ptr(),
-            experts.down_proj.data_ptr(), experts.down_proj.shape[2], self.scale, torch.get_num_threads())
+        hidden = state.hidden
+        status = self.moe_fn(hidden.data_ptr(), hidden.shape[1], *spec.args, torch.get_num_threads())
         if status != 0:
             raise MemoryError("moe stage: no scratch memory")
         return True

@@ -252,6 +252,10 @@ class Scheduler:
         """The next step to run (empty when there is nothing to do)."""
         return self.build_step()
 
+    def may_park(self, plan: SchedulerOutput) -> bool:
+        """Whether `plan` may be parked at all: the engine asks should_park() at its boundaries only then."""
+        return self.yields_at_layer_boundaries
+
     def should_park(self, plan: SchedulerOutput) -> bool:
         """Asked at each layer boundary of a running step when the policy yields inside steps."""
         return False

@@ -120,6 +120,11 @@ class QllmScheduler(PriorityEvictScheduler):
             return plan or self.build_step(ls_only=True)
         return self.build_step()
 
+    def may_park(self, plan: SchedulerOutput) -> bool:
+        # An LS-only step never parks (see above): its boundaries need no question, which on a one-row step
+        # costs a noticeable part of the step.
+        return self.config.layer_parking and plan.has_best_effort
+
     def should_park(self, plan: SchedulerOutput) -> bool:
         if not self.config.layer_parking:
             return False
