@@ -14,6 +14,9 @@ and the residual stream in one dtype, float32 or bfloat16; everything else (pref
 or other dtypes, GPUs) runs the transformers modules unchanged. In bfloat16 the kernels compute in float32 and
 round where they store (the stream, the pools), so tokens stay close to the modules' but not bit-equal; in
 float32 they are the modules' tokens.
+
+A layer's fixed arguments (weight, norm and KV pool addresses, shapes) are read once, when the runner is built: the
+loader has placed the weights by then and the pools are allocated once, and nothing moves either afterwards.
 """
 
 from __future__ import annotations

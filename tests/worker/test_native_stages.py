@@ -13,7 +13,7 @@ import torch
 from worker import native_stages
 from worker.engine_core import EngineConfig, EngineCore
 from worker.model_loader import load_model
-from worker.model_runner import ModelRunner
+from worker.model_runner import ATTENTION_ROW_GROUP, ModelRunner
 from worker.moe import native_supports
 from worker.native_stages import NativeStages
 from worker.request import Request, SamplingParams
@@ -90,6 +90,36 @@ def test_parked_native_steps_resume_exactly(native_runner, make_runner, run_with
     module_runner.native = None
     want, _ = _run(module_runner, _requests(seed=5))
     assert [r.output_token_ids for r in reqs] == want
+
+
+def test_decode_rows_run_in_groups_match_the_modules(native_runner, make_runner, monkeypatch):
+    """A policy that may park runs a native attention block a group of rows at a time: each call starts at its
+    group's first row (its rows, rotary, slots and block tables by address), and the tokens are the modules'."""
+    n = 2 * ATTENTION_ROW_GROUP + 3
+
+    def requests():  # short prompts, long answers: all n decode together for most of the run
+        rng = random.Random(11)
+        return [Request(f"r{i}", [rng.randrange(3, 8000) for _ in range(5 + 3 * i)],
+                        SamplingParams(max_tokens=40, ignore_eos=True)) for i in range(n)]
+    starts = []
+    original = native_runner.native.run_attention
+
+    def spy(index, state, rope, window, rows=None):
+        starts.append(rows[0] if rows is not None else 0)
+        return original(index, state, rope, window, rows)
+    monkeypatch.setattr(native_runner.native, "run_attention", spy)
+    config = EngineConfig(policy="qllm", max_num_batched_tokens=64, max_num_seqs=n, kv_budget_tokens=256 * 16,
+                          block_size=16, ls_reserved_slots=0, ls_reserved_kv_tokens=0)
+    reqs = requests()
+    EngineCore(native_runner, config).run_to_completion(reqs)
+    assert ATTENTION_ROW_GROUP in starts and 2 * ATTENTION_ROW_GROUP in starts
+
+    module_runner = make_runner()
+    module_runner.native = None
+    want = requests()
+    EngineCore(module_runner, EngineConfig(max_num_batched_tokens=64, max_num_seqs=n, kv_budget_tokens=256 * 16,
+                                           block_size=16)).run_to_completion(want)
+    assert [r.output_token_ids for r in reqs] == [r.output_token_ids for r in want]
 
 
 def test_large_or_mixed_steps_take_the_modules(native_runner, monkeypatch):
