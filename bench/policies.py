@@ -61,10 +61,11 @@ POLICIES: dict[str, Part] = {
     **{f"qllm-budget-{n}": Part(f"worker: qllm with a {n}-token budget for BE iterations beside LS streams",
                                 worker_policy="qllm", worker_args=("--ls-active-max-batched-tokens", str(n)))
        for n in (128, 256, 512)},
-    # ... and how many LS steps for due tokens may run in a row before BE gets its turn (by default 1).
+    # ... and how many LS steps for due tokens may run in a row before BE gets its turn (by default 2; 1 was the
+    # default before c23f47c's faster one-row step, docs/benchmarks.md "Thirteenth session").
     **{f"qllm-defer-{n}": Part(f"worker: qllm letting {n} LS steps for due tokens run in a row before BE's turn",
                                worker_policy="qllm", worker_args=("--max-be-deferral-steps", str(n)))
-       for n in (2, 4)},
+       for n in (1, 2, 4)},
     # BE orders (the router's queue decides which BE request a worker starts next; the worker runs fcfs).
     "arrival": Part("router: BE in arrival order (the baseline of the BE orders); worker: fcfs",
                     default_worker_policy="fcfs", router_args=("--be-order", "arrival")),

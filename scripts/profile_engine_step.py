@@ -2,7 +2,7 @@
 
   .venv/bin/python scripts/profile_engine_step.py [--dtype float32] [--decodes 30] [--context 1400]
                                                   [--prefill 512] [--threads 1] [--steps 20] [--top 15]
-                                                  [--modules-only] [--no-profile]
+                                                  [--modules-only] [--no-profile] [--policy fcfs] [--ls]
 
 Builds the real scheduler and model runner, prefills `--decodes` requests of `--context` tokens, then times
 `--steps` decode-only steps and as many mixed steps (the decodes plus a `--prefill`-token chunk of a new
@@ -11,6 +11,8 @@ request), and prints each kind's median step time and torch.profiler's top ops b
 --modules-only turns off the native decode stages and MoE experts (worker/native_stages.py, worker/moe.py;
 the native decode attention stays), which is how the engine ran before them. --no-profile times the steps
 without torch.profiler (its per-op hooks add a few ms to a step of many small ops) and prints no op table.
+--policy picks the scheduler and --ls makes the decodes LS requests: `--policy qllm --ls --decodes 1 --context 100
+--prefill 0` times the LS-only one-row step an LS stream decodes in under qllm.
 """
 
 from __future__ import annotations
@@ -27,22 +29,23 @@ from torch.profiler import ProfilerActivity, profile
 from worker.engine_core import EngineConfig, EngineCore
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
-from worker.request import Request, SamplingParams
+from worker.request import Priority, Request, SamplingParams
 
 
 def build(args):
     loaded = load_model(None, device=args.device, dtype=args.dtype)
     block_size = 16
-    kv_tokens = (args.decodes + args.steps + 2) * (args.context + 4 * args.steps + args.prefill + 64)
+    kv_tokens = (args.decodes + 2) * (args.context + 4 * args.steps + 64) + args.steps * (args.prefill + 64)
     num_blocks = -(-kv_tokens // block_size)
     runner = ModelRunner(loaded, num_blocks, block_size)
-    core = EngineCore(runner, EngineConfig(policy="fcfs", max_num_seqs=args.decodes + 2,
+    core = EngineCore(runner, EngineConfig(policy=args.policy, max_num_seqs=args.decodes + 2,
                                            max_num_batched_tokens=max(args.prefill, 2048),
                                            kv_budget_tokens=num_blocks * block_size, block_size=block_size))
     vocab = loaded.model.config.vocab_size
     for i in range(args.decodes):
         ids = [(31 * i + 7 * j) % (vocab - 1) + 1 for j in range(args.context)]
-        core.add_request(Request(f"d{i}", ids, SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True)))
+        core.add_request(Request(f"d{i}", ids, SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True),
+                                 Priority.LATENCY_SENSITIVE if args.ls else Priority.BEST_EFFORT))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.requests.values()):
         core.step()
     return core, vocab
@@ -68,6 +71,8 @@ def main() -> None:
     p.add_argument("--modules-only", action="store_true",
                    help="transformers' modules for every stage (QLLM_NATIVE_STAGES=0 QLLM_NATIVE_MOE=0)")
     p.add_argument("--no-profile", action="store_true", help="step times only, without torch.profiler's overhead")
+    p.add_argument("--policy", default="fcfs", help="the scheduler (worker/scheduler): fcfs, priority, qllm, ...")
+    p.add_argument("--ls", action="store_true", help="the decodes are LS requests (else BE)")
     args = p.parse_args()
     if args.modules_only:
         os.environ["QLLM_NATIVE_STAGES"] = os.environ["QLLM_NATIVE_MOE"] = "0"

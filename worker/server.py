@@ -229,7 +229,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                  help="token budget of one iteration (prefill chunk size)")
     settings.add(parser, "--kv-budget-tokens", type=int, default=32768, help="KV cache budget in tokens")
     settings.add(parser, "--block-size", type=int, default=16, help="KV block size in tokens")
-    settings.add(parser, "--max-be-deferral-steps", type=int, default=1,
+    settings.add(parser, "--max-be-deferral-steps", type=int, default=2,
                  help="qllm: LS-only steps for due LS tokens that may run in a row before BE gets its turn")
     settings.add(parser, "--layer-parking", type=bool, default=True,
                  help="qllm: park a running step at a layer boundary when LS work arrives or an LS token is due")

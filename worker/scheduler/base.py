@@ -24,7 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     # qllm: how many LS-only steps for due LS tokens may run in a row before BE gets its turn, up to its next
     # parking point (LS that just arrived always gets its step).
-    max_be_deferral_steps: int = 1
+    max_be_deferral_steps: int = 2
     # qllm: park a running step at layer boundaries when LS work arrives (QLLM's preemption), and give LS
     # work that arrives between steps a step of its own; each can be switched off to measure what it buys.
     layer_parking: bool = True
