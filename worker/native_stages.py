@@ -168,8 +168,8 @@ class NativeStages:
                 or not _fits(dtype, norm.weight, gate.weight, block.experts.gate_up_proj)):
             return None
         experts, norm_topk = block.experts, bool(getattr(gate, "norm_topk_prob", True))
-        args = (gate.weight.shape[1], int(dtype == torch.bfloat16), norm.weight.data_ptr(), float(norm.variance_epsilon),
-                gate.weight.data_ptr(), gate.weight.shape[0], int(gate.top_k), int(norm_topk),
+        args = (gate.weight.shape[1], int(dtype == torch.bfloat16), norm.weight.data_ptr(),
+                float(norm.variance_epsilon), gate.weight.data_ptr(), gate.weight.shape[0], int(gate.top_k), int(norm_topk),
                 experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(), experts.down_proj.shape[2], scale)
         return _Moe(norm, block, norm_topk, dtype, args=args)
 
