@@ -83,28 +83,21 @@ def _fits(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
 
 @dataclass
 class _Attention:
-    norm: torch.nn.Module
-    module: torch.nn.Module
-    heads: int
-    kv_heads: int
     head_dim: int
     dtype: torch.dtype
     # The call's arguments that never change (weights, norms, the layer's KV pools, shapes), taken once: a
     # decode step makes this call per layer, and reading them through the modules each time cost more than the
-    # call's arithmetic for a few rows.
-    weights: tuple = ()
-    pools: tuple = ()
-    shapes: tuple = ()
-    output: tuple = ()
+    # call's arithmetic for a few rows. Four groups, as the call interleaves them with the step's own pointers.
+    weights: tuple
+    pools: tuple
+    shapes: tuple
+    output: tuple
 
 
 @dataclass
 class _Moe:
-    norm: torch.nn.Module
-    block: torch.nn.Module
-    norm_topk: bool
     dtype: torch.dtype
-    args: tuple = ()   # every argument after (hidden, rows), taken once (see _Attention)
+    args: tuple   # every argument after (hidden, rows), taken once (see _Attention)
 
 
 class NativeStages:
@@ -152,8 +145,7 @@ class NativeStages:
                    _ptr(attn.k_proj.bias), _ptr(attn.v_proj.bias), _ptr(q_norm.weight if q_norm is not None else None),
                    _ptr(k_norm.weight if k_norm is not None else None),
                    float(q_norm.variance_epsilon if q_norm is not None else 0.0))
-        return _Attention(layer.input_layernorm, attn, heads, kv_heads, head_dim, dtype, weights=weights,
-                          pools=(pools.keys.data_ptr(), pools.values.data_ptr()),
+        return _Attention(head_dim, dtype, weights=weights, pools=(pools.keys.data_ptr(), pools.values.data_ptr()),
                           shapes=(pools.keys.shape[1], heads, kv_heads, head_dim, float(attn.scaling)),
                           output=(attn.o_proj.weight.data_ptr(), _ptr(attn.o_proj.bias), scale))
 
@@ -169,9 +161,10 @@ class NativeStages:
             return None
         experts, norm_topk = block.experts, bool(getattr(gate, "norm_topk_prob", True))
         args = (gate.weight.shape[1], int(dtype == torch.bfloat16), norm.weight.data_ptr(),
-                float(norm.variance_epsilon), gate.weight.data_ptr(), gate.weight.shape[0], int(gate.top_k), int(norm_topk),
-                experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(), experts.down_proj.shape[2], scale)
-        return _Moe(norm, block, norm_topk, dtype, args=args)
+                float(norm.variance_epsilon), gate.weight.data_ptr(), gate.weight.shape[0], int(gate.top_k),
+                int(norm_topk), experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(),
+                experts.down_proj.shape[2], scale)
+        return _Moe(dtype, args)
 
     def prepare(self, state) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a step all of decode rows, few enough, on the CPU: its rotary (cos, sin) as float32

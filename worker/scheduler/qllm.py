@@ -126,16 +126,14 @@ class QllmScheduler(PriorityEvictScheduler):
         return self.config.layer_parking and plan.has_best_effort
 
     def should_park(self, plan: SchedulerOutput) -> bool:
-        if not self.config.layer_parking:
+        if not self.may_park(plan):
             return False
         now = self.clock()
-        if plan.has_best_effort and self.pacing and any(r.is_ls for r in self.running):
+        if self.pacing and any(r.is_ls for r in self.running):
             last = self._last_boundary
             if last is not None and last[0] == plan.step_id:
                 self.be_piece_s += 0.1 * (now - last[1] - self.be_piece_s)
             self._last_boundary = (plan.step_id, now)
-        if not plan.has_best_effort:
-            return False
         return self._ls_arrived or (self.pacing and self.ls_due(now))
 
     def park(self, plan: SchedulerOutput) -> None:
