@@ -27,7 +27,7 @@ RESULTS = REPO / "docs" / "results"
 BENCH = (
     ("make-bench", "mixed.json", "--scenario mixed --policies fcfs,priority,qllm --be-rate 1.5 --repeat 3"),
     ("mixed-ls-pacing", "mixed.json",
-     "--scenario mixed --policies fcfs,priority,qllm,qllm-defer-1 --be-rate 1.0 --duration 60 --repeat 3"),
+     "--scenario mixed --policies fcfs,priority,qllm,qllm-no-pacing --be-rate 1.0 --duration 60 --repeat 3"),
     ("mixed-ablation", "mixed.json",
      "--scenario mixed --policies qllm,qllm-no-park,qllm-no-inner-park,qllm-no-ls-steps,qllm-no-reserve,qllm-no-pacing,"
      "priority-evict --be-rate 1.0 --duration 30 --repeat 3"),
